@@ -371,6 +371,7 @@ def environment() -> dict[str, str]:
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "machine": platform.machine(),
            "torch_threads": str(torch.get_num_threads()), "cpu_count": str(os.cpu_count())}
+    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "")
     if hasattr(os, "getloadavg"):  # other jobs on the same cores inflate wall times; this shows how much
         env["load_average_1_5_15min"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     if torch.cuda.is_available():

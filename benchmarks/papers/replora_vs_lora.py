@@ -21,6 +21,13 @@ Writes results/replora_vs_lora[_TAG].json and .png (metrics vs data fraction).
 
 from __future__ import annotations
 
+import os
+
+# The 2 cores are shared with other jobs. OpenMP threads that spin-wait at barriers (the default)
+# then burn each other's time slices: training steps ran 3-10x slower here. Sleeping threads cost
+# little on an idle machine. It must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import sys
 import time
 from pathlib import Path

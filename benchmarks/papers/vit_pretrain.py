@@ -22,8 +22,14 @@ Other scripts call :func:`load_backbone`, which pretrains first if needed.
 
 from __future__ import annotations
 
-import math
 import os
+
+# The 2 cores are shared with other jobs. OpenMP threads that spin-wait at barriers (the default)
+# then burn each other's time slices: training steps ran 3-10x slower here. Sleeping threads cost
+# little on an idle machine. It must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import math
 import sys
 import time
 from pathlib import Path
