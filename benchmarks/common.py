@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -17,8 +18,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def process_clock(device: torch.device) -> Callable[[], float]:
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin so machine noise hits all alike."""
+    """Median seconds per call of each function, measured round-robin so machine noise hits all alike.
+
+    On a CPU run with one thread the clock is this process's CPU time, which other
+    jobs on a shared machine barely move; otherwise it is wall time.
+    """
+    clock = process_clock(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up: allocator, autograd graph caches, lazy inits
         fn()
@@ -26,11 +36,11 @@ def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, r
     for _ in range(rounds):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(steps):
                 fn()
             sync(device)
-            samples[name].append((time.perf_counter() - start) / steps)
+            samples[name].append((clock() - start) / steps)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -78,11 +88,66 @@ def training_memory(model: torch.nn.Module, step: Callable[[], None], forward_lo
     return result
 
 
+def add_tiny_llama_args(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """Command-line options shared by the tiny-Llama training-step benchmarks."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=rounds, help="round-robin rounds; the median is reported")
+    parser.add_argument("--steps", type=int, default=3, help="steps timed per variant per round")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; with 1, CPU time is measured instead of wall time (robust on a shared machine)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def tiny_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """A random Llama of the size the options give (64-dim heads, 4x MLP), seed 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+                         vocab_size=args.vocab, max_position_embeddings=args.seq)
+    return LlamaForCausalLM(config).to(device)
+
+
+def measure_training(variants: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], device: torch.device,
+                     rounds: int, steps: int) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Median seconds per AdamW training step on ``batch`` (interleaved) and ``training_memory`` of each model."""
+    step_fns, memory = {}, {}
+    for name, model in variants.items():
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+        def forward_loss(model=model):
+            return model(**batch).loss
+
+        def step(optimizer=optimizer, forward_loss=forward_loss):
+            forward_loss().backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        step_fns[name] = step
+        memory[name] = training_memory(model, step, forward_loss)
+    return time_interleaved(step_fns, device, rounds, steps), memory
+
+
 def environment() -> dict[str, str]:
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "threads": str(torch.get_num_threads())}
+           "machine": platform.machine(), "threads": str(torch.get_num_threads()),
+           "clock": process_clock(torch.device("cuda" if torch.cuda.is_available() else "cpu")).__name__}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     try:

@@ -16,21 +16,24 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import repeft  # noqa: E402
-from common import environment, time_interleaved, training_memory, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_tiny_llama_args,
+    apply_threads,
+    environment,
+    measure_training,
+    time_interleaved,
+    tiny_llama,
+    write_results,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_variants(args, device):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                         vocab_size=args.vocab, max_position_embeddings=args.seq)
-    base = LlamaForCausalLM(config).to(device)
+    base = tiny_llama(args, device)
     variants = {}
 
     frozen = copy.deepcopy(base).requires_grad_(False)
@@ -53,40 +56,16 @@ def build_variants(args, device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=1024)
+    add_tiny_llama_args(parser, rounds=5)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds; the median is reported")
-    parser.add_argument("--steps", type=int, default=3, help="steps timed per variant per round")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    apply_threads(args)
     device = torch.device(args.device)
 
     base, variants = build_variants(args, device)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
-    steps, memory = {}, {}
-    for name, model in variants.items():
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-
-        def forward_loss(model=model):
-            return model(input_ids=tokens, labels=tokens).loss
-
-        def step(model=model, optimizer=optimizer, forward_loss=forward_loss):
-            forward_loss().backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        steps[name] = step
-        memory[name] = training_memory(model, step, forward_loss)
-    step_time = time_interleaved(steps, device, args.rounds, args.steps)
+    step_time, memory = measure_training(variants, {"input_ids": tokens, "labels": tokens}, device, args.rounds, args.steps)
 
     merged = variants["repeft RepLoRA"]
     merged.eval()

@@ -13,12 +13,16 @@ __version__ = "0.1.0"
 
 from . import lora as _lora  # noqa: F401,E402  (registers the "lora" method)
 from . import replora as _replora  # noqa: F401,E402  (registers the "replora" method)
-from .config import AdapterConfig, LoRAConfig, RepLoRAConfig  # noqa: E402
+from . import vapt as _vapt  # noqa: F401,E402  (registers the "vapt" method)
+from . import zero_init as _zero_init  # noqa: F401,E402  (registers the "zero_init" method)
+from .config import AdapterConfig, LoRAConfig, PrefixConfig, RepLoRAConfig, ZeroInitConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
 from .model import AdapterModel, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft  # noqa: E402
+from .prefix import fold_prefix  # noqa: E402  (importing it registers the "prefix" method)
+from .quantization import MergedExport, export_merged, prepare_quantized_model  # noqa: E402
 from .targeting import TargetError  # noqa: E402
-from .trainer import AdapterTrainer  # noqa: E402
+from .visual_prompts import VAPTConfig, VPTConfig  # noqa: E402  (registers the "vpt" method)
 
 __all__ = [
     "AdapterConfig",
@@ -26,10 +30,27 @@ __all__ = [
     "AdapterModel",
     "AdapterTrainer",
     "LoRAConfig",
+    "MergedExport",
+    "PrefixConfig",
     "RepLoRAConfig",
     "TargetError",
+    "VAPTConfig",
+    "VPTConfig",
+    "ZeroInitConfig",
+    "export_merged",
     "export_peft",
+    "fold_prefix",
     "from_peft",
     "load_adapter",
+    "prepare_quantized_model",
     "wrap",
 ]
+
+
+def __getattr__(name: str):
+    # transformers.Trainer takes seconds to import; only pay for it when it is used.
+    if name == "AdapterTrainer":
+        from .trainer import AdapterTrainer
+
+        return AdapterTrainer
+    raise AttributeError(f"module 'repeft' has no attribute {name!r}")

@@ -164,6 +164,93 @@ class RepLoRAConfig(LoRAConfig):
             raise ValueError(f"axis must be 'rank' or 'feature', got {self.axis!r}")
 
 
+@register_config
+@dataclass
+class PrefixConfig(AdapterConfig):
+    """Prefix tuning: ``n_prefix`` extra key/value vectors in every attention layer.
+
+    ``structure="shared"`` (the shared-structure reparameterization) makes keys
+    and values of layer l two halves of one MLP output,
+    ``K_l, V_l = split(W2 tanh(W1 E_l + b1) + b2)``, from a learned embedding
+    ``E_l`` (``n_prefix x embed_dim``, ``embed_dim=None``: the model's hidden
+    size); the MLP (``mlp_hidden`` wide) is shared by all layers unless
+    ``mlp_per_layer``. ``structure="independent"`` learns K_l and V_l directly:
+    the non-shared baseline, and the form ``repeft.fold_prefix`` exports.
+    ``norga=True`` adds the NoRGa gate on prefix scores,
+    ``s -> s + alpha * sigmoid(tau * s)``, with learnable per-layer alpha and tau
+    starting at ``norga_alpha`` and ``norga_tau``.
+
+    >>> PrefixConfig(n_prefix=8, norga=True).structure
+    'shared'
+    """
+
+    method: ClassVar[str] = "prefix"
+
+    n_prefix: int = 16
+    structure: str = "shared"
+    embed_dim: int | None = None
+    mlp_hidden: int = 512
+    mlp_per_layer: bool = False
+    norga: bool = False
+    norga_alpha: float = 1.0
+    norga_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("n_prefix", self.n_prefix)
+        _check_positive_int("mlp_hidden", self.mlp_hidden)
+        if self.embed_dim is not None:
+            _check_positive_int("embed_dim", self.embed_dim)
+        if self.structure not in ("shared", "independent"):
+            raise ValueError(f"structure must be 'shared' or 'independent', got {self.structure!r}")
+
+
+@register_config
+@dataclass
+class ZeroInitConfig(AdapterConfig):
+    """Zero-initialized attention (LLaMA-Adapter) with linear or non-linear prompts.
+
+    In the top ``n_layers`` attention layers (``None``: all), ``n_prompt`` prompt
+    vectors P_l are projected by the layer's frozen key/value projections (no
+    rotary); each query attends to them with a separate softmax whose output is
+    scaled by ``tanh(g_{l,h})`` per layer and head, ``g = 0`` at init, and added
+    to the ordinary attention output. ``prompt_type="linear"``: P_l is a free
+    parameter. ``"nonlinear"``: ``P_l = W2 act(W1 e_l + b1) + b2``, one network
+    (``mlp_hidden`` wide) shared by all layers over per-layer codes e_l
+    (``n_prompt x code_dim``).
+
+    >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").activation
+    'gelu'
+    """
+
+    method: ClassVar[str] = "zero_init"
+
+    n_prompt: int = 10
+    n_layers: int | None = None
+    prompt_type: str = "linear"
+    code_dim: int = 64
+    mlp_hidden: int = 128
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("n_prompt", self.n_prompt)
+        _check_positive_int("code_dim", self.code_dim)
+        _check_positive_int("mlp_hidden", self.mlp_hidden)
+        if self.n_layers is not None:
+            _check_positive_int("n_layers", self.n_layers)
+        if self.prompt_type not in ("linear", "nonlinear"):
+            raise ValueError(f"prompt_type must be 'linear' or 'nonlinear', got {self.prompt_type!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+
+def _check_positive_int(field_name: str, value: Any) -> None:
+    # bool is an int subclass; True is no size.
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+
+
 def _as_name_list(field_name: str, value: Any, allow_empty: bool = False) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -176,7 +263,9 @@ def _as_name_list(field_name: str, value: Any, allow_empty: bool = False) -> lis
 __all__ = [
     "AdapterConfig",
     "LoRAConfig",
+    "PrefixConfig",
     "RepLoRAConfig",
+    "ZeroInitConfig",
     "config_class",
     "register_config",
 ]

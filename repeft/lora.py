@@ -65,7 +65,12 @@ class LoRALinear(AdapterLayer):
         if type(self.base_layer) is nn.Linear:
             base = self.base_layer
             return lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
-        return add_lora(self.base_layer(x, *args, **kwargs), x, *lora_args)
+        out = self.base_layer(x, *args, **kwargs)
+        if out._is_view() and not self.fan_in_fan_out:
+            # bitsandbytes' 8-bit matmul returns a view made inside its autograd Function,
+            # which autograd forbids updating in place (Conv1D's view of an addmm is fine).
+            out = out.clone()
+        return add_lora(out, x, *lora_args)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in fp32, laid out like the base layer's weight."""
@@ -80,8 +85,11 @@ class LoRALinear(AdapterLayer):
         if not weight.dtype.is_floating_point or type(weight) is not nn.Parameter:
             raise ValueError(
                 f"cannot merge into a {type(self.base_layer).__name__} weight of dtype {weight.dtype}: "
-                "merging into quantized weights would add rounding error. Export merged weights "
-                "with repeft.export_merged, which dequantizes first."
+                "W + s*B@A would have to be rounded back onto the quantization grid, an error about "
+                "one quantization step per weight, usually larger than the adapter's update. "
+                "Use repeft.export_merged(model, out_dir), which dequantizes W, merges in fp32 and "
+                "saves float weights (exact), or export_merged(..., requantize='nf4'|'fp4'|'int8'), "
+                "which re-quantizes and reports the error it measures."
             )
         return weight
 

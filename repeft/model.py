@@ -259,9 +259,14 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter {self.merged_adapter()!r} is already merged; call unmerge() first")
         if adapter_name != self.active_adapter:
             self.set_adapter(adapter_name)
-        for _, layer in self.adapter_layers():
-            if hasattr(layer, "merge") and adapter_name in layer.adapters:
-                layer.merge(adapter_name)
+        try:
+            for _, layer in self.adapter_layers():
+                if hasattr(layer, "merge") and adapter_name in layer.adapters:
+                    layer.merge(adapter_name)
+        except BaseException:
+            # A layer that refuses (e.g. a quantized base) must not leave the others merged.
+            self.unmerge()
+            raise
 
     def unmerge(self) -> None:
         for _, layer in self.adapter_layers():
@@ -376,11 +381,20 @@ class AdapterModel(nn.Module):
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterFileError(f"{path}: bad adapter config: {exc}") from None
         config.inference_mode = not trainable
+        self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))
+
+    def add_loaded_adapter(
+        self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = "tensors"
+    ) -> None:
+        """``add_adapter`` then fill it from ``tensors``; if they do not fit, the model is left as it was."""
+        previous = self.active_adapter
         self.add_adapter(adapter_name, config)
         try:
-            self.load_adapter_tensors(adapter_name, tensors, source=str(path))
+            self.load_adapter_tensors(adapter_name, tensors, source=source)
         except BaseException:
             self.delete_adapter(adapter_name)
+            if previous is not None:
+                self.set_adapter(previous)
             raise
 
     def _check_architecture(self, path, saved: dict[str, Any]) -> None:

@@ -136,10 +136,5 @@ def from_peft(
     with _restore_grads_on_failure(model):
         if wrapped is None:
             wrapped = AdapterModel(model)
-        wrapped.add_adapter(adapter_name, config)
-        try:
-            wrapped.load_adapter_tensors(adapter_name, renamed, source=str(root))
-        except BaseException:
-            wrapped.delete_adapter(adapter_name)
-            raise
+        wrapped.add_loaded_adapter(adapter_name, config, renamed, source=str(root))
     return wrapped

@@ -36,6 +36,17 @@ def _text_config(family: str):
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             image_size=32, patch_size=8, num_labels=5,
         )
+    if family in ("gemma", "phi3"):
+        cls = tf.GemmaConfig if family == "gemma" else tf.Phi3Config
+        return cls(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
+        )
+    if family == "dinov2":
+        return tf.Dinov2Config(
+            hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8, num_labels=5,
+        )
     raise ValueError(family)
 
 
@@ -48,6 +59,9 @@ MODEL_CLASSES = {
     "roberta": tf.RobertaForSequenceClassification,
     "t5": tf.T5ForConditionalGeneration,
     "vit": tf.ViTForImageClassification,
+    "gemma": tf.GemmaForCausalLM,
+    "phi3": tf.Phi3ForCausalLM,
+    "dinov2": tf.Dinov2ForImageClassification,
 }
 FAMILIES = list(MODEL_CLASSES)
 CORE_FAMILIES = ["llama", "gpt2", "bert", "vit", "t5"]
@@ -63,7 +77,7 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 def tiny_batch(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     """Inputs with labels, so ``model(**batch).loss`` and ``.logits`` both exist."""
     g = torch.Generator().manual_seed(seed)
-    if family == "vit":
+    if family in ("vit", "dinov2"):
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g), "labels": torch.randint(0, 5, (batch,), generator=g)}
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     if family in ("bert", "roberta"):
@@ -71,3 +85,55 @@ def tiny_batch(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict
     if family == "t5":
         return {"input_ids": ids, "labels": torch.randint(3, VOCAB, (batch, 5), generator=g)}
     return {"input_ids": ids, "labels": ids}
+
+
+# -- ViT-family encoders for visual prompts (VPT, VAPT) --------------------------------------
+
+VISION_FAMILIES = ["vit", "deit", "dinov2", "dinov2_with_registers"]
+
+
+def tiny_vision_config(family: str, layers: int = 3, image_size: int = 32, patch_size: int = 8):
+    """A 32x32-image, 4x4-patch-grid config of a ViT family; dropout off so outputs are repeatable."""
+    common = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "image_size": image_size, "patch_size": patch_size, "num_labels": 5,
+    }
+    if family == "vit":
+        return tf.ViTConfig(**common)
+    if family == "deit":
+        return tf.DeiTConfig(**common)
+    if family == "dinov2":
+        return tf.Dinov2Config(**common, mlp_ratio=2)
+    if family == "dinov2_with_registers":
+        return tf.Dinov2WithRegistersConfig(**common, mlp_ratio=2, num_register_tokens=2)
+    raise ValueError(family)
+
+
+VISION_CLASSIFIERS = {
+    "vit": tf.ViTForImageClassification,
+    "deit": tf.DeiTForImageClassification,
+    "dinov2": tf.Dinov2ForImageClassification,
+    "dinov2_with_registers": tf.Dinov2WithRegistersForImageClassification,
+}
+VISION_BACKBONES = {
+    "vit": tf.ViTModel,
+    "deit": tf.DeiTModel,
+    "dinov2": tf.Dinov2Model,
+    "dinov2_with_registers": tf.Dinov2WithRegistersModel,
+}
+
+
+def tiny_vision_model(family: str, head: bool = True, seed: int = 0, **config_kw) -> torch.nn.Module:
+    """A fresh ViT-family classifier (``head=True``) or bare backbone in eval mode."""
+    torch.manual_seed(seed)
+    classes = VISION_CLASSIFIERS if head else VISION_BACKBONES
+    return classes[family](tiny_vision_config(family, **config_kw)).eval()
+
+
+def tiny_images(batch: int = 2, height: int = 32, width: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``pixel_values`` and ``labels`` for the 5-class tiny vision models."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randn(batch, 3, height, width, generator=g),
+        "labels": torch.randint(0, 5, (batch,), generator=g),
+    }

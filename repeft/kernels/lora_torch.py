@@ -25,7 +25,8 @@ def add_lora(
         x = F.dropout(x, dropout_p, training=True)
     shrunk = F.linear(x, lora_A).reshape(-1, lora_A.shape[0])
     out2d = out.view(-1, out.shape[-1])
-    # Under autocast ``out`` may be bf16 while the factors are fp32; in-place ops are not autocast.
+    # In-place addmm_ is outside autocast's op list, so under autocast (bf16
+    # out, fp32 adapter) cast by hand as autocast would; a no-op otherwise.
     out2d.addmm_(shrunk.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
     return out
 

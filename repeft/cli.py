@@ -1,0 +1,273 @@
+"""The ``repeft`` command: ``train``, ``export`` and ``info``.
+
+    repeft train recipes/quickstart.yaml train.max_steps=50
+    accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml
+    repeft export runs/quickstart --format merged --out runs/quickstart-merged
+    repeft info runs/quickstart
+
+Each command imports what it needs when it runs (``info`` needs no accelerate,
+``--dry-run`` no model code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES_TRAIN = """examples:
+  repeft train recipes/quickstart.yaml
+  repeft train recipes/quickstart.yaml train.max_steps=20 adapter.r=4 output.dir=runs/try
+  repeft train recipes/quickstart.yaml --resume
+  accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml
+"""
+EXAMPLES_EXPORT = """examples:
+  repeft export runs/quickstart --out runs/quickstart-merged              # merged transformers model
+  repeft export runs/quickstart --format peft --out runs/quickstart-peft  # PEFT LoRA adapter
+  repeft export runs/quickstart/checkpoints/step-00000100 --out merged-100
+  repeft export out/adapter --base path/to/base-model --out out/merged
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``repeft`` script and of ``python -m repeft``."""
+    parser = _parser()
+    # Overrides may come after options (`train r.yaml --resume a.b=1`), which plain
+    # argparse does not gather into one positional list.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
+    from .files import AdapterFileError
+    from .recipe import RecipeError
+    from .targeting import TargetError
+
+    try:
+        return args.run(args)
+    except (RecipeError, AdapterFileError, TargetError, FileNotFoundError) as exc:
+        print(f"repeft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repeft", description="Train, export and inspect repeft adapters.", epilog="`repeft COMMAND --help` for more."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train an adapter from a YAML recipe (1 process, or N under `accelerate launch`)",
+        description="Train an adapter from a YAML recipe. The same command runs on N processes under "
+        "`accelerate launch [--num_processes N] -m repeft train ...`. Recipe reference: docs/training.md.",
+        epilog=EXAMPLES_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("recipe", help="the recipe YAML file")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe fields to change, e.g. optim.lr=1e-4")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir (checkpoint.resume=auto)"
+    )
+    train.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    train.add_argument("--dry-run", action="store_true", help="check the recipe, print it with all defaults, and stop")
+    train.set_defaults(run=_train)
+
+    export = commands.add_parser(
+        "export",
+        help="write a merged model or a PEFT adapter from a run, checkpoint or adapter directory",
+        description="Export a trained adapter. PATH is a run directory (output.dir of `repeft train`), one of its "
+        "checkpoints, or an adapter directory (then --base names the base model).",
+        epilog=EXAMPLES_EXPORT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("path", help="run, checkpoint or adapter directory")
+    export.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    export.add_argument(
+        "--format",
+        choices=("merged", "peft"),
+        default="merged",
+        help="merged: a plain transformers model in safetensors (default); peft: a PEFT LoRA adapter",
+    )
+    export.add_argument("--base", help="base model directory or registered name (for a bare adapter directory)")
+    export.add_argument(
+        "--model-class", help="transformers class to load --base with (default: the base config's architecture)"
+    )
+    export.set_defaults(run=_export)
+
+    info = commands.add_parser(
+        "info",
+        help="describe an adapter, PEFT adapter, run or checkpoint directory",
+        description="Describe an adapter directory (repeft or PEFT format), a training run, or a checkpoint.",
+    )
+    info.add_argument("path", help="adapter, run or checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(run=_info)
+    return parser
+
+
+# -- train -------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.resume and args.resume_from:
+        raise SystemExit("repeft train: use --resume or --resume-from, not both")
+    if args.resume:
+        overrides.append("checkpoint.resume=auto")
+    if args.resume_from:
+        overrides.append(f"checkpoint.resume={args.resume_from}")
+    recipe = load_recipe(args.recipe, overrides)
+    if args.dry_run:
+        print(recipe.to_yaml(), end="")
+        return 0
+    from .train import train
+
+    train(recipe)
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import registry
+    from .model import load_adapter
+
+    path = Path(args.path)
+    run_dir, adapter_dir = _locate(path)
+    tokenizer = None
+    if run_dir is not None:
+        from .recipe import load_recipe
+        from .train import build_model, load_tokenizer
+
+        recipe = load_recipe(run_dir / "recipe.yaml", ["checkpoint.resume=never"], check_data=False)
+        base = build_model(recipe, recipe.data.labels or [])
+        if recipe.task != "image_classification":
+            tokenizer = load_tokenizer(recipe)
+    else:
+        import transformers
+
+        with open(adapter_dir / "adapter_config.json") as fh:
+            recorded = json.load(fh).get("base_model", {}).get("name_or_path")
+        base_path = args.base or recorded
+        if not base_path:
+            raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
+        base_path = registry.resolve_model(base_path)
+        class_name = args.model_class or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
+        if class_name is None or not hasattr(transformers, class_name):
+            raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
+        base = getattr(transformers, class_name).from_pretrained(base_path)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
+        except (OSError, ValueError):
+            tokenizer = None  # a base without a tokenizer (e.g. a vision model) exports without one
+    model = load_adapter(base, adapter_dir)
+    if args.format == "peft":
+        from .peft_interop import export_peft
+
+        export_peft(model, args.out)
+    else:
+        model.save_pretrained(args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.format} export of {adapter_dir} to {args.out}")
+    return 0
+
+
+def _locate(path: Path) -> tuple[Path | None, Path]:
+    """(run directory or None, adapter directory) for a run, checkpoint or adapter path."""
+    if (path / "recipe.yaml").is_file():
+        return path, path / "adapter"
+    if (path / "trainer_state.json").is_file():  # <run>/checkpoints/step-N
+        run_dir = path.parent.parent
+        return (run_dir if (run_dir / "recipe.yaml").is_file() else None), path / "adapter"
+    if (path / "adapter_config.json").is_file():
+        return None, path
+    raise FileNotFoundError(f"{path} is not a run, checkpoint or adapter directory")
+
+
+# -- info --------------------------------------------------------------------------------------
+
+
+def _info(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    info = describe(path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_as_text(info))
+    return 0
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What ``repeft info`` reports about a directory, as plain data."""
+    import yaml
+
+    from .checkpoint import list_checkpoints, read_state
+
+    if (path / "recipe.yaml").is_file():
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+        info: dict[str, Any] = {
+            "kind": "run",
+            "path": str(path),
+            "task": recipe["task"],
+            "model": recipe["model"]["path"] or f"built from config ({recipe['model']['config'].get('model_type')})",
+            "method": recipe["adapter"]["method"],
+            "checkpoints": [p.name for p in list_checkpoints(path)],
+        }
+        if (path / "summary.json").is_file():
+            summary = json.loads((path / "summary.json").read_text())
+            info["summary"] = {k: summary[k] for k in ("steps", "wall_time_s", "eval_before", "eval_after", "best")}
+            info["outputs"] = {k: summary[k] for k in ("adapter_dir", "merged_dir", "peft_dir", "metrics_path") if summary[k]}
+        if (path / "adapter").is_dir():
+            info["adapter"] = describe(path / "adapter")
+        return info
+    if (path / "trainer_state.json").is_file():
+        return {"kind": "checkpoint", "path": str(path), "state": read_state(path), "adapter": describe(path / "adapter")}
+    return _describe_adapter(path)
+
+
+def _describe_adapter(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    from .files import CONFIG_NAME, WEIGHTS_NAME, read_json
+
+    meta = read_json(path / CONFIG_NAME)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist")
+    with safe_open(str(weights), framework="pt") as fh:
+        shapes = {key: fh.get_slice(key).get_shape() for key in fh.keys()}
+    params = sum(math.prod(shape) for shape in shapes.values())
+    info = {"path": str(path), "tensors": len(shapes), "parameters": params, "bytes": weights.stat().st_size}
+    if "peft_type" in meta:
+        keys = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save", "base_model_name_or_path")
+        return {"kind": "peft adapter", **{k: meta.get(k) for k in keys}, **info}
+    return {
+        "kind": "adapter",
+        "method": meta.get("method"),
+        "config": meta.get("config"),
+        "base_model": meta.get("base_model"),
+        "adapted_modules": len(meta.get("adapted_modules", [])),
+        "repeft_version": meta.get("repeft_version"),
+        **info,
+    }
+
+
+def _as_text(info: dict[str, Any], indent: str = "") -> str:
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.append(_as_text(value, indent + "  "))
+        elif isinstance(value, list) and len(value) > 8:
+            lines.append(f"{indent}{key}: {', '.join(map(str, value[:8]))}, ... ({len(value)} in all)")
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)

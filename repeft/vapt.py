@@ -1,0 +1,113 @@
+"""VAPT: visual prompts computed from the patch tokens of the layer they enter.
+
+For layer l >= 1 with input patch tokens X (N = H x W of them, width d)::
+
+    Z = LN_l(X)                          per-token LayerNorm, seen as a (d, H, W) grid
+    C = k_l * Z                          one K x K filter shared by all d channels ("valid":
+                                         H' = H-K+1, W' = W-K+1), then channel dropout
+    T = A_l C + b_l                      token-wise map from the H'W' grid positions to
+                                         n_prompt tokens; A_l (n_prompt x H'W'), b_l zero at init
+    P_l = T + W2 act(W1 T)               feature MLP (d -> mlp_hidden -> d, no biases) shared
+                                         by every token and every layer, with a residual
+
+so P_l = 0 at init. Layer 0 has no earlier layer to read from and uses static
+prompts, as VPT does. Parameters per layer: 2d (LN) + K^2 + (H'W' + 1) n_prompt,
+plus n_prompt d for layer 0 and 2 d mlp_hidden for the MLP. ``PatchesToTokens``
+computes the first three lines as one map over the grid (see there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .methods import register_method
+from .replora import ACTIVATIONS
+from .visual_prompts import (
+    PromptTokens,
+    StaticPrompts,
+    VAPTConfig,
+    attach_prompts,
+    patch_fan_in,
+    patch_grid,
+    vit_backbone,
+)
+
+
+class PatchesToTokens(nn.Module):
+    """T = A · dropout(k * LN(X)) + b: one layer's patch grid to (batch, n_prompt, d) tokens.
+
+    The filter k and the map A both act on grid positions only, the same way on
+    every channel, so they compose into one (n_prompt x HW) map over the original
+    grid, ``M = A ⊛ k`` (each row of A, seen as an H' x W' image, fully convolved
+    with k), and channel dropout commutes with both. Computing
+    ``T = dropout(M LN(X)) + b`` gives the same tokens while keeping only LN(X) for
+    backward, not the filtered (d, H', W') grid of every layer.
+    """
+
+    def __init__(self, hidden_size: int, grid: tuple[int, int], kernel_size: int, n_prompt: int,
+                 channel_dropout: float, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        # A single filter for all channels: the paper's channel-wise convolution, K^2 parameters.
+        self.kernel = nn.Parameter(torch.empty(1, 1, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))  # nn.Conv2d's own init
+        # Zeroes whole channels of (batch, d, n_prompt), as Dropout2d would on (batch, d, H', W').
+        self.channel_dropout = nn.Dropout1d(channel_dropout)
+        self.filtered_grid = (grid[0] - kernel_size + 1, grid[1] - kernel_size + 1)
+        self.token_map = nn.Linear(self.filtered_grid[0] * self.filtered_grid[1], n_prompt)
+        # Zero map: prompts start at exactly zero and grow from there.
+        nn.init.zeros_(self.token_map.weight)
+        nn.init.zeros_(self.token_map.bias)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        maps = self.token_map.weight.view(-1, 1, *self.filtered_grid)
+        combined = F.conv_transpose2d(maps, self.kernel).flatten(1)  # M = A ⊛ k, (n_prompt, H W)
+        tokens = combined @ self.norm(patches)  # (batch, n_prompt, d)
+        tokens = self.channel_dropout(tokens.transpose(1, 2)).transpose(1, 2)
+        return tokens + self.token_map.bias[:, None]
+
+
+class AdaptivePrompts(PromptTokens):
+    """VAPT's prompts: static for layer 0, ``P_l = T_l + MLP(T_l)`` from the patch tokens after that."""
+
+    def __init__(self, backbone_config, grid: tuple[int, int], config: VAPTConfig) -> None:
+        super().__init__()
+        c, d = backbone_config, backbone_config.hidden_size
+        self.n_prompt = config.n_prompt
+        self.grid = grid
+        self.first = StaticPrompts(1, config.n_prompt, d, patch_fan_in(c), config.prompt_dropout)
+        self.layers = nn.ModuleDict({
+            str(layer): PatchesToTokens(d, grid, config.kernel_size, config.n_prompt, config.channel_dropout,
+                                        c.layer_norm_eps)
+            for layer in range(1, c.num_hidden_layers)
+        })
+        self.mlp = nn.Sequential(
+            nn.Linear(d, config.mlp_hidden, bias=False),
+            ACTIVATIONS[config.activation](),
+            nn.Linear(config.mlp_hidden, d, bias=False),
+        )
+
+    def forward(self, layer: int, patches: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            return self.first(0, patches)
+        # Adapter maths in the adapter's dtype (fp32 by default) under a half-precision base.
+        tokens = self.layers[str(layer)](patches.to(self.mlp[0].weight.dtype))
+        return tokens + self.mlp(tokens)
+
+
+@register_method("vapt")
+def inject_vapt(model, adapter_name: str, config: VAPTConfig) -> None:
+    _, backbone = vit_backbone(model.base_model)
+    c = backbone.config
+    image_size = config.image_size if config.image_size is not None else c.image_size
+    grid = patch_grid(image_size, c.patch_size)
+    if min(grid) < config.kernel_size:
+        raise ValueError(
+            f"kernel_size {config.kernel_size} does not fit the {grid[0]}x{grid[1]} patch grid of "
+            f"{image_size} images with patch_size {c.patch_size}; use kernel_size <= {min(grid)}"
+        )
+    attach_prompts(model, adapter_name, AdaptivePrompts(c, grid, config))

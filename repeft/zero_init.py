@@ -1,0 +1,95 @@
+"""Zero-initialized attention (LLaMA-Adapter) with linear and non-linear prompts.
+
+In each of the top L attention layers, n prompt vectors P_l (n x hidden) go
+through the layer's own frozen key and value projections, without rotary
+position or norm: ``K_P = W_k P_l``, ``V_P = W_v P_l``. Every query attends
+to them with a softmax of its own, and the result, gated per head by
+``tanh(g_{l,h})``, is added to the ordinary attention output before the
+output projection (so W_o's bias is applied once)::
+
+    out = attn(q, K_X, V_X) + tanh(g_l) * softmax(scaling * q K_P^T) V_P
+
+``g = 0`` at init, so the wrapped model computes exactly the base model.
+Linear prompts: P_l is a free parameter. Non-linear prompts:
+``P_l = W2 act(W1 e_l + b1) + b2``, one small network shared by all layers
+over per-layer codes e_l.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionAdapter, AttentionCall, Geometry, add_attention_adapter
+from .config import ZeroInitConfig
+from .methods import register_method
+from .replora import ACTIVATIONS
+
+
+class ZeroInitAdapter(AttentionAdapter):
+    """Gates and the gated prompt attention; subclasses say where the prompts come from."""
+
+    def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
+        super().__init__()
+        n_layers = config.n_layers or geometry.n_layers
+        if n_layers > geometry.n_layers:
+            raise ValueError(f"n_layers={n_layers} but the model has only {geometry.n_layers} attention layers")
+        self.first_layer = geometry.n_layers - n_layers
+        self.gates = nn.Parameter(torch.zeros(n_layers, geometry.heads))
+
+    def layer_prompts(self, index: int) -> torch.Tensor:
+        """Prompts ``(n_prompt, hidden)`` of the ``index``-th adapted layer (counted from the first one)."""
+        raise NotImplementedError
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, weights = call.base(call.key, call.value, call.mask)
+        index = call.layer - self.first_layer
+        if index < 0:
+            return out, weights
+        query = call.query
+        keys, values = call.project_kv(self.layer_prompts(index).to(query.dtype))
+        groups = query.shape[1] // keys.shape[0]  # grouped-query attention: one kv head per group of heads
+        keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)
+        scores = call.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
+        # A softmax over the prompts alone: padding and causality concern only the tokens.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = nn.functional.dropout(probs, p=call.dropout, training=call.module.training)
+        prompt_out = torch.einsum("bhqn,hnd->bqhd", probs, values)
+        gate = torch.tanh(self.gates[index]).to(query.dtype).view(1, 1, -1, 1)
+        return out + gate * prompt_out, weights
+
+
+class LinearPrompts(ZeroInitAdapter):
+    """Free prompts, N(0, 1) like LLaMA-Adapter's prompt embedding."""
+
+    def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
+        super().__init__(geometry, config)
+        self.prompts = nn.Parameter(torch.randn(len(self.gates), config.n_prompt, geometry.hidden_size))
+
+    def layer_prompts(self, index: int) -> torch.Tensor:
+        return self.prompts[index]
+
+
+class NonlinearPrompts(ZeroInitAdapter):
+    """``P_l = W2 act(W1 e_l + b1) + b2``: a network shared by all layers over per-layer codes e_l."""
+
+    def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
+        super().__init__(geometry, config)
+        self.codes = nn.Parameter(torch.randn(len(self.gates), config.n_prompt, config.code_dim))
+        self.hidden = nn.Linear(config.code_dim, config.mlp_hidden)
+        self.act = ACTIVATIONS[config.activation]()
+        self.out = nn.Linear(config.mlp_hidden, geometry.hidden_size)
+        with torch.no_grad():
+            # Start with prompts of unit spread, as linear prompts have, so both see the same scale.
+            nn.init.zeros_(self.out.bias)
+            spread = torch.stack([self.layer_prompts(i) for i in range(len(self.gates))]).std()
+            self.out.weight.div_(spread.clamp_min(1e-12))
+
+    def layer_prompts(self, index: int) -> torch.Tensor:
+        return self.out(self.act(self.hidden(self.codes[index])))
+
+
+@register_method("zero_init")
+def inject_zero_init(model, name: str, config: ZeroInitConfig) -> None:
+    prompts = LinearPrompts if config.prompt_type == "linear" else NonlinearPrompts
+    add_attention_adapter(model, name, lambda geometry: prompts(geometry, config))

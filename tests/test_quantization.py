@@ -1,0 +1,269 @@
+"""LoRA and RepLoRA on bitsandbytes 4-bit and 8-bit bases, and merged export from them.
+
+Quantized models are made the way users make them: a tiny float llama is saved
+and loaded back with ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
+(bitsandbytes quantizes on the CPU too). The float reference for each one is
+the same llama with every quantized weight replaced by its dequantization,
+computed here with bitsandbytes' own functions rather than repeft's.
+
+Tolerances: in fp32 the adapter model on a quantized base computes with the
+dequantized weights exactly, so it matches the reference to float rounding
+(atol 1e-5). Merged float exports match to 1e-4 (design.md section 7).
+Two paths are approximate by design and get their own stated tolerances:
+LLM.int8 inference (eval mode) quantizes activations too, and bf16 compute
+rounds the activations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import repeft
+from repeft.quantization import dequantize_weight, quant_type
+from tiny_models import tiny_batch, tiny_model
+
+bnb = pytest.importorskip("bitsandbytes", reason="the bnb extra (pip install repeft[bnb]) is not installed")
+
+QCONFIGS = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "nf4-double": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "int8": {"load_in_8bit": True},
+}
+METHODS = {
+    "lora": lambda: repeft.LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    "replora": lambda: repeft.RepLoRAConfig(r=4, lora_alpha=8, mlp_hidden=8, target_modules="all-linear"),
+}
+CASES = [("nf4", "lora"), ("nf4-double", "replora"), ("fp4", "lora"), ("int8", "lora"), ("int8", "replora")]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def load_quantized(path, qname, **extra):
+    config = BitsAndBytesConfig(**QCONFIGS[qname], **extra)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+
+
+def dequantized_reference(quantized):
+    """The float llama with each bitsandbytes weight replaced by bitsandbytes' own dequantization."""
+    reference = tiny_model("llama")
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+            weight = module.weight.data.float() * scb.float()[:, None] / 127
+        else:
+            continue
+        reference.get_submodule(name).weight.data.copy_(weight)
+    return reference
+
+
+def logits(model, batch, train=False):
+    model.train(train)
+    with torch.no_grad():
+        out = model(**batch).logits
+    model.eval()
+    return out
+
+
+def train_steps(model, batch, steps=3, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(params=CASES, ids=[f"{q}-{m}" for q, m in CASES])
+def case(request, llama_dir):
+    """(quant name, trained adapter model on the quantized base, same adapter on the dequantized float base, batch)."""
+    qname, method = request.param
+    quantized = load_quantized(llama_dir, qname)
+    reference = repeft.wrap(dequantized_reference(quantized), METHODS[method]())
+    model = repeft.wrap(quantized, METHODS[method]())
+    batch = tiny_batch("llama")
+    train_steps(model, batch)
+    reference.load_adapter_tensors("default", model.adapter_state_dict())
+    return qname, model, reference, batch
+
+
+def test_identity_at_init(llama_dir):
+    quantized = load_quantized(llama_dir, "nf4")
+    batch = tiny_batch("llama")
+    expected = logits(quantized, batch)
+    model = repeft.wrap(quantized, METHODS["replora"]())
+    assert torch.equal(logits(model, batch), expected)
+
+
+def test_matches_float_reference_on_dequantized_weights(case):
+    qname, model, reference, batch = case
+    assert all(quant_type(layer.base_layer) is not None for _, layer in model.adapter_layers())
+    # Training mode: 4-bit and (on the CPU) 8-bit layers multiply by the dequantized weight.
+    torch.testing.assert_close(logits(model, batch, train=True), logits(reference, batch), atol=1e-5, rtol=0)
+    if qname == "int8":
+        # LLM.int8 inference also rounds activations to int8: about 1e-3 here.
+        torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=1e-2, rtol=0)
+    else:
+        torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=1e-5, rtol=0)
+
+
+def test_only_adapter_params_get_gradients(case):
+    _, model, _, batch = case
+    before = {k: v.clone() for k, v in model.base_model.state_dict().items() if ".adapters." not in k}
+    model.train()
+    model(**batch).loss.backward()
+    for name, param in model.named_parameters():
+        is_adapter = ".adapters.default." in name
+        assert param.requires_grad == is_adapter, name
+        assert (param.grad is not None) == is_adapter, name
+        if is_adapter:
+            assert param.dtype == torch.float32  # the adapter stays in its own dtype
+    train_steps(model, batch)
+    after = model.base_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_save_load_round_trip(case, llama_dir, tmp_path):
+    qname, model, reference, batch = case
+    model.save_adapter(tmp_path / "adapter")
+    loaded = repeft.load_adapter(load_quantized(llama_dir, qname), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+    # The same adapter on the dequantized float base: the exact float counterpart.
+    on_float = repeft.load_adapter(dequantized_reference(load_quantized(llama_dir, qname)), tmp_path / "adapter")
+    torch.testing.assert_close(logits(on_float, batch), logits(reference, batch), atol=1e-6, rtol=0)
+
+
+def test_merged_float_export_loads_without_quantization(case, tmp_path, capsys):
+    _, model, reference, batch = case
+    report = repeft.export_merged(model, tmp_path / "merged", probe_batch=batch)
+    assert "max |diff|" in capsys.readouterr().out
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {"F32"}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(quant_type(m) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, batch), logits(reference, batch), atol=1e-4, rtol=0)
+    assert report.weights == "float32" and report.max_abs_diff is not None
+
+
+@pytest.mark.parametrize("target", ["nf4", "int8"])
+def test_requantized_export_reports_its_error(llama_dir, tmp_path, capsys, target):
+    model = repeft.wrap(load_quantized(llama_dir, "nf4"), METHODS["lora"]())
+    batch = tiny_batch("llama")
+    train_steps(model, batch, lr=5e-2)
+    report = repeft.export_merged(model, tmp_path / "merged", requantize=target, probe_batch=batch)
+    printed = capsys.readouterr().out
+    assert f"{report.max_abs_diff:.3e}" in printed and f"{report.mean_abs_diff:.3e}" in printed
+    assert 0 < report.mean_abs_diff <= report.max_abs_diff
+    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    assert {quant_type(m) for m in requantized.modules()} >= {target}
+    # The reported numbers are those of the checkpoint on disk.
+    diff = (logits(requantized, batch) - logits(model, batch)).abs()
+    assert diff.max().item() == pytest.approx(report.max_abs_diff, rel=1e-5)
+    # Without a probe batch the error is still measured, on random tokens, and says so.
+    report = repeft.export_merged(model, tmp_path / "merged", requantize=target)
+    assert report.max_abs_diff > 0 and "random token ids" in capsys.readouterr().out
+
+
+def test_in_place_merge_is_refused(llama_dir, tmp_path):
+    model = repeft.wrap(load_quantized(llama_dir, "nf4"), METHODS["lora"]())
+    for action in (model.merge, model.merge_and_unload, lambda: model.save_pretrained(tmp_path / "merged")):
+        with pytest.raises(ValueError, match="export_merged"):
+            action()
+        assert model.merged_adapter() is None
+    assert not (tmp_path / "merged").exists()
+    # q_proj left in float: it merges first, then v_proj refuses and q_proj must be unmerged again.
+    mixed = load_quantized(llama_dir, "nf4", llm_int8_skip_modules=["q_proj", "lm_head"])
+    model = repeft.wrap(mixed, repeft.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    train_steps(model, tiny_batch("llama"))
+    expected = logits(model, tiny_batch("llama"))
+    with pytest.raises(ValueError, match="Linear4bit"):
+        model.merge()
+    assert model.merged_adapter() is None
+    torch.testing.assert_close(logits(model, tiny_batch("llama")), expected, atol=1e-6, rtol=0)
+
+
+def test_bf16_compute_and_autocast(llama_dir):
+    batch = tiny_batch("llama")
+    fp32 = repeft.wrap(load_quantized(llama_dir, "nf4"), METHODS["lora"]())
+    train_steps(fp32, batch)
+    expected = logits(fp32, batch)
+    bf16 = repeft.wrap(load_quantized(llama_dir, "nf4", bnb_4bit_compute_dtype=torch.bfloat16), METHODS["lora"]())
+    bf16.load_adapter_tensors("default", fp32.adapter_state_dict())
+    # bf16 keeps 8 bits of mantissa: logits of size ~1 move by a few 1e-3.
+    torch.testing.assert_close(logits(bf16, batch), expected, atol=3e-2, rtol=0)
+    bf16.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bf16(**batch)
+    out.loss.backward()
+    grads = [p.grad for p in bf16.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out.logits.float(), expected, atol=5e-2, rtol=0)
+
+
+def test_prepare_quantized_model_upcasts_and_checkpoints(llama_dir):
+    def prepared(checkpointing):
+        base = AutoModelForCausalLM.from_pretrained(
+            llama_dir, quantization_config=BitsAndBytesConfig(**QCONFIGS["nf4"]), device_map="cpu", dtype=torch.bfloat16
+        )
+        return repeft.prepare_quantized_model(base, gradient_checkpointing=checkpointing)
+
+    base = prepared(checkpointing=True)
+    assert base.model.norm.weight.dtype == torch.float32
+    assert {p.dtype for p in base.parameters()} == {torch.float32, torch.uint8}
+    assert base.is_gradient_checkpointing
+    batch = tiny_batch("llama")
+    grads = []
+    for model in (repeft.wrap(base, METHODS["lora"]()), repeft.wrap(prepared(checkpointing=False), METHODS["lora"]())):
+        torch.manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+        model.train()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], atol=1e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="before repeft.wrap"):
+        repeft.prepare_quantized_model(repeft.wrap(tiny_model("llama"), METHODS["lora"]()))
+
+
+def test_dequantize_weight_matches_bitsandbytes(llama_dir):
+    layer = load_quantized(llama_dir, "nf4-double").model.layers[0].mlp.down_proj  # d_in = 64: one block per row
+    expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(dequantize_weight(layer), expected)
+    # On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for inference, storing absmax
+    # in bf16 (and re-quantizing it on the way back): decoding undoes the packing first.
+    layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state
+    )
+    torch.testing.assert_close(dequantize_weight(layer), expected, atol=0, rtol=1e-2)
+
+
+def test_gpt2_conv1d_layout_in_export(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "gpt2", quantization_config=BitsAndBytesConfig(**QCONFIGS["nf4"]), device_map="cpu"
+    )
+    model = repeft.wrap(base, repeft.LoRAConfig(r=4))
+    batch = tiny_batch("gpt2")
+    train_steps(model, batch)
+    repeft.export_merged(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, batch), logits(model, batch), atol=1e-4, rtol=0)
+
