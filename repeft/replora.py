@@ -40,8 +40,11 @@ class RepLoRAFactors(nn.Module):
             )
         self.lora_A_seed = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_B_seed = nn.Parameter(torch.empty(out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A_seed, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.lora_B_seed, a=math.sqrt(5))
+        # Unit-variance seeds, so the MLPs' pre-activations W1 v are of order one and dominate
+        # the hidden bias. With LoRA's tiny kaiming scale every hidden vector was nearly act(b1):
+        # all rows of A (and later of B) came out almost equal, an effective rank of ~1.5 of 8.
+        nn.init.normal_(self.lora_A_seed)
+        nn.init.normal_(self.lora_B_seed)
         if config.share_mlp:
             self.hidden = nn.Linear(a_dim, hidden, **kw)
         else:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import repeft
+from repeft.replora import RepLoRAFactors
 from repeft.layers import AdapterLayer
 from repeft.lora import LoRALinear
 from tiny_models import CORE_FAMILIES, FAMILIES, tiny_batch, tiny_model
@@ -213,6 +214,24 @@ def test_replora_factors_match_hand_written_mlp():
     A0, B0 = fresh.factors()
     assert torch.equal(B0, torch.zeros_like(B0))
     assert abs(A0.std().item() - 1 / (3 * 32) ** 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("axis", ["rank", "feature"])
+def test_replora_factors_are_spread_out_at_init(axis):
+    # Every row of A (and every row of the hidden activations that B is made from) must differ,
+    # or the adapter starts out seeing one direction of the input. Effective rank = participation
+    # ratio of the singular values; LoRA's random A scores ~r.
+    torch.manual_seed(0)
+    f = RepLoRAFactors(384, 384, repeft.RepLoRAConfig(r=8, axis=axis))
+    A, _ = f.factors()
+
+    def effective_rank(m):
+        sv = torch.linalg.svdvals(m.detach())
+        return (sv.sum() ** 2 / (sv**2).sum()).item()
+
+    assert effective_rank(A) > 5
+    rows = f.lora_B_seed if axis == "rank" else f.lora_B_seed.T
+    assert effective_rank(f.act(f.hidden_B(rows))) > 5
 
 
 @pytest.mark.parametrize("share_mlp,axis", [(True, "rank"), (False, "feature")])
