@@ -416,8 +416,13 @@ class PlotSpec:
 
 
 def plot_vs_fraction(records: list[dict], specs: Sequence[PlotSpec], path: Path, title: str,
-                     x: str = "fraction", x_label: str = "fraction of training data", log_x: bool = True) -> None:
-    """One panel per metric: mean ± std over seeds per condition, the single seeds as faint dots."""
+                     x: str = "fraction", x_label: str = "fraction of training data", log_x: bool = True,
+                     references: dict[str, tuple[float, str]] | None = None) -> None:
+    """One panel per metric: mean ± std over seeds per condition, the single seeds as faint dots.
+
+    ``references`` maps a metric to ``(value, label)`` drawn as a dashed line
+    (e.g. the majority-class accuracy).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -434,6 +439,9 @@ def plot_vs_fraction(records: list[dict], specs: Sequence[PlotSpec], path: Path,
             ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
                         color=color, label=cond)
             ax.scatter([r[x] for r in rs], [r[spec.metric] for r in rs], s=8, alpha=0.35, color=color)
+        if references and spec.metric in references:
+            value, label = references[spec.metric]
+            ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
         if log_x:
             ax.set_xscale("log")
             ticks = sorted({r[x] for r in records})
@@ -443,7 +451,7 @@ def plot_vs_fraction(records: list[dict], specs: Sequence[PlotSpec], path: Path,
         ax.set_xlabel(x_label)
         ax.set_ylabel(spec.label + (" (lower is better)" if spec.lower_is_better else ""))
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

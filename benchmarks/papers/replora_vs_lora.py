@@ -28,6 +28,8 @@ import os
 # little on an idle machine. It must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -79,6 +81,21 @@ def text_split(tok, name: str, split: str, max_len: int) -> Split:
     return Split(labels=torch.tensor([r["label"] for r in rows]), collate=collate, lengths=[len(x) for x in ids])
 
 
+def plot(result: dict, path: Path) -> None:
+    cfg = result["train_config"]
+    majority = 1 - result["data"]["test_spam_fraction"]
+    p = majority
+    prior_loss = -(p * math.log(p) + (1 - p) * math.log(1 - p))  # predicting the class shares, nothing else
+    plot_vs_fraction(
+        result["records"],
+        [PlotSpec("accuracy", "test accuracy"), PlotSpec("loss", "test loss", True), PlotSpec("f1_pos", "spam F1")],
+        path,
+        f"MiniLM on SMS spam, r={result.get('rank', 8)}, {cfg['steps']} steps x batch {cfg['batch_size']}, "
+        f"lr {cfg['lr']:g}, {len(result['seeds'])} seeds (mean ± std)",
+        references={"accuracy": (majority, "always 'ham'"), "loss": (prior_loss, "class prior only")},
+    )
+
+
 def main() -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--rank", type=int, default=8)
@@ -86,10 +103,19 @@ def main() -> None:
     parser.add_argument("--mlp-hidden", type=int, default=32, help="RepLoRA MLP width (library default 32)")
     parser.add_argument("--methods", nargs="+", default=["LoRA", "RepLoRA"], choices=["LoRA", "RepLoRA", "RepLoRA-feature"],
                         help="RepLoRA-feature: RepLoRA with axis='feature' (MLPs along the model width), a variant")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG (and print the table) from the JSON an earlier run wrote")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per message (default 64, 128 with --full)")
     args = parser.parse_args()
     args = resolve_args(args, {**DEFAULT, "max_len": 64}, {**FULL, "max_len": 128})
     transformers.logging.set_verbosity_error()  # the "classifier newly initialised" report, once per run
+    stem = "replora_vs_lora" + (f"_{args.tag}" if args.tag else "")
+    out_json, out_png = args.out / f"{stem}.json", args.out / f"{stem}.png"
+    if args.replot:
+        result = json.loads(out_json.read_text())
+        plot(result, out_png)
+        print(markdown_table(result["summary"], METRICS, n_train=result["data"]["n_train_per_fraction"]))
+        return
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -110,8 +136,6 @@ def main() -> None:
         return repeft.wrap(base, config)
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    stem = "replora_vs_lora" + (f"_{args.tag}" if args.tag else "")
-    out_json, out_png = args.out / f"{stem}.json", args.out / f"{stem}.png"
     n_train = {f"{f:g}": len(stratified_subsample(train_split.labels, f, 0)) for f in args.fractions}
     t_start = time.perf_counter()
 
@@ -124,7 +148,7 @@ def main() -> None:
                      "test_spam_fraction": test_split.labels.float().mean().item(), "max_len": args.max_len,
                      "n_train_per_fraction": n_train},
             "conditions": conditions, "train_config": cfg, "device": args.device, "seeds": args.seeds,
-            "fractions": args.fractions, "environment": environment(),
+            "fractions": args.fractions, "rank": args.rank, "environment": environment(),
             "wall_seconds": round(time.perf_counter() - t_start, 1),
             "summary": summarize(records, METRICS), "records": records,
         }
@@ -133,10 +157,7 @@ def main() -> None:
                        on_record=lambda recs: write_json(out_json, payload(recs, False)))
     result = payload(records, True)
     write_json(out_json, result)
-    plot_vs_fraction(records, [PlotSpec("accuracy", "test accuracy"), PlotSpec("loss", "test loss", True),
-                               PlotSpec("f1_pos", "spam F1")], out_png,
-                     f"MiniLM on SMS spam, r={args.rank}, {args.steps} steps x batch {args.batch_size}, "
-                     f"lr {args.lr:g}, {len(args.seeds)} seeds (mean ± std)")
+    plot(result, out_png)
     print()
     print(markdown_table(result["summary"], METRICS, n_train=n_train))
     print(f"\nwall time {result['wall_seconds']:.0f} s; wrote {out_json} and {out_png}")
