@@ -53,6 +53,18 @@ def test_classification_metrics():
     assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
 
 
+def test_lr_for_merges_with_the_preset_and_rejects_bad_pairs(capsys):
+    parser = common.make_parser("t")
+    preset = {"lr": 1e-3, "lr_for": {"RepLoRA": 3e-3, "Other": 5e-3}}
+    args = common.resolve_args(parser.parse_args(["--lr-for", "Other=1e-2"]), preset, preset)
+    assert args.lr == 1e-3 and args.lr_for == {"RepLoRA": 3e-3, "Other": 1e-2}
+    assert common.lr_text(args.lr, args.lr_for, ["LoRA", "RepLoRA"]) == "LoRA 0.001, RepLoRA 0.003"
+    assert common.lr_text(args.lr, args.lr_for, ["RepLoRA"]) == "0.003"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr-for", "RepLoRA"])
+    assert "NAME=LR" in capsys.readouterr().err
+
+
 def test_mean_std_is_sample_std():
     s = common.mean_std([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0) and s["n"] == 3
@@ -70,8 +82,10 @@ def test_tiny_grid_runs_writes_json_and_plot(tmp_path):
 
     conditions = {"LoRA": repeft.LoRAConfig(r=2), "RepLoRA": repeft.RepLoRAConfig(r=2, mlp_hidden=4)}
     cfg = common.TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=2)
-    records = common.run_grid(conditions, build, split, split, [0.5, 1.0], [0, 1], cfg, torch.device("cpu"))
+    records = common.run_grid(conditions, build, split, split, [0.5, 1.0], [0, 1], cfg, torch.device("cpu"),
+                              lr_for={"RepLoRA": 3e-2})
     assert len(records) == 2 * 2 * 2
+    assert {r["condition"]: r["lr"] for r in records} == {"LoRA": 1e-2, "RepLoRA": 3e-2}
     assert all(len(r["train_loss_curve"]) == 2 for r in records)
     summary = common.summarize(records, ["accuracy", "loss"])
     assert summary["LoRA"]["0.5"]["loss"]["n"] == 2

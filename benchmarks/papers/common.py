@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,9 @@ def make_parser(description: str, grid: bool = True) -> argparse.ArgumentParser:
     if grid:
         p.add_argument("--steps", type=int, help="optimizer steps per run (same for every condition and fraction)")
     p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--lr", type=float, help="peak learning rate, shared by all conditions")
+    p.add_argument("--lr", type=float, help="peak learning rate of every condition not named in --lr-for")
+    p.add_argument("--lr-for", nargs="+", type=_name_value, metavar="NAME=LR",
+                   help="a condition's own peak learning rate (its tuned value), e.g. --lr-for RepLoRA=3e-3")
     if grid:
         p.add_argument("--fractions", type=float, nargs="+", help="fractions of the training set to train on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -75,9 +77,21 @@ def make_parser(description: str, grid: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _name_value(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if name and sep:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected NAME=LR such as RepLoRA=3e-3, got {text!r}")
+
+
 def resolve_args(args: argparse.Namespace, default: dict[str, Any], full: dict[str, Any]) -> argparse.Namespace:
     """Fill options left at ``None`` from the preset that applies."""
     preset = full if args.full else default
+    # Per-condition rates merge: naming one condition keeps the preset's rates for the others.
+    args.lr_for = {**preset.get("lr_for", {}), **dict(args.lr_for or [])}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -285,8 +299,12 @@ def count_trainable(model: nn.Module) -> int:
 
 def run_grid(conditions: dict[str, Any], build: Callable[[Any], nn.Module], train_split: Split, eval_split: Split,
              fractions: Sequence[float], seeds: Sequence[int], cfg: TrainConfig, device: torch.device,
-             on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
+             on_record: Callable[[list[dict]], None] | None = None,
+             lr_for: dict[str, float] | None = None) -> list[dict]:
     """Train and evaluate every condition on every (seed, fraction); one record per run.
+
+    ``lr_for`` gives some conditions their own peak learning rate (each at its
+    tuned value); everything else in ``cfg`` stays shared.
 
     ``on_record(records_so_far)`` is called after each run, so a script can
     write partial results (a crash or Ctrl-C then loses one run, not all).
@@ -302,11 +320,12 @@ def run_grid(conditions: dict[str, Any], build: Callable[[Any], nn.Module], trai
                 model = build(condition).to(device)
                 trainable = count_trainable(model)
                 gen = torch.Generator().manual_seed(seed)  # same batches for every condition
-                curve = train(model, train_split, subset, cfg, device, gen)
+                run_cfg = replace(cfg, lr=(lr_for or {}).get(name, cfg.lr))
+                curve = train(model, train_split, subset, run_cfg, device, gen)
                 t_train = time.perf_counter() - t0
                 metrics = evaluate(model, eval_split, device)
                 rec = {"condition": name, "seed": seed, "fraction": fraction, "n_train": len(subset),
-                       "trainable_params": trainable, **metrics, "train_loss_curve": curve,
+                       "trainable_params": trainable, "lr": run_cfg.lr, **metrics, "train_loss_curve": curve,
                        "train_seconds": round(t_train, 1),
                        "eval_seconds": round(time.perf_counter() - t0 - t_train, 1),
                        # CPU time of all threads: unlike wall time, barely moved by other jobs on shared cores.
@@ -320,6 +339,14 @@ def run_grid(conditions: dict[str, Any], build: Callable[[Any], nn.Module], trai
                 if on_record is not None:
                     on_record(records)
     return records
+
+
+def lr_text(lr: float, lr_for: dict[str, float], conditions: Sequence[str]) -> str:
+    """``"1e-3"`` when every condition shares the rate, else ``"LoRA 1e-3, RepLoRA 3e-3"``."""
+    rates = {name: lr_for.get(name, lr) for name in conditions}
+    if len(set(rates.values())) == 1:
+        return f"{next(iter(rates.values())):g}"
+    return ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:

@@ -44,6 +44,7 @@ from common import (
     Split,
     TrainConfig,
     environment,
+    lr_text,
     make_parser,
     markdown_table,
     plot_vs_fraction,
@@ -91,7 +92,7 @@ def plot(result: dict, path: Path) -> None:
         [PlotSpec("accuracy", "test accuracy"), PlotSpec("loss", "test loss", True), PlotSpec("f1_pos", "spam F1")],
         path,
         f"MiniLM on SMS spam, r={result.get('rank', 8)}, {cfg['steps']} steps x batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']:g}, {len(result['seeds'])} seeds (mean ± std)",
+        f"lr {lr_text(cfg['lr'], result.get('lr_for', {}), result['conditions'])}, {len(result['seeds'])} seeds (mean ± std)",
         references={"accuracy": (majority, "always 'ham'"), "loss": (prior_loss, "class prior only")},
     )
 
@@ -148,13 +149,13 @@ def main() -> None:
                      "test_spam_fraction": test_split.labels.float().mean().item(), "max_len": args.max_len,
                      "n_train_per_fraction": n_train},
             "conditions": conditions, "train_config": cfg, "device": args.device, "seeds": args.seeds,
-            "fractions": args.fractions, "rank": args.rank, "environment": environment(),
+            "fractions": args.fractions, "rank": args.rank, "lr_for": args.lr_for, "environment": environment(),
             "wall_seconds": round(time.perf_counter() - t_start, 1),
             "summary": summarize(records, METRICS), "records": records,
         }
 
     records = run_grid(conditions, build, train_split, test_split, args.fractions, args.seeds, cfg, args.device,
-                       on_record=lambda recs: write_json(out_json, payload(recs, False)))
+                       on_record=lambda recs: write_json(out_json, payload(recs, False)), lr_for=args.lr_for)
     result = payload(records, True)
     write_json(out_json, result)
     plot(result, out_png)
