@@ -14,7 +14,7 @@ both are evaluated on the whole test set.
 
     python benchmarks/papers/replora_vs_lora.py              # default: ~10 min on 2 CPU cores
     python benchmarks/papers/replora_vs_lora.py --full       # GPU-sized: 5 seeds, 6 fractions, more steps
-    python benchmarks/papers/replora_vs_lora.py --lr 3e-4 --tag lr3e-4
+    python benchmarks/papers/replora_vs_lora.py --lr-for RepLoRA=2e-3 --tag replora2e-3
 
 Writes results/replora_vs_lora[_TAG].json and .png (metrics vs data fraction).
 """
@@ -44,6 +44,7 @@ from common import (
     Split,
     TrainConfig,
     environment,
+    jsonable,
     lr_text,
     make_parser,
     markdown_table,
@@ -58,8 +59,8 @@ from common import (
 import repeft
 from repeft.data import load_text_dataset, minilm_path
 
-DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 16, "lr": 1e-3, "fractions": [0.03, 0.1, 0.3, 1.0]}
-FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 600, "batch_size": 32, "lr": 1e-3,
+DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 16, "lr": 2e-3, "lr_for": {"RepLoRA": 3e-3}, "fractions": [0.03, 0.1, 0.3, 1.0]}
+FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 600, "batch_size": 32, "lr": 2e-3, "lr_for": {"RepLoRA": 3e-3},
         "fractions": [0.01, 0.03, 0.1, 0.3, 0.5, 1.0]}
 METRICS = ["accuracy", "loss", "f1_pos"]
 
@@ -156,7 +157,7 @@ def main() -> None:
 
     records = run_grid(conditions, build, train_split, test_split, args.fractions, args.seeds, cfg, args.device,
                        on_record=lambda recs: write_json(out_json, payload(recs, False)), lr_for=args.lr_for)
-    result = payload(records, True)
+    result = jsonable(payload(records, True))  # plain dicts, as --replot reads them back
     write_json(out_json, result)
     plot(result, out_png)
     print()
