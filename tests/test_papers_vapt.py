@@ -44,7 +44,10 @@ def test_validation_split_is_a_disjoint_stratified_quarter_of_train():
     full, test = vapt_vs_vpt.train_and_eval_splits(validation=False)
     assert (len(train), len(held), len(full), len(test)) == (1500, 500, 2000, 500)
     assert torch.bincount(held.labels).tolist() == [100] * 5
-    images = lambda s: s.collate(list(range(len(s))))["pixel_values"].flatten(1)  # noqa: E731
+
+    def images(split):
+        return split.collate(list(range(len(split))))["pixel_values"].flatten(1)
+
     both = torch.cat([images(train), images(held)])
     # Together they are the training split: the same 2,000 images, none in both parts.
     assert len(both) == 2000 and torch.equal(both.unique(dim=0), images(full).unique(dim=0))

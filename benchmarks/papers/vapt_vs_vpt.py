@@ -48,7 +48,7 @@ import transformers
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: I001
+from common import (
     PlotSpec,
     Split,
     TrainConfig,
