@@ -130,6 +130,39 @@ class AttentionCall:
             return torch.ones(q_len, kv_len, dtype=torch.bool, device=self.query.device).tril()[None, None]
         return None
 
+    def base_with_prefix(
+        self, keys: torch.Tensor, values: torch.Tensor, prefix_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the model's original attention with extra keys in front of the tokens', one softmax over both.
+
+        ``keys`` and ``values`` are ``(kv_heads, n, head_dim)``, shared by the
+        batch, without rotary. Every query sees every extra key: causality and
+        padding concern only the tokens. ``prefix_bias``, ``(batch, heads,
+        q_len, n)``, is added to the extra keys' scores; it travels as their
+        columns of an additive mask, so the model's own sdpa or eager call
+        still does the one softmax.
+        """
+        batch = self.key.shape[0]
+        key = torch.cat([keys.expand(batch, -1, -1, -1), self.key], dim=2)
+        value = torch.cat([values.expand(batch, -1, -1, -1), self.value], dim=2)
+        return self.base(key, value, self._prefixed_mask(keys.shape[1], prefix_bias))
+
+    def _prefixed_mask(self, n: int, prefix_bias: torch.Tensor | None) -> torch.Tensor | None:
+        base = self.base_mask()
+        if prefix_bias is None:
+            if base is None:
+                return None
+            # Every query sees every extra key: True in a bool mask, 0 in an additive one.
+            visible = base.new_full((*base.shape[:-1], n), True if base.dtype == torch.bool else 0.0)
+            return torch.cat([visible, base], dim=-1)
+        dtype = self.query.dtype
+        if base is None:
+            base = torch.zeros((), device=self.query.device)
+        elif base.dtype == torch.bool:
+            base = torch.where(base, 0.0, torch.finfo(dtype).min)
+        base = base.to(dtype).expand(*prefix_bias.shape[:-1], self.key.shape[2])
+        return torch.cat([prefix_bias.to(dtype), base], dim=-1)
+
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``states`` (n, hidden) from the layer's own projections, no rotary.
 

@@ -217,7 +217,9 @@ class ZeroInitConfig(AdapterConfig):
     to the ordinary attention output. ``prompt_type="linear"``: P_l is a free
     parameter. ``"nonlinear"``: ``P_l = W2 act(W1 e_l + b1) + b2``, one network
     (``mlp_hidden`` wide) shared by all layers over per-layer codes e_l
-    (``n_prompt x code_dim``).
+    (``n_prompt x code_dim``). ``gating="none"``: the baseline the paper calls
+    vanilla attention, no gate and the prompts joined into the tokens' own
+    softmax (not the base model at init).
 
     >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").activation
     'gelu'
@@ -231,6 +233,7 @@ class ZeroInitConfig(AdapterConfig):
     code_dim: int = 64
     mlp_hidden: int = 128
     activation: str = "gelu"
+    gating: str = "zero_init"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,6 +246,8 @@ class ZeroInitConfig(AdapterConfig):
             raise ValueError(f"prompt_type must be 'linear' or 'nonlinear', got {self.prompt_type!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.gating not in ("zero_init", "none"):
+            raise ValueError(f"gating must be 'zero_init' or 'none', got {self.gating!r}")
 
 
 def _check_positive_int(field_name: str, value: Any) -> None:

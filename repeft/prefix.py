@@ -56,32 +56,14 @@ class PrefixAdapter(AttentionAdapter):
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         keys, values = (t.to(call.key.dtype) for t in self.prefix(call.layer))
-        batch = call.key.shape[0]
-        key = torch.cat([keys.expand(batch, -1, -1, -1), call.key], dim=2)
-        value = torch.cat([values.expand(batch, -1, -1, -1), call.value], dim=2)
-        return call.base(key, value, self._mask(call, keys))
+        return call.base_with_prefix(keys, values, self._norga_bias(call, keys) if self.config.norga else None)
 
-    def _mask(self, call: AttentionCall, keys: torch.Tensor) -> torch.Tensor | None:
-        base = call.base_mask()
-        n_prefix = keys.shape[1]
-        if not self.config.norga:
-            if base is None:
-                return None
-            # Every query sees every prefix key: True in a bool mask, 0 in an additive one.
-            visible = base.new_full((*base.shape[:-1], n_prefix), True if base.dtype == torch.bool else 0.0)
-            return torch.cat([visible, base], dim=-1)
-        # NoRGa: the prefix columns of the additive mask carry alpha * sigmoid(tau * s_P).
+    def _norga_bias(self, call: AttentionCall, keys: torch.Tensor) -> torch.Tensor:
+        """NoRGa's extra term on the prefix scores, ``alpha * sigmoid(tau * s_P)``."""
         query = call.query
-        heads, kv_len = query.shape[1], call.key.shape[2]
-        keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)  # grouped-query: one kv head per group
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[0], dim=0)  # grouped-query: one kv head per group
         scores = call.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
-        gate = self.norga_alpha[call.layer] * torch.sigmoid(self.norga_tau[call.layer] * scores)
-        if base is None:
-            base = torch.zeros((), device=query.device)
-        elif base.dtype == torch.bool:
-            base = torch.where(base, 0.0, torch.finfo(query.dtype).min)
-        base = base.to(query.dtype).expand(*gate.shape[:-1], kv_len)
-        return torch.cat([gate.to(query.dtype), base], dim=-1)
+        return self.norga_alpha[call.layer] * torch.sigmoid(self.norga_tau[call.layer] * scores)
 
 
 class SharedPrefix(PrefixAdapter):

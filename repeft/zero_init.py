@@ -13,6 +13,10 @@ output projection (so W_o's bias is applied once)::
 Linear prompts: P_l is a free parameter. Non-linear prompts:
 ``P_l = W2 act(W1 e_l + b1) + b2``, one small network shared by all layers
 over per-layer codes e_l.
+
+``gating="none"`` is the paper's baseline, vanilla attention: no gate, the
+prompt keys join the tokens' keys in one softmax (prompt tuning through the
+frozen projections), so the model differs from the base model from the start.
 """
 
 from __future__ import annotations
@@ -34,20 +38,25 @@ class ZeroInitAdapter(AttentionAdapter):
         n_layers = config.n_layers or geometry.n_layers
         if n_layers > geometry.n_layers:
             raise ValueError(f"n_layers={n_layers} but the model has only {geometry.n_layers} attention layers")
+        self.n_layers = n_layers
         self.first_layer = geometry.n_layers - n_layers
-        self.gates = nn.Parameter(torch.zeros(n_layers, geometry.heads))
+        self.gated = config.gating == "zero_init"
+        if self.gated:
+            self.gates = nn.Parameter(torch.zeros(n_layers, geometry.heads))
 
     def layer_prompts(self, index: int) -> torch.Tensor:
         """Prompts ``(n_prompt, hidden)`` of the ``index``-th adapted layer (counted from the first one)."""
         raise NotImplementedError
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out, weights = call.base(call.key, call.value, call.mask)
         index = call.layer - self.first_layer
         if index < 0:
-            return out, weights
+            return call.base(call.key, call.value, call.mask)
         query = call.query
         keys, values = call.project_kv(self.layer_prompts(index).to(query.dtype))
+        if not self.gated:  # vanilla attention: the prompts are extra keys in the tokens' softmax
+            return call.base_with_prefix(keys, values)
+        out, weights = call.base(call.key, call.value, call.mask)
         groups = query.shape[1] // keys.shape[0]  # grouped-query attention: one kv head per group of heads
         keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)
         scores = call.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
@@ -64,7 +73,7 @@ class LinearPrompts(ZeroInitAdapter):
 
     def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
         super().__init__(geometry, config)
-        self.prompts = nn.Parameter(torch.randn(len(self.gates), config.n_prompt, geometry.hidden_size))
+        self.prompts = nn.Parameter(torch.randn(self.n_layers, config.n_prompt, geometry.hidden_size))
 
     def layer_prompts(self, index: int) -> torch.Tensor:
         return self.prompts[index]
@@ -75,14 +84,14 @@ class NonlinearPrompts(ZeroInitAdapter):
 
     def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
         super().__init__(geometry, config)
-        self.codes = nn.Parameter(torch.randn(len(self.gates), config.n_prompt, config.code_dim))
+        self.codes = nn.Parameter(torch.randn(self.n_layers, config.n_prompt, config.code_dim))
         self.hidden = nn.Linear(config.code_dim, config.mlp_hidden)
         self.act = ACTIVATIONS[config.activation]()
         self.out = nn.Linear(config.mlp_hidden, geometry.hidden_size)
         with torch.no_grad():
             # Start with prompts of unit spread, as linear prompts have, so both see the same scale.
             nn.init.zeros_(self.out.bias)
-            spread = torch.stack([self.layer_prompts(i) for i in range(len(self.gates))]).std()
+            spread = torch.stack([self.layer_prompts(i) for i in range(self.n_layers)]).std()
             self.out.weight.div_(spread.clamp_min(1e-12))
 
     def layer_prompts(self, index: int) -> torch.Tensor:

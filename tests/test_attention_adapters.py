@@ -1,4 +1,5 @@
-"""design.md section 7 for the attention-level adapters: prefix tuning (+ NoRGa) and zero-init attention.
+"""design.md section 7 for the attention-level adapters: prefix tuning (+ NoRGa) and zero-init attention
+(with its ungated baseline, vanilla attention).
 
 Every supported family runs the checklist; the hand-written reference, padding,
 caching and generation tests use the grouped-query families (tiny configs have
@@ -8,6 +9,7 @@ caching and generation tests use the grouped-query families (tiny configs have
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -24,9 +26,10 @@ from tiny_models import tiny_batch, tiny_model
 METHODS = {
     "prefix": lambda **kw: repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, **kw),
     "zero_init": lambda **kw: repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", code_dim=8, mlp_hidden=16, **kw),
+    "vanilla": lambda **kw: repeft.ZeroInitConfig(n_prompt=3, gating="none", **kw),
 }
 # Each method with every option that changes the attention maths switched on.
-FULL = {"prefix": lambda: METHODS["prefix"](norga=True), "zero_init": METHODS["zero_init"]}
+FULL = {"prefix": lambda: METHODS["prefix"](norga=True), "zero_init": METHODS["zero_init"], "vanilla": METHODS["vanilla"]}
 CASES = [(f, m) for f in FAMILIES for m in METHODS]
 CAUSAL = ["llama", "qwen2", "gpt2"]
 
@@ -65,7 +68,7 @@ def case(request):
     return family, method, model, reference, tiny_batch(family)
 
 
-def test_zero_init_is_identity_and_prefix_is_not(case):
+def test_zero_init_is_identity_and_prefix_and_vanilla_are_not(case):
     _, method, model, reference, batch = case
     if method == "zero_init":
         assert torch.equal(logits(model, batch), logits(reference, batch))
@@ -121,10 +124,12 @@ def rope(x, positions, theta=10000.0):
 
 
 def hand_written_attention(attn, x, positions, padding, prefix=None, norga=None, prompts=None, gate=None):
-    """Causal GQA attention of one llama layer, with prefix keys/values or gated prompts.
+    """Causal GQA attention of one llama layer, with prefix keys/values or prompts.
 
     prefix: (keys, values), (kv_heads, n, head_dim) each; norga: (alpha, tau);
-    prompts: (n, hidden) projected by this layer's k_proj / v_proj; gate: (heads,).
+    prompts: (n, hidden) projected by this layer's k_proj / v_proj, in a softmax
+    of their own scaled by tanh(gate), gate: (heads,); with gate=None (vanilla
+    attention) they join the tokens' softmax.
     """
     b, s, _ = x.shape
     heads, kv_heads, d = 4, 2, 8
@@ -137,6 +142,11 @@ def hand_written_attention(attn, x, positions, padding, prefix=None, norga=None,
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     visible = torch.ones(s, s).tril().bool()[None, None] & padding.bool()[:, None, None, :]
     scores = scores.masked_fill(~visible, float("-inf"))
+    if prompts is not None:
+        pk = (prompts @ attn.k_proj.weight.T).view(-1, kv_heads, d).transpose(0, 1)
+        pv = (prompts @ attn.v_proj.weight.T).view(-1, kv_heads, d).transpose(0, 1)
+        if gate is None:
+            prefix = (pk, pv)
     if prefix is not None:
         pk, pv = group(prefix[0]), group(prefix[1])
         prefix_scores = q @ pk.transpose(-1, -2) / math.sqrt(d)
@@ -146,9 +156,8 @@ def hand_written_attention(attn, x, positions, padding, prefix=None, norga=None,
         scores = torch.cat([prefix_scores, scores], dim=-1)
         v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=-2)
     out = torch.softmax(scores, dim=-1) @ v
-    if prompts is not None:
-        pk = group((prompts @ attn.k_proj.weight.T).view(-1, kv_heads, d).transpose(0, 1))
-        pv = group((prompts @ attn.v_proj.weight.T).view(-1, kv_heads, d).transpose(0, 1))
+    if gate is not None:
+        pk, pv = group(pk), group(pv)
         prompt_out = torch.softmax(q @ pk.transpose(-1, -2) / math.sqrt(d), dim=-1) @ pv
         out = out + torch.tanh(gate)[None, :, None, None] * prompt_out
     return out.transpose(1, 2).reshape(b, s, heads * d) @ attn.o_proj.weight.T
@@ -168,7 +177,8 @@ def captured_attention(model, ids, mask, positions):
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("variant", ["prefix", "prefix-mlp-per-layer-norga", "zero_init-linear", "zero_init-nonlinear"])
+@pytest.mark.parametrize("variant", ["prefix", "prefix-mlp-per-layer-norga", "zero_init-linear", "zero_init-nonlinear",
+                                     "vanilla-linear", "vanilla-nonlinear-top-1"])
 def test_hooked_llama_matches_hand_written_attention(variant, implementation):
     base = tiny_model("llama")
     base.set_attn_implementation(implementation)
@@ -177,6 +187,8 @@ def test_hooked_llama_matches_hand_written_attention(variant, implementation):
         "prefix-mlp-per-layer-norga": METHODS["prefix"](mlp_per_layer=True, norga=True, norga_alpha=0.7, norga_tau=1.3),
         "zero_init-linear": repeft.ZeroInitConfig(n_prompt=3),
         "zero_init-nonlinear": METHODS["zero_init"](),
+        "vanilla-linear": METHODS["vanilla"](),
+        "vanilla-nonlinear-top-1": METHODS["zero_init"](gating="none", n_layers=1),
     }[variant]
     model = repeft.wrap(base, config)
     randomize(model)
@@ -187,9 +199,12 @@ def test_hooked_llama_matches_hand_written_attention(variant, implementation):
         if variant.startswith("prefix"):
             norga = (adapter.norga_alpha[layer], adapter.norga_tau[layer]) if config.norga else None
             expected = hand_written_attention(attn, x, positions, mask, prefix=adapter.prefix(layer), norga=norga)
+        elif layer < adapter.first_layer:
+            expected = hand_written_attention(attn, x, positions, mask)
         else:
-            expected = hand_written_attention(
-                attn, x, positions, mask, prompts=adapter.layer_prompts(layer), gate=adapter.gates[layer])
+            index = layer - adapter.first_layer
+            gate = adapter.gates[index] if config.gating == "zero_init" else None
+            expected = hand_written_attention(attn, x, positions, mask, prompts=adapter.layer_prompts(index), gate=gate)
         real = mask.bool()  # padded queries attend to nothing but the adapter; compare the real ones
         torch.testing.assert_close(out[real], expected.detach()[real], atol=1e-5, rtol=1e-5)
 
@@ -252,10 +267,11 @@ def test_left_padded_rows_equal_unpadded_sequences(family, method):
 def test_right_padded_encoder_rows_equal_unpadded(family):
     model, _ = wrap(family, METHODS["prefix"](norga=True))
     model.add_adapter("z", METHODS["zero_init"]())
+    model.add_adapter("v", METHODS["vanilla"]())
     randomize(model)
     ids, mask = left_padded()
     ids, mask = ids.flip(-1), mask.flip(-1)  # right padding, as encoders are usually fed
-    for name in ("default", "z"):
+    for name in ("default", "z", "v"):
         model.set_adapter(name)
         batched = logits(model, {"input_ids": ids, "attention_mask": mask})
         for row in range(len(ids)):
@@ -319,14 +335,25 @@ def test_gradient_checkpointing(family, method):
     repeft.PrefixConfig(n_prefix=3, structure="independent"),
     repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, mlp_per_layer=True, embed_dim=8),
     repeft.ZeroInitConfig(n_prompt=3, prompt_type="linear", n_layers=1),
-], ids=["independent", "mlp-per-layer", "zero-init-top-1"])
+    repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", n_layers=1, gating="none"),
+], ids=["independent", "mlp-per-layer", "zero-init-top-1", "vanilla-nonlinear-top-1"])
 def test_variants_train_and_round_trip(config, tmp_path):
     model, reference = wrap("llama", config)
     batch = tiny_batch("llama")
     train_steps(model, batch)
     model.save_adapter(tmp_path / "a")
     loaded = repeft.load_adapter(reference, tmp_path / "a")
+    assert dataclasses.replace(loaded.configs["default"], inference_mode=False) == config  # gating included
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=0)
+
+
+def test_vanilla_attention_has_no_gates_and_the_same_initial_prompts():
+    gated, _ = wrap("llama", repeft.ZeroInitConfig(n_prompt=3))
+    vanilla, _ = wrap("llama", METHODS["vanilla"]())
+    gated, vanilla = (m.attention_adapters.adapters["default"] for m in (gated, vanilla))
+    assert {n for n, _ in gated.named_parameters()} == {"prompts", "gates"}
+    assert {n for n, _ in vanilla.named_parameters()} == {"prompts"}
+    assert torch.equal(gated.prompts, vanilla.prompts)  # same seed, same start: only the attention differs
 
 
 def test_independent_prefix_starts_where_shared_does():
@@ -432,6 +459,7 @@ def test_bad_prefix_config(kwargs, match):
     ({"n_prompt": True}, "n_prompt must be a positive integer"),
     ({"prompt_type": "deep"}, "prompt_type must be 'linear' or 'nonlinear'"),
     ({"activation": "swish"}, "activation must be one of"),
+    ({"gating": "vanilla"}, "gating must be 'zero_init' or 'none'"),
 ])
 def test_bad_zero_init_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
