@@ -41,9 +41,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PlotSpec,
-    Split,
     TrainConfig,
     environment,
+    jsonable,
     make_parser,
     markdown_table,
     plot_vs_fraction,
@@ -51,34 +51,17 @@ from common import (
     run_grid,
     stratified_subsample,
     summarize,
+    text_split,
     write_json,
 )
 
 import repeft
-from repeft.data import load_text_dataset, minilm_path
+from repeft.data import minilm_path
 
 DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 16, "lr": 1e-3, "fractions": [0.03, 0.1, 0.3, 1.0]}
 FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 600, "batch_size": 32, "lr": 1e-3,
         "fractions": [0.01, 0.03, 0.1, 0.3, 0.5, 1.0]}
 METRICS = ["accuracy", "loss", "f1_pos"]
-
-
-def text_split(tok, name: str, split: str, max_len: int) -> Split:
-    rows = load_text_dataset(name, split)
-    # Tokenize once; batches are padded only to their own longest message.
-    ids = [tok(r["text"], truncation=True, max_length=max_len)["input_ids"] for r in rows]
-    pad = tok.pad_token_id
-
-    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
-        width = max(len(ids[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-            mask[row, : len(ids[i])] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
-
-    return Split(labels=torch.tensor([r["label"] for r in rows]), collate=collate, lengths=[len(x) for x in ids])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -155,7 +138,7 @@ def main() -> None:
 
     records = run_grid(conditions, build, train_split, test_split, args.fractions, args.seeds, cfg, args.device,
                        on_record=lambda recs: write_json(out_json, payload(recs, False)))
-    result = payload(records, True)
+    result = jsonable(payload(records, True))  # plain dicts, as --replot reads them back
     write_json(out_json, result)
     plot(result, out_png)
     print()
