@@ -44,6 +44,18 @@ def test_train_batches_same_for_same_generator_seed_and_cover_the_subset():
     assert all(len(set(b)) == len(b) for b in small) and sorted(len(b) for b in small[:2]) == [1, 4]
 
 
+def test_holdout_is_a_stratified_disjoint_split_whose_collate_maps_back():
+    labels = torch.tensor([0] * 40 + [1] * 10)
+    split = common.Split(labels=labels, collate=lambda idx: {"x": torch.tensor(idx)}, lengths=list(range(50)))
+    rest, held = common.holdout(split, 0.2, seed=0)
+    assert len(held) == 10 and int(held.labels.sum()) == 2 and len(rest) == 40
+    # the parts' collate and lengths name the original examples, and together they cover each once
+    orig_held = held.collate(list(range(len(held))))["x"].tolist()
+    orig_rest = rest.collate(list(range(len(rest))))["x"].tolist()
+    assert sorted(orig_held + orig_rest) == list(range(50))
+    assert held.labels.tolist() == labels[orig_held].tolist() and held.lengths == orig_held
+
+
 def test_classification_metrics():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
     labels = torch.tensor([0, 1, 1, 1])
@@ -53,16 +65,28 @@ def test_classification_metrics():
     assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
 
 
-def test_lr_for_merges_with_the_preset_and_rejects_bad_pairs(capsys):
-    parser = common.make_parser("t")
-    preset = {"lr": 1e-3, "lr_for": {"RepLoRA": 3e-3, "Other": 5e-3}}
-    args = common.resolve_args(parser.parse_args(["--lr-for", "Other=1e-2"]), preset, preset)
-    assert args.lr == 1e-3 and args.lr_for == {"RepLoRA": 3e-3, "Other": 1e-2}
-    assert common.lr_text(args.lr, args.lr_for, ["LoRA", "RepLoRA"]) == "LoRA 0.001, RepLoRA 0.003"
-    assert common.lr_text(args.lr, args.lr_for, ["RepLoRA"]) == "0.003"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--lr-for", "RepLoRA"])
-    assert "NAME=LR" in capsys.readouterr().err
+def test_lr_by_name_sets_the_peak_lr_of_matching_parameters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Flatten(), torch.nn.Linear(8 * 4, 2))
+    split = common.Split(labels=torch.tensor([0, 1] * 4), collate=lambda idx: {"x": torch.arange(4).repeat(len(idx), 1)})
+
+    class Wrapped(torch.nn.Module):  # run_grid-style model: keyword inputs, output with .logits
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return type("Out", (), {"logits": self.body(x)})
+
+    wrapped = Wrapped()
+    before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+    cfg = common.TrainConfig(steps=2, batch_size=4, lr=1e-2, lr_by_name={"body.2": 0.0})
+    groups = common.param_groups(list(wrapped.named_parameters()), cfg)
+    assert sorted((g["lr"], len(g["params"])) for g in groups) == [(0.0, 2), (1e-2, 1)]
+    common.train(wrapped, split, range(8), cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    after = dict(wrapped.named_parameters())
+    assert torch.equal(after["body.2.weight"], before["body.2.weight"])  # lr 0: the Linear stays put
+    assert not torch.equal(after["body.0.weight"], before["body.0.weight"])
 
 
 def test_mean_std_is_sample_std():
@@ -81,9 +105,9 @@ def test_tiny_grid_runs_writes_json_and_plot(tmp_path):
         return repeft.wrap(tiny_model("bert").train(), config)
 
     conditions = {"LoRA": repeft.LoRAConfig(r=2), "RepLoRA": repeft.RepLoRAConfig(r=2, mlp_hidden=4)}
-    cfg = common.TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=2)
-    records = common.run_grid(conditions, build, split, split, [0.5, 1.0], [0, 1], cfg, torch.device("cpu"),
-                              lr_for={"RepLoRA": 3e-2})
+    cfg = {"LoRA": common.TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=2),
+           "RepLoRA": common.TrainConfig(steps=3, batch_size=4, lr=3e-2, log_every=2)}
+    records = common.run_grid(conditions, build, split, split, [0.5, 1.0], [0, 1], cfg, torch.device("cpu"))
     assert len(records) == 2 * 2 * 2
     assert {r["condition"]: r["lr"] for r in records} == {"LoRA": 1e-2, "RepLoRA": 3e-2}
     assert all(len(r["train_loss_curve"]) == 2 for r in records)
@@ -95,3 +119,13 @@ def test_tiny_grid_runs_writes_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     common.plot_vs_fraction(records, [common.PlotSpec("accuracy", "acc")], tmp_path / "r.png", "t")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_run_grid_takes_one_train_config_per_condition():
+    ids = torch.randint(3, VOCAB, (8, 6), generator=torch.Generator().manual_seed(0))
+    split = common.Split(labels=torch.arange(8) % 2, collate=lambda idx: {"input_ids": ids[idx]})
+    cfgs = {name: common.TrainConfig(steps=steps, batch_size=4, lr=1e-2, log_every=1) for name, steps in [("a", 2), ("b", 3)]}
+    records = common.run_grid({"a": repeft.LoRAConfig(r=2), "b": repeft.LoRAConfig(r=2)},
+                              lambda c: repeft.wrap(tiny_model("bert").train(), c), split, split, [1.0], [0], cfgs,
+                              torch.device("cpu"))
+    assert [len(r["train_loss_curve"]) for r in records] == [2, 3]

@@ -16,7 +16,9 @@ Fairness rules the loop enforces, so every experiment gets them for free:
   so a freshly initialised classification head starts identical across
   conditions;
 * the subset is stratified (each class keeps its share, at least one example);
-* same steps, batch size, learning rate and schedule for every condition.
+* same steps, batch size, learning rate and schedule for every condition
+  (unless a script passes one :class:`TrainConfig` per condition, e.g. with
+  learning rates tuned per method, and says so).
 
 Scripts use it as ``from common import ...`` (they are run as files, so this
 folder is on ``sys.path``).
@@ -34,7 +36,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,7 @@ def make_parser(description: str, grid: bool = True) -> argparse.ArgumentParser:
     if grid:
         p.add_argument("--steps", type=int, help="optimizer steps per run (same for every condition and fraction)")
     p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--lr", type=float, help="peak learning rate of every condition not named in --lr-for")
-    p.add_argument("--lr-for", nargs="+", type=_name_value, metavar="NAME=LR",
-                   help="a condition's own peak learning rate (its tuned value), e.g. --lr-for RepLoRA=3e-3")
+    p.add_argument("--lr", type=float, help="peak learning rate for every condition (default: each one's tuned value)")
     if grid:
         p.add_argument("--fractions", type=float, nargs="+", help="fractions of the training set to train on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -77,21 +77,9 @@ def make_parser(description: str, grid: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _name_value(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    try:
-        if name and sep:
-            return name, float(value)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected NAME=LR such as RepLoRA=3e-3, got {text!r}")
-
-
 def resolve_args(args: argparse.Namespace, default: dict[str, Any], full: dict[str, Any]) -> argparse.Namespace:
     """Fill options left at ``None`` from the preset that applies."""
     preset = full if args.full else default
-    # Per-condition rates merge: naming one condition keeps the preset's rates for the others.
-    args.lr_for = {**preset.get("lr_for", {}), **dict(args.lr_for or [])}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -163,6 +151,44 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: Sequence[int]) -> Split:
+        """The examples at ``indices``, renumbered from 0."""
+        indices = list(indices)
+        return Split(labels=self.labels[indices], collate=lambda idx: self.collate([indices[i] for i in idx]),
+                     lengths=None if self.lengths is None else [self.lengths[i] for i in indices])
+
+
+def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """``(rest, held_out)``: a stratified ``fraction`` of ``split`` set aside, e.g. as a validation set.
+
+    Choosing a learning rate on it instead of the test set keeps the test
+    numbers of the final run free of that choice.
+    """
+    held = stratified_subsample(split.labels, fraction, seed)
+    held_set = set(held)
+    return split.subset([i for i in range(len(split)) if i not in held_set]), split.subset(held)
+
+
+def text_split(tok: Any, name: str, split: str, max_len: int) -> Split:
+    """A shipped text dataset (``repeft.data.load_text_dataset``) tokenized once, padded per batch."""
+    from repeft.data import load_text_dataset
+
+    rows = load_text_dataset(name, split)
+    # Tokenize once; batches are padded only to their own longest message.
+    ids = [tok(r["text"], truncation=True, max_length=max_len)["input_ids"] for r in rows]
+    pad = tok.pad_token_id
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        width = max(len(ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    return Split(labels=torch.tensor([r["label"] for r in rows]), collate=collate, lengths=[len(x) for x in ids])
+
 
 def train_batches(indices: Sequence[int], batch_size: int, steps: int, generator: torch.Generator,
                   lengths: Sequence[int] | None = None) -> Iterator[list[int]]:
@@ -207,6 +233,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # none: decay would act differently on LoRA's A, B and on RepLoRA's MLPs
     max_grad_norm: float = 1.0
     log_every: int = 10  # training-loss curve resolution (mean over each window)
+    # Peak learning rates for some parameters, by a substring of their name: {"classifier": 1e-2}
+    # trains the head at 1e-2 and everything else at ``lr``. The schedule scales all alike.
+    lr_by_name: dict[str, float] | None = None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -219,10 +248,11 @@ def train(model: nn.Module, split: Split, indices: Sequence[int], cfg: TrainConf
 
     Returns the mean training loss of each ``log_every``-step window.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
 
     def lr_factor(step: int) -> float:
@@ -251,6 +281,15 @@ def train(model: nn.Module, split: Split, indices: Sequence[int], cfg: TrainConf
     if window:
         curve.append(sum(window) / len(window))
     return curve
+
+
+def param_groups(named: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """One optimizer group per learning rate: ``cfg.lr_by_name``'s first matching key, else ``cfg.lr``."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in named:
+        lr = next((v for k, v in (cfg.lr_by_name or {}).items() if k in name), cfg.lr)
+        groups.setdefault(lr, []).append(p)
+    return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
 @torch.inference_mode()
@@ -298,13 +337,12 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def run_grid(conditions: dict[str, Any], build: Callable[[Any], nn.Module], train_split: Split, eval_split: Split,
-             fractions: Sequence[float], seeds: Sequence[int], cfg: TrainConfig, device: torch.device,
-             on_record: Callable[[list[dict]], None] | None = None,
-             lr_for: dict[str, float] | None = None) -> list[dict]:
+             fractions: Sequence[float], seeds: Sequence[int], cfg: TrainConfig | dict[str, TrainConfig],
+             device: torch.device, on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Train and evaluate every condition on every (seed, fraction); one record per run.
 
-    ``lr_for`` gives some conditions their own peak learning rate (each at its
-    tuned value); everything else in ``cfg`` stays shared.
+    ``cfg`` may be a dict by condition name, e.g. for learning rates tuned per
+    method; steps and batch size should then still agree.
 
     ``on_record(records_so_far)`` is called after each run, so a script can
     write partial results (a crash or Ctrl-C then loses one run, not all).
@@ -320,7 +358,7 @@ def run_grid(conditions: dict[str, Any], build: Callable[[Any], nn.Module], trai
                 model = build(condition).to(device)
                 trainable = count_trainable(model)
                 gen = torch.Generator().manual_seed(seed)  # same batches for every condition
-                run_cfg = replace(cfg, lr=(lr_for or {}).get(name, cfg.lr))
+                run_cfg = cfg[name] if isinstance(cfg, dict) else cfg
                 curve = train(model, train_split, subset, run_cfg, device, gen)
                 t_train = time.perf_counter() - t0
                 metrics = evaluate(model, eval_split, device)
@@ -339,14 +377,6 @@ def run_grid(conditions: dict[str, Any], build: Callable[[Any], nn.Module], trai
                 if on_record is not None:
                     on_record(records)
     return records
-
-
-def lr_text(lr: float, lr_for: dict[str, float], conditions: Sequence[str]) -> str:
-    """``"1e-3"`` when every condition shares the rate, else ``"LoRA 1e-3, RepLoRA 3e-3"``."""
-    rates = {name: lr_for.get(name, lr) for name in conditions}
-    if len(set(rates.values())) == 1:
-        return f"{next(iter(rates.values())):g}"
-    return ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
