@@ -6,7 +6,7 @@ substantial margin while using fewer parameters".
 Setting: no pretrained ViT exists offline, so the backbone is the stand-in of
 ``vit_pretrain.py``: a 6-layer, width-128 ViT (patch 4 on 28x28, a 7x7 grid)
 trained from scratch on MNIST digits 0-4 of the shipped ``mnist_5k``
-(pretrained on first use, ~5 min). It is adapted here to the *disjoint* digits
+(pretrained on first use, 5-9 min). It is adapted here to the *disjoint* digits
 5-9 (2,000 train / 500 test images of ``mnist_5k``, labels renumbered 0-4) with a
 new 5-way head, trained with the prompts. The conditions:
 

@@ -10,7 +10,7 @@ and test) are never seen here, so adapting to them is a task with disjoint
 classes and disjoint images. This is a far smaller and weaker backbone than the
 ImageNet-21k ViT-B/16 of the VPT / VAPT papers; say so wherever it is used.
 
-    python benchmarks/papers/vit_pretrain.py            # ~5 min on 2 CPU cores
+    python benchmarks/papers/vit_pretrain.py            # ~8.5 CPU-minutes (about 5-9 min on 2 idle cores)
     python benchmarks/papers/vit_pretrain.py --full     # more epochs, for a GPU
 
 Saves the model (``save_pretrained``) plus ``preprocess.json`` (normalisation)
@@ -100,7 +100,7 @@ def pretrain(model_dir: Path, epochs: int, batch_size: int, lr: float, seed: int
     steps_per_epoch = math.ceil(len(x_tr) / batch_size)
     total, warmup = epochs * steps_per_epoch, steps_per_epoch  # one epoch of warm-up, then cosine decay
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     gen = torch.Generator().manual_seed(seed)
     curve = []
     t0, c0 = time.perf_counter(), time.process_time()
