@@ -17,16 +17,16 @@ batch size and schedule; the head is trained in full by all:
 * non-linear: zero-init attention, prompts from a small shared network.
 
 Linear and vanilla prompts start equal (same seed). Each method trains at its
-own best learning rate from a reported check (``DEFAULT`` below): under Adam the
+own best learning rate from a reported check (``METHOD_LR`` below): under Adam the
 non-linear prompts, made by a network shared by all layers, move far faster per
 step than free prompts do, and diverge at the others' rate. Each seed draws one
 stratified subset per fraction that every condition trains on, in the same
 batch order; all are evaluated on the whole test set.
 
-    python benchmarks/papers/zero_init_prompts.py            # default: ~10 min on 2 CPU cores
+    python benchmarks/papers/zero_init_prompts.py            # default: ~11 min on 2 idle CPU cores
     python benchmarks/papers/zero_init_prompts.py --full     # GPU-sized: 5 seeds, 6 fractions, more steps
     python benchmarks/papers/zero_init_prompts.py --seeds 3 --fractions 0.03 0.3 --lr 1e-2 \
-        --lr-for non-linear=1e-2 --tag lr1e-2              # one learning rate for all (the check's runs)
+        --tag lr1e-2                                        # one learning rate for all (the check's runs)
 
 Writes results/zero_init_prompts[_TAG].json and .png (metrics vs data fraction).
 """
@@ -56,7 +56,6 @@ from common import (
     TrainConfig,
     environment,
     jsonable,
-    lr_text,
     make_parser,
     markdown_table,
     plot_vs_fraction,
@@ -64,26 +63,26 @@ from common import (
     run_grid,
     stratified_subsample,
     summarize,
+    text_split,
     write_json,
 )
-from replora_vs_lora import text_split
 
 import repeft
 from repeft.data import minilm_path
 
 # Learning rates: each method's best of {3e-3, 1e-2, 3e-2, 1e-1} in results/zero_init_prompts_lr_check.json
 # (the vanilla-non-linear variant was not checked; it takes non-linear's, having the same prompt network).
-LR_FOR = {"non-linear": 1e-2, "vanilla-non-linear": 1e-2}
-DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 8, "lr": 3e-2, "lr_for": LR_FOR,
-           "fractions": [0.03, 0.1, 0.3, 1.0]}
-FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 600, "batch_size": 32, "lr": 3e-2, "lr_for": LR_FOR,
+METHOD_LR = {"vanilla": 3e-2, "linear": 3e-2, "non-linear": 1e-2, "vanilla-non-linear": 1e-2}
+DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 8, "fractions": [0.03, 0.1, 0.3, 1.0]}
+FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 600, "batch_size": 32,
         "fractions": [0.01, 0.03, 0.1, 0.3, 0.5, 1.0]}
 METRICS = ["loss", "accuracy", "f1_pos", "final_train_loss"]
 
 
 def plot(result: dict, path: Path) -> None:
-    cfg = result["train_config"]
-    lrs = lr_text(cfg["lr"], result["lr_for"], result["conditions"])
+    cfgs = result["train_config"]
+    cfg = next(iter(cfgs.values()))  # steps and batch size are the same for all
+    lrs = ", ".join(f"{c} {cfgs[c]['lr']:g}" for c in cfgs)
     p = 1 - result["data"]["test_spam_fraction"]
     prior_loss = -(p * math.log(p) + (1 - p) * math.log(1 - p))  # predicting the class shares, nothing else
     plot_vs_fraction(
@@ -139,7 +138,8 @@ def main() -> None:
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         return repeft.wrap(base, config)
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, log_every=20)
+    cfgs = {name: TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or METHOD_LR[name],
+                              log_every=20) for name in conditions}
     n_train = {f"{f:g}": len(stratified_subsample(train_split.labels, f, 0)) for f in args.fractions}
     t_start = time.perf_counter()
 
@@ -154,15 +154,15 @@ def main() -> None:
             "data": {"name": "sms_spam", "train": len(train_split), "test": len(test_split),
                      "test_spam_fraction": test_split.labels.float().mean().item(), "max_len": args.max_len,
                      "n_train_per_fraction": n_train},
-            "conditions": conditions, "train_config": cfg, "lr_for": args.lr_for, "device": args.device,
+            "conditions": conditions, "train_config": cfgs, "device": args.device,
             "seeds": args.seeds,
             "fractions": args.fractions, "n_prompt": args.n_prompt, "n_layers": args.n_layers,
             "environment": environment(), "wall_seconds": round(time.perf_counter() - t_start, 1),
             "summary": summarize(records, METRICS), "records": records,
         }
 
-    records = run_grid(conditions, build, train_split, test_split, args.fractions, args.seeds, cfg, args.device,
-                       on_record=lambda recs: write_json(out_json, payload(recs, False)), lr_for=args.lr_for)
+    records = run_grid(conditions, build, train_split, test_split, args.fractions, args.seeds, cfgs, args.device,
+                       on_record=lambda recs: write_json(out_json, payload(recs, False)))
     result = jsonable(payload(records, True))  # plain JSON types, as --replot reads them back
     write_json(out_json, result)
     plot(result, out_png)
