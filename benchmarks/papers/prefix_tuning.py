@@ -26,7 +26,7 @@ differs only in the parameterization being trained (and NoRGa's gate). Each
 seed draws one stratified subset per fraction that all conditions train on,
 in the same batch order; all are evaluated on the whole test set.
 
-    python benchmarks/papers/prefix_tuning.py                 # default: ~10 min on 2 CPU cores
+    python benchmarks/papers/prefix_tuning.py                 # default: ~11-12 min on 2 idle CPU cores (est.)
     python benchmarks/papers/prefix_tuning.py --full          # GPU-sized: 5 seeds, 6 fractions, more steps
     python benchmarks/papers/prefix_tuning.py --conditions independent shared
     python benchmarks/papers/prefix_tuning.py --validation --seeds 0 1 --fractions 0.1 --steps 100 \
