@@ -20,7 +20,8 @@ from .files import AdapterFileError  # noqa: E402
 from .model import AdapterModel, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft  # noqa: E402
 from .prefix import fold_prefix  # noqa: E402  (importing it registers the "prefix" method)
-from .quantization import MergedExport, export_merged, prepare_quantized_model  # noqa: E402
+from .export import MergedExport, export_merged  # noqa: E402
+from .quantization import prepare_quantized_model  # noqa: E402
 from .targeting import TargetError  # noqa: E402
 from .visual_prompts import VAPTConfig, VPTConfig  # noqa: E402  (registers the "vpt" method)
 

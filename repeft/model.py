@@ -23,6 +23,7 @@ from .config import AdapterConfig
 from .files import FORMAT, FORMAT_VERSION, AdapterFileError, atomic_directory, read_adapter_dir, write_adapter_dir
 from .layers import AdapterLayer, ModulesToSave
 from .methods import injector
+from .quantization import keep_standard_layout
 from .targeting import TargetError, find_modules, model_type
 
 # Config fields that pin down the shapes an adapter was trained for.
@@ -83,6 +84,7 @@ class AdapterModel(nn.Module):
         self.active_adapter: str | None = None
         self.architecture = architecture(base_model)
         base_model.requires_grad_(False)
+        keep_standard_layout(base_model)
 
     # -- behaving like the wrapped model ------------------------------------------------
 

@@ -5,14 +5,14 @@ any linear layer (they subclass ``nn.Linear``) and add the low-rank term to
 their output. What is specific to quantized weights lives here:
 
 - ``quant_type``: whether a layer is quantized, and how;
-- ``dequantize_weight``: the fp32 matrix a quantized layer stands for;
-- ``prepare_quantized_model``: the usual QLoRA training set-up;
-- ``export_merged``: merged weights from a quantized base, either as float
-  weights (dequantize, merge in fp32: exact) or re-quantized, with the error
-  that adds measured on a probe batch and reported.
+- ``dequantize_weight``: the fp32 matrix a quantized layer stands for, in
+  whichever layout bitsandbytes holds it;
+- ``keep_standard_layout``: stop bitsandbytes repacking 4-bit weights for
+  its inference-only CPU kernel under a model that trains;
+- ``prepare_quantized_model``: the usual QLoRA training set-up.
 
-Merging *in place* into quantized weights is refused (see ``LoRALinear.merge``):
-``W + s B A`` would be rounded back onto the quantization grid.
+Merged export from a quantized base is in ``export.py``; merging *in place*
+into quantized weights is refused (see ``LoRALinear.merge``).
 
 bitsandbytes takes seconds to import, so this module never imports it before
 it is needed: a model can only hold bitsandbytes layers once something has
@@ -22,29 +22,14 @@ imported the package, so looking it up in ``sys.modules`` is enough to detect th
 from __future__ import annotations
 
 import copy
-import itertools
-import os
 import sys
-import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig
-from transformers.pytorch_utils import Conv1D
-
-from .files import atomic_directory
-from .layers import AdapterLayer
-from .lora import LoRALinear
-from .model import AdapterModel
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# Default probe for re-quantized exports: this many random token sequences of this length.
-PROBE_SHAPE = (2, 32)
 
 
 def quant_type(module: nn.Module) -> str | None:
@@ -69,9 +54,12 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
 
     4-bit weights are decoded at fp32 whatever dtype they were quantized from
     (``code[q] * absmax`` per block, with double-quantized ``absmax`` decoded
-    first); 8-bit weights are ``CB * SCB / 127`` per row, as bitsandbytes'
-    own matmul dequantizes them. The layout is the layer's own (``d_out x d_in``
-    for linear layers, ``d_in x d_out`` for GPT-2's ``Conv1D``).
+    first), in either of bitsandbytes' layouts: the standard one, or the one
+    it repacks weights into for its AVX512-BF16 CPU kernel (see
+    ``keep_standard_layout``); the layer is never modified. 8-bit weights are
+    ``CB * SCB / 127`` per row, as bitsandbytes' own matmul dequantizes them.
+    The layout is the layer's own (``d_out x d_in`` for linear layers,
+    ``d_in x d_out`` for GPT-2's ``Conv1D``).
 
     >>> import bitsandbytes as bnb  # doctest: +SKIP
     >>> layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4").to("cpu")  # doctest: +SKIP
@@ -86,15 +74,82 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if kind == "int8":
         scb = weight.SCB if weight.SCB is not None else module.state.SCB
         return functional.int8_vectorwise_dequant(weight.data, scb).to(torch.float32)
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at inference;
-        # undo that the way its own Linear4bit.state_dict() does before decoding.
-        weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
-            weight.data, weight.quant_state
-        )
+    if _cpu_packed(weight.quant_state):
+        codes, absmax = _decode_cpu_packed(weight.data, weight.quant_state)
+        return weight.quant_state.code.float()[codes] * absmax.repeat_interleave(weight.quant_state.blocksize, dim=1)
     state = copy.copy(weight.quant_state)
     state.dtype = torch.float32
     return functional.dequantize_4bit(weight.data, state)
+
+
+def keep_standard_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer of ``model`` in bitsandbytes' standard layout from now on.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in
+    place the first time the layer runs in eval mode without gradients: a
+    tiled layout with ``absmax`` rounded to bf16, used by a fused bf16 kernel
+    that has no backward. A model that trains after an evaluation then has no
+    gradient path through those layers, eval-mode outputs differ from
+    training-mode ones, and bitsandbytes' own way back
+    (``_convert_weight_packed_for_cpu_inverse``, used by its ``state_dict``)
+    leaves a non-double-quantized ``absmax`` transposed, so a save decodes to
+    the wrong matrix. ``repeft.wrap`` calls this on the base model: it turns
+    the repacking off and brings back to the standard layout any weight
+    already repacked (its ``absmax`` keeps the bf16 values the packed kernel
+    used, stored in fp32, so the layer computes what it computed before).
+    The cost: such CPUs do not use the fused bf16 kernel for an adapter
+    model's inference; a merged export does not carry this setting.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight, "quant_state", None) is not None and _cpu_packed(weight.quant_state):
+            weight.data, weight.quant_state = _standard_layout(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+
+
+def _cpu_packed(state) -> bool:
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+# Tile width of bitsandbytes' CPU packing: rows in groups of 32, two 4-bit codes a byte.
+_CPU_TILE_ROWS = 32
+
+
+def _decode_cpu_packed(packed: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes ``N x K`` as int64, per-block absmax ``N x K/blocksize`` as fp32) of a CPU-packed 4-bit weight.
+
+    The inverse of the weight shuffle in bitsandbytes' ``_convert_weight_packed_for_cpu``:
+    bytes hold (low nibble, high nibble) = codes of rows i and i + 32 of a
+    32-row tile, for each pair of adjacent columns; ``absmax`` is stored as
+    ``K/blocksize x N`` in bf16, the double quantization already decoded.
+    """
+    rows, cols = state.shape
+    nibbles = packed.view(torch.uint8).reshape(-1, _CPU_TILE_ROWS)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)  # [..., 64]: 32 low nibbles, then 32 high
+    codes = codes.reshape(rows // _CPU_TILE_ROWS, cols // 2, _CPU_TILE_ROWS, 2).transpose(1, 2).reshape(rows, cols)
+    return codes.long(), state.absmax.float().T.contiguous()
+
+
+def _standard_layout(packed: torch.Tensor, state) -> tuple[torch.Tensor, Any]:
+    """A CPU-packed 4-bit weight in bitsandbytes' standard layout (fp32 absmax, no double quantization)."""
+    codes, absmax = _decode_cpu_packed(packed, state)
+    flat = codes.reshape(-1).to(torch.uint8)
+    data = ((flat[0::2] << 4) | flat[1::2]).reshape(state.original_qshape)
+    storage = getattr(state, "original_storage_type", None)
+    if storage is not None:
+        data = data.view(storage)
+    state = copy.copy(state)
+    state.absmax = absmax.reshape(-1)
+    state.nested, state.offset, state.state2 = False, None, None
+    state.dtype = state.original_dtype
+    state.packing_format_for_cpu = False
+    return data, state
 
 
 def prepare_quantized_model(
@@ -125,6 +180,8 @@ def prepare_quantized_model(
     >>> model = repeft.prepare_quantized_model(model)  # doctest: +SKIP
     >>> model = repeft.wrap(model, repeft.LoRAConfig(r=16, target_modules="all-linear"))  # doctest: +SKIP
     """
+    from .model import AdapterModel
+
     if isinstance(model, AdapterModel):
         raise TypeError(
             "prepare_quantized_model freezes every parameter, the adapter's too: call it on the "
@@ -144,218 +201,3 @@ def prepare_quantized_model(
         enable(checkpointing_kwargs)
         model.enable_input_require_grads()
     return model
-
-
-@dataclass
-class MergedExport:
-    """What ``export_merged`` wrote and, when a probe batch ran, how far its logits are from the adapter model's."""
-
-    path: Path
-    weights: str
-    max_abs_diff: float | None = None
-    mean_abs_diff: float | None = None
-    probe: str | None = None
-
-    def __str__(self) -> str:
-        text = f"export_merged: wrote {self.path} ({self.weights} weights)"
-        if self.max_abs_diff is None:
-            return text
-        return (
-            f"{text}; on the probe batch ({self.probe}) its outputs differ from the unmerged adapter "
-            f"model by max |diff| {self.max_abs_diff:.3e}, mean |diff| {self.mean_abs_diff:.3e}"
-        )
-
-
-def export_merged(
-    model: AdapterModel,
-    out_dir: str | os.PathLike,
-    requantize: str | BitsAndBytesConfig | None = None,
-    probe_batch: Mapping[str, torch.Tensor] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> MergedExport:
-    """Merge the active adapter into the (possibly quantized) base and save a plain checkpoint.
-
-    By default each quantized weight is dequantized, the adapter's ``s * B @ A``
-    is added in fp32 and the result is saved as ``dtype`` weights with no
-    quantization config: the directory loads with
-    ``AutoModel*.from_pretrained(out_dir)`` alone, and in fp32 its outputs are
-    those of the adapter model on the dequantized base up to float rounding.
-
-    ``requantize="nf4"``, ``"fp4"`` or ``"int8"`` (or a ``BitsAndBytesConfig``)
-    quantizes the merged float weights again and saves the quantized
-    checkpoint (loading it needs bitsandbytes). Re-quantizing rounds
-    ``W + s B A`` onto a new grid, so the outputs change: the max and mean
-    absolute difference from the unmerged adapter model are measured on
-    ``probe_batch`` (default: random token ids), printed and returned. A 4-bit
-    config's compute dtype, double quantization and skipped modules are taken
-    from the base's own quantization config when it has one.
-
-    With a ``probe_batch`` the float export is measured and printed as well.
-    The float model is built on the CPU; the directory is written atomically.
-
-    >>> report = repeft.export_merged(model, "out/merged")  # doctest: +SKIP
-    >>> report = repeft.export_merged(model, "out/merged-nf4", requantize="nf4",
-    ...                               probe_batch=tokenizer(texts, return_tensors="pt"))  # doctest: +SKIP
-    export_merged: wrote out/merged-nf4 (nf4 weights); on the probe batch (...) its outputs differ ...
-    >>> report.max_abs_diff  # doctest: +SKIP
-    0.031
-    """
-    if not isinstance(model, AdapterModel):
-        raise TypeError(f"export_merged takes the model repeft.wrap returned, got {type(model).__name__}")
-    if model.active_adapter is None:
-        raise ValueError("the model has no active adapter to merge")
-    model._check_mergeable(model.active_adapter)
-    base = model.base_model
-    if not hasattr(base, "save_pretrained"):
-        raise TypeError(f"export_merged writes a transformers checkpoint; {type(base).__name__} has no save_pretrained")
-    qconfig = None if requantize is None else _bnb_config(requantize, base.config)
-    out_dir = Path(out_dir)
-    plain = _merged_float_model(model, dtype)
-    if qconfig is None:
-        report = MergedExport(out_dir, str(dtype).removeprefix("torch."))
-        if probe_batch is not None:
-            _measure(report, model, plain, probe_batch)
-        with atomic_directory(out_dir) as tmp:
-            plain.save_pretrained(tmp)
-        return report
-
-    probe = probe_batch if probe_batch is not None else _default_probe(base)
-    report = MergedExport(out_dir, _describe(qconfig))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.float-", dir=out_dir.parent) as float_dir:
-        plain.save_pretrained(float_dir)
-        del plain
-        device = next(base.parameters()).device
-        quantized = type(base).from_pretrained(float_dir, quantization_config=qconfig, device_map={"": device})
-        _measure(report, model, quantized, probe, default_probe=probe_batch is None)
-        with atomic_directory(out_dir) as tmp:
-            quantized.save_pretrained(tmp)
-    return report
-
-
-def _bnb_config(requantize: str | BitsAndBytesConfig, base_config) -> BitsAndBytesConfig:
-    if isinstance(requantize, BitsAndBytesConfig):
-        return requantize
-    if requantize not in QUANT_TYPES:
-        raise ValueError(f"requantize must be None, one of {QUANT_TYPES} or a BitsAndBytesConfig, got {requantize!r}")
-    import bitsandbytes  # noqa: F401  (a clear ImportError here rather than deep inside transformers)
-
-    old = getattr(base_config, "quantization_config", None)
-    old = old.to_dict() if hasattr(old, "to_dict") else dict(old or {})
-    # Keep how the user quantized the base; only the format changes.
-    kept = ("bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage", "llm_int8_threshold", "llm_int8_skip_modules")
-    kwargs = {k: old[k] for k in kept if old.get(k) is not None}
-    if requantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, **kwargs)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=requantize, **kwargs)
-
-
-def _describe(qconfig: BitsAndBytesConfig) -> str:
-    return qconfig.bnb_4bit_quant_type if qconfig.load_in_4bit else "int8"
-
-
-def _merged_float_model(model: AdapterModel, dtype: torch.dtype) -> nn.Module:
-    """A plain transformers model (same class, no quantization config) holding the merged float weights."""
-    base = model.base_model
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = dtype
-    # Built on the meta device and filled with the merged tensors: no second set of weights is allocated.
-    with torch.device("meta"):
-        plain = type(base)(config)
-    state, unsaved = _merged_state(model, plain, dtype)
-    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
-    for key, tensor in unsaved.items():
-        owner, _, name = key.rpartition(".")
-        setattr(plain.get_submodule(owner), name, tensor)
-    empty = [n for n, t in itertools.chain(plain.named_parameters(), plain.named_buffers()) if t.is_meta]
-    if missing or unexpected or empty:
-        raise RuntimeError(
-            f"could not rebuild a plain {type(base).__name__} from the merged weights: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, never filled {empty[:3]}"
-        )
-    return plain.eval()
-
-
-def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
-    """(state dict, non-persistent buffers) of the merged model on the CPU, keyed like ``plain``."""
-    adapter = model.active_adapter
-    state: dict[str, torch.Tensor] = {}
-    unsaved: dict[str, torch.Tensor] = {}
-
-    def put(key: str, tensor: torch.Tensor, into=state) -> None:
-        tensor = tensor.detach().to("cpu")
-        # Non-persistent buffers (rotary frequencies) are never saved: they keep their dtype for the probe.
-        into[key] = tensor.to(dtype) if tensor.is_floating_point() and into is state else tensor
-
-    def put_weight(path: str, layer: nn.Module, weight: torch.Tensor) -> None:
-        # bitsandbytes replaces GPT-2's Conv1D (d_in x d_out) by a d_out x d_in linear layer.
-        if isinstance(plain.get_submodule(path), Conv1D) and not isinstance(layer, Conv1D):
-            weight = weight.T
-        put(f"{path}.weight", weight.contiguous())
-        if layer.bias is not None:
-            put(f"{path}.bias", layer.bias)
-
-    def visit(module: nn.Module, path: str) -> None:
-        prefix = f"{path}." if path else ""
-        if isinstance(module, LoRALinear):
-            weight = dequantize_weight(module.base_layer)
-            if module.merged_adapter is None and adapter in module.adapters:
-                weight += module.delta_weight(adapter).to(weight.device)
-            put_weight(path, module.base_layer, weight)
-            return
-        if isinstance(module, AdapterLayer):
-            replacement = module.unloaded()
-            if replacement is not None:
-                visit(replacement, path)
-            return
-        if quant_type(module) is not None:
-            put_weight(path, module, dequantize_weight(module))
-            return
-        for name, param in module._parameters.items():
-            if param is not None:
-                put(prefix + name, param)
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                put(prefix + name, buffer, unsaved if name in module._non_persistent_buffers_set else state)
-        for name, child in module._modules.items():
-            if child is not None:
-                visit(child, prefix + name)
-
-    visit(model.base_model, "")
-    return state, unsaved
-
-
-def _default_probe(base: nn.Module) -> dict[str, torch.Tensor]:
-    vocab = getattr(getattr(base, "config", None), "vocab_size", None)
-    if getattr(base, "main_input_name", None) != "input_ids" or not vocab:
-        raise ValueError(
-            "re-quantizing needs probe_batch= (a dict of model inputs) to measure the error it adds; "
-            f"no default can be made for a model whose input is {getattr(base, 'main_input_name', '?')!r}"
-        )
-    generator = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, PROBE_SHAPE, generator=generator)}
-
-
-def _measure(report: MergedExport, reference: nn.Module, candidate: nn.Module, batch, default_probe=False) -> None:
-    diff = (_probe_output(candidate, batch) - _probe_output(reference, batch)).abs()
-    report.max_abs_diff, report.mean_abs_diff = diff.max().item(), diff.mean().item()
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
-    report.probe = f"random token ids {shapes}; pass probe_batch= for real data" if default_probe else shapes
-    print(report)
-
-
-def _probe_output(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The model's logits (or first output) on ``batch`` in eval mode, as fp32 on the CPU."""
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(**inputs)
-    finally:
-        model.train(was_training)
-    logits = getattr(out, "logits", None)
-    return (logits if logits is not None else out[0]).float().cpu()

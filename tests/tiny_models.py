@@ -11,43 +11,49 @@ import transformers as tf
 VOCAB = 96
 
 
-def _text_config(family: str):
+def _text_config(family: str, **overrides):
+    """The tiny config of ``family``; ``overrides`` replace its fields (e.g. sizes bitsandbytes needs)."""
     if family in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        return cls(
+        kw = dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False,
         )
-    if family == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
-    if family in ("bert", "roberta"):
+    elif family == "gpt2":
+        cls, kw = tf.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
+    elif family in ("bert", "roberta"):
         cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
-        return cls(
+        kw = dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             vocab_size=VOCAB, max_position_embeddings=130, num_labels=3,
         )
-    if family == "t5":
-        return tf.T5Config(
+    elif family == "t5":
+        cls = tf.T5Config
+        kw = dict(
             d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=VOCAB,
             decoder_start_token_id=0, pad_token_id=0,
         )
-    if family == "vit":
-        return tf.ViTConfig(
+    elif family == "vit":
+        cls = tf.ViTConfig
+        kw = dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             image_size=32, patch_size=8, num_labels=5,
         )
-    if family in ("gemma", "phi3"):
+    elif family in ("gemma", "phi3"):
         cls = tf.GemmaConfig if family == "gemma" else tf.Phi3Config
-        return cls(
+        kw = dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
         )
-    if family == "dinov2":
-        return tf.Dinov2Config(
+    elif family == "dinov2":
+        cls = tf.Dinov2Config
+        kw = dict(
             hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
             image_size=32, patch_size=8, num_labels=5,
         )
-    raise ValueError(family)
+    else:
+        raise ValueError(family)
+    return cls(**{**kw, **overrides})
 
 
 MODEL_CLASSES = {
@@ -67,10 +73,10 @@ FAMILIES = list(MODEL_CLASSES)
 CORE_FAMILIES = ["llama", "gpt2", "bert", "vit", "t5"]
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A fresh model of ``family`` in eval mode (dropout off), same weights for the same seed."""
     torch.manual_seed(seed)
-    model = MODEL_CLASSES[family](_text_config(family))
+    model = MODEL_CLASSES[family](_text_config(family, **config_overrides))
     return model.eval()
 
 
