@@ -8,7 +8,9 @@ deleting adapters walk these layers; no method needs its own bookkeeping.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -41,7 +43,13 @@ class AdapterLayer(nn.Module):
 
 
 class ModulesToSave(AdapterLayer):
-    """A module trained in full (e.g. a classification head), one copy per adapter."""
+    """A module trained in full (e.g. a classification head), one copy per adapter.
+
+    On a float16/bfloat16 model the copies are float32, as PEFT keeps its
+    adapters (``autocast_adapter_dtype``): Adam's updates of a half-precision
+    head underflow and overflow, and the loss turns NaN in a few steps. Inputs
+    are cast to the copy's dtype and outputs back to the model's.
+    """
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -49,6 +57,8 @@ class ModulesToSave(AdapterLayer):
 
     def add(self, name: str) -> None:
         trainable = copy.deepcopy(self.original)
+        if _dtype(self.original) in HALF_DTYPES:
+            trainable.float()
         trainable.requires_grad_(True)
         self.adapters[name] = trainable
 
@@ -56,7 +66,13 @@ class ModulesToSave(AdapterLayer):
         return self.active if self.active is not None else self.original
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        module = self.current()
+        dtype, model_dtype = _dtype(module), _dtype(self.original)
+        if dtype == model_dtype:
+            return module(*args, **kwargs)
+        args = [_cast(a, dtype) for a in args]
+        kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
+        return _cast(module(*args, **kwargs), model_dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -72,4 +88,24 @@ class ModulesToSave(AdapterLayer):
         return self.original
 
     def unloaded(self) -> nn.Module:
-        return self.current()
+        """The active copy in the model's dtype (a new module if it is kept in float32)."""
+        module = self.current()
+        if _dtype(module) == _dtype(self.original):
+            return module
+        plain = copy.deepcopy(self.original)
+        plain.load_state_dict(module.state_dict())  # copy_ casts to the model's dtype
+        return plain
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter (None if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
