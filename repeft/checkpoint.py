@@ -6,7 +6,11 @@ writing, so a directory with the final name is always complete; a crash
 mid-write leaves only a ``.tmp-`` directory, which resume ignores and the next
 save replaces. Inside: accelerate's optimizer, scheduler, RNG and step state,
 ``adapter/`` (a normal adapter directory, so any checkpoint can be exported)
-and ``trainer_state.json``.
+and ``trainer_state.json``. A checkpoint found damaged when resuming is moved
+aside to ``step-00000050.damaged`` (see :func:`set_aside`).
+
+The run's own small files (``recipe.yaml``, ``summary.json``, a rewritten
+``metrics.jsonl``) are replaced whole with :func:`write_text_atomic`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+if TYPE_CHECKING:  # `repeft info` reads checkpoints without importing accelerate
+    from accelerate import Accelerator
 
 STATE_NAME = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -42,11 +47,45 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, or cannot be loaded."""
+
+
 def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json``: a JSON object with a ``step`` count (checked)."""
     path = Path(checkpoint) / STATE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a repeft checkpoint: it has no {STATE_NAME}")
-    return json.loads(path.read_text())
+        raise CheckpointError(f"{checkpoint} is not a repeft checkpoint: it has no {STATE_NAME}")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged: it is not valid JSON ({exc})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path} is damaged: it must be a JSON object with a step count, got {state!r:.100}")
+    return state
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint out of the run's list, so resume and rotation skip it; return its new path."""
+    aside = checkpoint.with_name(checkpoint.name + ".damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(checkpoint, aside)
+    return aside
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader, or a kill, sees the old file or the new one.
+
+    >>> write_text_atomic("runs/x/summary.json", "{}")  # doctest: +SKIP
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per run directory; a leftover is overwritten next time
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # the data is on disk before the new name points at it
+    os.replace(tmp, path)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
@@ -60,7 +99,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, state:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+        write_text_atomic(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    from .checkpoint import CheckpointError
     from .files import AdapterFileError
     from .recipe import RecipeError
     from .targeting import TargetError
 
     try:
         return args.run(args)
-    except (RecipeError, AdapterFileError, TargetError, FileNotFoundError) as exc:
+    except (RecipeError, AdapterFileError, TargetError, CheckpointError, FileNotFoundError) as exc:
         print(f"repeft {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -113,11 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
+    from .recipe import RecipeError, load_recipe
 
     overrides = list(args.overrides)
     if args.resume and args.resume_from:
-        raise SystemExit("repeft train: use --resume or --resume-from, not both")
+        raise RecipeError("use --resume or --resume-from, not both")
     if args.resume:
         overrides.append("checkpoint.resume=auto")
     if args.resume_from:
@@ -126,9 +127,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(recipe.to_yaml(), end="")
         return 0
-    from .train import train
+    from .train import TrainingDiverged, train
 
-    train(recipe)
+    try:
+        train(recipe)
+    except TrainingDiverged as exc:  # not a mistake in the input: exit 1, as for a failed run
+        print(f"repeft train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,65 +64,129 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
-    """Names of the classes, index = class id: from ``data.labels``, the builtin dataset, or the data."""
+    """Names of the classes, index = class id: from ``data.labels``, the builtin dataset, or the data.
+
+    From the data: integer ids (ints, whole floats, digit strings) give the
+    classes ``0..max``, of which at least half must occur, so a stray large id
+    cannot build a huge head; otherwise the labels are class names, sorted.
+    """
     if recipe.data.labels:
         return list(recipe.data.labels)
     builtin = parse_source(recipe.data.train, "train")
     if builtin is not None and registry.dataset(builtin[0]).labels:
         return list(registry.dataset(builtin[0]).labels)
     column = recipe.data.label_column
-    values = [_column(row, column, "data.train") for row in train_rows]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return [str(i) for i in range(max(values) + 1)]
-    # CSV gives strings; integer-looking ones are ids, anything else a class name.
-    if all(isinstance(v, str) and v.strip().isdigit() for v in values):
-        return [str(i) for i in range(max(int(v) for v in values) + 1)]
-    return sorted({str(v) for v in values})
+    values = [_column(row, column, "data.train", number) for number, row in enumerate(train_rows, 1)]
+    ids = [_as_id(v) for v in values]
+    if values and all(i is not None for i in ids):
+        return _id_labels(ids, column)
+    for number, (value, index) in enumerate(zip(values, ids), 1):
+        if index is None and not isinstance(value, str):
+            raise RecipeError(
+                f"data.train: example {number} has {column} {value!r}; labels are integer ids (0, 1, ...) "
+                "or class names (strings)"
+            )
+    if all(isinstance(v, str) for v in values):
+        return sorted(set(values))
+    number, value = next((n, v) for n, v in enumerate(values, 1) if not isinstance(v, str))
+    name = next(v for v in values if isinstance(v, str) and _as_id(v) is None)
+    raise RecipeError(
+        f"data.train: example {number} has the {column} id {value!r} while others have class names "
+        f"(e.g. {name!r}); use one kind for all"
+    )
 
 
-def _column(row: dict[str, Any], column: str, source: str) -> Any:
+def _id_labels(ids: list[int], column: str) -> list[str]:
+    """``["0", ..., str(max)]`` for integer labels; refuses negative ids, and ids most of whose range is unused."""
+    if min(ids) < 0:
+        raise RecipeError(f"data.train: {column} {min(ids)} is negative; class ids run 0, 1, 2, ...")
+    present = set(ids)
+    count = max(ids) + 1
+    # A few classes missing from a small training set is normal; most of 0..max missing is a stray id
+    # (100000 would build a 100,001-class head).
+    if 2 * len(present) < count:
+        raise RecipeError(
+            f"data.train: the {column} ids run up to {count - 1}, but only {len(present)} distinct ids occur "
+            f"(the largest: {sorted(present)[-3:]}); the head gets one output per id, so renumber the labels "
+            f"0..{len(present) - 1} or name every class in data.labels"
+        )
+    return [str(i) for i in range(count)]
+
+
+def _as_id(value: Any) -> int | None:
+    """An integer class id from an int, a whole float or a string of digits; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def check_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str, labels: list[str]) -> None:
+    """Check rows before any model loads: some examples, their columns present and usable, labels among ``labels``."""
+    if not rows:
+        raise RecipeError(f"{source} has no examples")
+    spec = recipe.data
+    images = recipe.task == "image_classification"
+    column = spec.image_column if images else spec.text_column
+    empty = []
+    for number, row in enumerate(rows, 1):
+        value = _column(row, column, source, number)
+        if value is None or not images and not isinstance(value, str):
+            wanted = "an image" if images else "a string"
+            raise RecipeError(f"{source}: example {number} has {column} {value!r}; it must be {wanted}")
+        if not images and not value.strip():
+            empty.append(number)
+        if labels:
+            _label_id(_column(row, spec.label_column, source, number), labels, f"{source}: example {number}")
+    if len(empty) == len(rows):
+        raise RecipeError(f"{source}: every example has an empty {column}; is data.text_column the right column?")
+    if empty:
+        warnings.warn(f"{source}: {len(empty)} of {len(rows)} examples have an empty {column} (the first: example {empty[0]})")
+
+
+def _column(row: dict[str, Any], column: str, source: str, number: int) -> Any:
     try:
         return row[column]
     except KeyError:
-        raise RecipeError(f"{source}: an example has no column {column!r} (columns: {sorted(row)})") from None
+        raise RecipeError(f"{source}: example {number} has no column {column!r} (columns: {sorted(row)})") from None
 
 
-def _label_id(value: Any, labels: list[str], source: str) -> int:
+def _label_id(value: Any, labels: list[str], where: str) -> int:
     if isinstance(value, str) and value in labels:
         return labels.index(value)
-    try:
-        index = int(value)
-    except (TypeError, ValueError):
-        index = -1
-    if not 0 <= index < len(labels):
-        raise RecipeError(f"{source}: label {value!r} is not one of the {len(labels)} classes {labels}")
+    index = _as_id(value)
+    if index is None or not 0 <= index < len(labels):
+        shown = labels if len(labels) <= 20 else [*labels[:20], "..."]
+        raise RecipeError(f"{where}: label {value!r} is not one of the {len(labels)} classes {shown}")
     return index
 
 
 def build_examples(
     recipe: Recipe, rows: list[dict[str, Any]], source: str, tokenizer: Any, labels: list[str], model_config: Any
 ) -> list[Example]:
-    """Turn rows into unpadded tensors the model takes (``input_ids``/``pixel_values`` and ``labels``)."""
+    """Turn rows checked by ``check_rows`` into unpadded tensors the model takes (``input_ids``/``pixel_values``, ``labels``)."""
     spec = recipe.data
-    if not rows:
-        raise RecipeError(f"{source} has no examples")
     if recipe.task == "image_classification":
         return [
             {
-                "pixel_values": _image(_column(r, spec.image_column, source), model_config, source),
-                "labels": torch.tensor(_label_id(_column(r, spec.label_column, source), labels, source)),
+                "pixel_values": _image(r[spec.image_column], model_config, source),
+                "labels": torch.tensor(_label_id(r[spec.label_column], labels, source)),
             }
             for r in rows
         ]
-    texts = [str(_column(r, spec.text_column, source)) for r in rows]
-    encoded = tokenizer(texts, truncation=True, max_length=spec.max_length)["input_ids"]
+    encoded = tokenizer([r[spec.text_column] for r in rows], truncation=True, max_length=spec.max_length)["input_ids"]
     examples = []
     for row, ids in zip(rows, encoded):
         ids = torch.tensor(ids, dtype=torch.long)
         if recipe.task == "causal_lm":
             examples.append({"input_ids": ids, "labels": ids})
         else:
-            label = _label_id(_column(row, spec.label_column, source), labels, source)
+            label = _label_id(row[spec.label_column], labels, source)
             examples.append({"input_ids": ids, "labels": torch.tensor(label)})
     return examples
 

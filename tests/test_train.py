@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,6 +191,152 @@ def test_too_little_data_for_one_global_batch(tmp_path):
         train(recipe_from_dict(raw))
 
 
+# -- half precision and divergence ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_base_trains_with_a_float32_adapter_and_head(tmp_path, dtype):
+    # A float16 head trained by AdamW went NaN at step 2 (and the run still exited 0).
+    result = train(recipe_from_dict(tiny_recipe(tmp_path, f"model.dtype={dtype}", "train.epochs=1")))
+    losses = [loss for _, loss in train_records(Path(result.output_dir))]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+    assert math.isfinite(result.eval_after["loss"])
+    tensors = adapter_tensors(Path(result.output_dir))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert any(name.startswith("classifier.") for name in tensors)
+
+
+def test_a_diverging_run_stops_with_exit_1_and_keeps_the_good_checkpoint(tmp_path, capsys):
+    # lr 1e30: finite after step 1 (checkpointed), NaN from step 2, found at the step-2 checkpoint (log_every 5).
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(
+        tmp_path, "optim.lr=1e30", "train.epochs=1", "train.log_every=5", "checkpoint.every=1", "checkpoint.keep=5",
+    )))
+    assert cli.main(["train", str(recipe_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("repeft train: error: training diverged") and "at step 2" in err[-1]
+    assert "step-00000001" in err[-1] and "Traceback" not in "".join(err)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
+    kept = load_file(str(run / "checkpoints" / "step-00000001" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+    assert train_records(run) == []  # the first log step (5) was never reached
+
+
+# -- data checked before the model loads ------------------------------------------------------------
+
+BAD_DATA = {
+    "no examples": ([], "data.train has no examples"),
+    "no text column": ([{"txt": "good", "label": "pos"}], "example 1 has no column 'text'"),
+    "text null": ([{"text": "good", "label": 0}, {"text": None, "label": 1}], "example 2 has text None; it must be a string"),
+    "all texts empty": ([{"text": "", "label": 0}, {"text": " ", "label": 1}], "every example has an empty text"),
+    "fractional label": ([{"text": "good", "label": 0}, {"text": "bad", "label": 1.7}], "example 2 has label 1.7;"),
+    "label 100000": ([{"text": "good", "label": 0}, {"text": "bad", "label": 100000}], "ids run up to 100000"),
+    "label 10**9": ([{"text": "good", "label": 1}, {"text": "bad", "label": 10**9}], "ids run up to 1000000000"),
+    "negative label": ([{"text": "good", "label": 0}, {"text": "bad", "label": -1}], "label -1 is negative"),
+    "ids and names": ([{"text": "good", "label": 0}, {"text": "bad", "label": "neg"}], "example 1 has the label id 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_refused_before_the_model_loads(tmp_path, monkeypatch, case):
+    rows, expected = BAD_DATA[case]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr("repeft.train.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
+    with pytest.raises(RecipeError, match=re.escape(expected)):
+        train(recipe_from_dict(tiny_recipe(tmp_path, f"data.train={tmp_path / 'bad.jsonl'}")))
+
+
+def test_bad_eval_labels_and_a_too_small_vocabulary_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr("repeft.train.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
+    (tmp_path / "bad_eval.jsonl").write_text(json.dumps({"text": "so so", "label": "maybe"}) + "\n")
+    with pytest.raises(RecipeError, match=r"data.eval: example 1: label 'maybe' is not one of the 2 classes"):
+        train(recipe_from_dict(tiny_recipe(tmp_path, f"data.eval={tmp_path / 'bad_eval.jsonl'}")))
+    with pytest.raises(RecipeError, match="has 259 tokens but the model's vocabulary has 100"):
+        train(recipe_from_dict(tiny_recipe(tmp_path, "model.config.vocab_size=100")))
+
+
+# -- resume from damaged files ------------------------------------------------------------------------
+
+RESUMABLE = ["train.epochs=1", "checkpoint.every=3", "checkpoint.keep=3"]  # 8 steps, checkpoints at 3 and 6
+
+
+def cut_short(path: Path, size: int) -> None:
+    """Truncate a file, as a kill or a full disk leaves it."""
+    path.write_bytes(path.read_bytes()[:size])
+
+
+# (file of the newest checkpoint that is cut short, what happens to the run's recipe.yaml)
+DAMAGE = {
+    "trainer_state": ("trainer_state.json", "empty"),
+    "adapter": ("adapter/adapter_model.safetensors", "truncated"),
+    "optimizer": ("optimizer.bin", "kept"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_resume_falls_back_past_a_damaged_checkpoint_and_survives_damaged_run_files(tmp_path, capsys, case):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, *RESUMABLE)))
+    assert cli.main(["train", str(recipe_path)]) == 0
+    run = tmp_path / "run"
+    uninterrupted, uninterrupted_log = adapter_tensors(run), train_records(run)
+
+    # A run killed after its step-6 checkpoint, with the newest checkpoint and the run's files damaged.
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    damaged_file, recipe_damage = DAMAGE[case]
+    cut_short(run / "checkpoints" / "step-00000006" / damaged_file, 40)
+    saved_recipe = run / "recipe.yaml"
+    if recipe_damage != "kept":
+        cut_short(saved_recipe, 0 if recipe_damage == "empty" else saved_recipe.stat().st_size // 2)
+    metrics = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(metrics[: metrics.rindex("{") + 20])  # a torn last line
+    capsys.readouterr()
+
+    assert cli.main(["train", str(recipe_path), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "step-00000006 cannot be loaded" in err
+    assert "set aside the damaged step-00000006 as step-00000006.damaged" in err
+    assert ("cannot check that the recipe is unchanged" in err) == (recipe_damage != "kept")
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(run / "checkpoints" / "step-00000003")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000003", "step-00000006", "step-00000006.damaged",
+    ]
+    # Steps 4-8 ran again and reached the uninterrupted adapter; the log reads like the uninterrupted one.
+    assert max_diff(adapter_tensors(run), uninterrupted) <= 1e-5
+    resumed_log = train_records(run)
+    assert [s for s, _ in resumed_log] == [s for s, _ in uninterrupted_log] == list(range(1, 9))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(resumed_log, uninterrupted_log)) <= 1e-5
+    assert yaml.safe_load(saved_recipe.read_text())["output"]["dir"] == str(run)  # rewritten whole
+
+
+def test_resume_with_no_loadable_checkpoint_is_one_clear_error(tmp_path, capsys):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "train.epochs=1", "checkpoint.every=4")))
+    assert cli.main(["train", str(recipe_path)]) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("step-00000004", "step-00000008"):
+        (checkpoints / name / "trainer_state.json").write_text('{"step": ')
+    capsys.readouterr()
+    assert cli.main(["train", str(recipe_path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("repeft train: error: cannot resume: no checkpoint loads") and "not valid JSON" in err[-1]
+    assert cli.main(["train", str(recipe_path), f"--resume-from={checkpoints / 'step-00000004'}"]) == 2
+    assert "trainer_state.json is damaged: it is not valid JSON" in capsys.readouterr().err
+
+
+def test_write_text_atomic_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from repeft.checkpoint import write_text_atomic
+
+    path = tmp_path / "summary.json"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, "new \ud800")  # fails half-way through writing
+    assert path.read_text() == "old\n"
+
+
 # -- recipes shipped in recipes/ -------------------------------------------------------------------
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml"))
@@ -347,3 +496,48 @@ def test_cli_help_dry_run_errors_info_and_export(tmp_path, capsys):
     from_run, from_adapter = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("merged", "merged2"))
     assert max_diff(from_run, from_adapter) == 0.0
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+GPT_NEOX = {"model_type": "gpt_neox", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 260}
+TO_MODEL_DIR = ["model.config=null", "model.tokenizer=null"]  # then model.path=<a directory the test writes>
+# (arguments, tokenizer-less model directory to train from or None, the error line)
+USER_ERRORS = {
+    "lr nan": (["optim.lr=.nan"], None, "optim.lr must be a finite number, got nan"),
+    "unknown model_type": (["model.config.model_type=foo"], None, "model.config.model_type 'foo' is not a transformers"),
+    "prefix on gpt_neox": ([f"model.config={json.dumps(GPT_NEOX)}", "adapter={method: prefix, n_prefix: 4}"], None,
+                           "adapter: attention adapters (prefix, zero-init) support the model types"),
+    "no tokenizer (bert)": (TO_MODEL_DIR, "bert", "knows almost none of the text in data.train"),
+    "no tokenizer (gpt2)": ([*TO_MODEL_DIR, "task=causal_lm"], "gpt2", "knows almost none of the text in data.train"),
+    "no tokenizer (llama)": ([*TO_MODEL_DIR, "task=causal_lm"], "llama", "model.tokenizer: cannot load a tokenizer from"),
+    "resume twice": (["--resume", "--resume-from=x"], None, "use --resume or --resume-from, not both"),
+}
+
+
+def save_tokenizerless_model(family: str, path: Path) -> None:
+    """A model directory as a bare ``save_pretrained`` leaves it: weights and config, no tokenizer files."""
+    import transformers as tf
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 260}
+    model = {
+        "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**sizes)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=260)),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**sizes, num_key_value_heads=2)),
+    }[family]()
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_reach_the_cli_as_one_line_and_exit_2(tmp_path, capsys, case):
+    arguments, family, expected = USER_ERRORS[case]
+    if family is not None:
+        save_tokenizerless_model(family, tmp_path / family)
+        arguments = [*arguments, f"model.path={tmp_path / family}"]
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "train.max_steps=2")))
+    capsys.readouterr()
+    assert cli.main(["train", str(recipe_path), *arguments]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("repeft train: error: ") and expected in last
