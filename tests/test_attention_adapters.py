@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import re
 from pathlib import Path
@@ -302,10 +303,12 @@ def test_user_cache_is_used_and_holds_only_real_tokens(method):
     ids = tiny_batch("qwen2", seq=7)["input_ids"]
     full = logits(model, {"input_ids": ids})
     cache = DynamicCache(config=model.config)
+    # transformers renamed the argument and output field past_key_values to cache (5.24 warns on the old name).
+    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        first = model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
-        assert first.past_key_values is cache and cache.get_seq_length() == 4  # no prefix/prompt keys in it
-        second = model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True)
+        first = model(input_ids=ids[:, :4], use_cache=True, **{name: cache})
+        assert getattr(first, name) is cache and cache.get_seq_length() == 4  # no prefix/prompt keys in it
+        second = model(input_ids=ids[:, 4:], use_cache=True, **{name: cache})
     assert cache.get_seq_length() == 7
     torch.testing.assert_close(torch.cat([first.logits, second.logits], dim=1), full, atol=1e-5, rtol=1e-5)
 

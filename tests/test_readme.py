@@ -17,7 +17,7 @@ def test_readme_setup_commands_run_the_example_and_the_tests():
     assert commands[0].endswith("python examples/quickstart.py")
     assert commands[1].endswith("python -m pytest -q")
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "python -m pytest -q" in ci and 'pip install -q -e ".[dev]"' in ci
+    assert "python -m pytest -q" in ci and 'pip install -q -c "$PINS" -e ".[dev]"' in ci
 
 
 def test_quickstart_example_runs(tmp_path):
