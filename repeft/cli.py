@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ EXAMPLES_TRAIN = """examples:
   repeft train recipes/quickstart.yaml train.max_steps=20 adapter.r=4 output.dir=runs/try
   repeft train recipes/quickstart.yaml --resume
   accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml
+"""
+EXAMPLES_INFO = """examples:
+  repeft info runs/quickstart
+  repeft info --kernels --shape 4096 4096 16 8192            # check one LoRA layer shape (bf16 inference)
+  REPEFT_KERNEL_CACHE=kernels.json repeft info --kernels      # decisions saved by earlier runs
 """
 EXAMPLES_EXPORT = """examples:
   repeft export runs/quickstart --out runs/quickstart-merged              # merged transformers model
@@ -100,11 +106,22 @@ def _parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser(
         "info",
-        help="describe an adapter, PEFT adapter, run or checkpoint directory",
-        description="Describe an adapter directory (repeft or PEFT format), a training run, or a checkpoint.",
+        help="describe an adapter, PEFT adapter, run or checkpoint directory, or the kernel choices",
+        description="Describe an adapter directory (repeft or PEFT format), a training run, or a checkpoint. "
+        "With --kernels: which LoRA kernel backend=auto uses, and why (docs/kernels.md).",
+        epilog=EXAMPLES_INFO,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    info.add_argument("path", help="adapter, run or checkpoint directory")
+    info.add_argument("path", nargs="?", help="adapter, run or checkpoint directory")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument("--kernels", action="store_true", help="report backend=auto's kernel decisions")
+    info.add_argument(
+        "--shape", nargs=4, type=int, metavar=("IN", "OUT", "RANK", "TOKENS"),
+        help="with --kernels: check this LoRA layer shape now (on the GPU if there is one)",
+    )
+    info.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16",
+                      help="with --shape (default bfloat16)")
+    info.add_argument("--train", action="store_true", help="with --shape: check forward+backward, not inference")
     info.set_defaults(run=_info)
     return parser
 
@@ -196,12 +213,44 @@ def _locate(path: Path) -> tuple[Path | None, Path]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return _info_kernels(args)
+    if args.path is None:
+        raise SystemExit("repeft info: give an adapter, run or checkpoint directory, or --kernels")
     path = Path(args.path)
     info = describe(path)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(_as_text(info))
+    return 0
+
+
+def _info_kernels(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from . import kernels
+
+    if args.shape:
+        d_in, d_out, rank, tokens = args.shape
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, args.dtype)
+
+        def rand(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(args.train)
+
+        weight = torch.randn(d_out, d_in, device=device, dtype=dtype)
+        kernels.resolve_backend("auto", rand(tokens, d_in), weight, None, rand(rank, d_in), rand(d_out, rank))
+    decisions = kernels.kernel_report() + kernels.dispatch.saved_decisions()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in decisions], indent=2))
+        return 0
+    print(f"{kernels.ENV_VAR}={os.environ.get(kernels.ENV_VAR, 'auto')}  "
+          f"{kernels.dispatch.CACHE_ENV_VAR}={os.environ.get(kernels.dispatch.CACHE_ENV_VAR, '(none)')}  "
+          f"checked on: {', '.join(kernels.dispatch.AUTO_DEVICES)} (auto uses torch on other devices)")
+    print(kernels.format_report(decisions))
     return 0
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoRAConfig
-from .kernels import add_lora, lora_linear
+from .kernels import add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer
 from .methods import register_method
 from .targeting import resolve_targets
@@ -55,8 +55,13 @@ class LoRALinear(AdapterLayer):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.merged_adapter: str | None = None
+        # Set by AdapterModel for a mixed-adapter batch: this layer's adapters used in the batch,
+        # each row's index into them (-1: none) and their scalings, both on the layer's device.
+        self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         adapter = self.active
         if adapter is None or self.merged_adapter is not None:
             return self.base_layer(x, *args, **kwargs)
@@ -71,6 +76,31 @@ class LoRALinear(AdapterLayer):
             # which autograd forbids updating in place (Conv1D's view of an addmm is fine).
             out = out.clone()
         return add_lora(out, x, *lora_args)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of the batch with its own adapter (index -1: the base layer alone)."""
+        names, index, scaling = self.row_adapters
+        out = self.base_layer(x, *args, **kwargs)
+        if not names:
+            return out
+        if x.shape[0] != index.shape[0]:
+            # generate() repeats each row for beams / return sequences (repeat_interleave).
+            if x.shape[0] % index.shape[0]:
+                raise ValueError(f"adapter_names has {index.shape[0]} entries but the batch has {x.shape[0]} rows")
+            index = index.repeat_interleave(x.shape[0] // index.shape[0])
+        adapters = [self.adapters[n] for n in names]
+        factors = [a.factors() for a in adapters]
+        rank = max(A.shape[0] for A, _ in factors)
+        # Stack the factors, lower ranks padded with zeros (they add nothing).
+        lora_A = x.new_zeros(len(names), rank, self.in_features)
+        lora_B = x.new_zeros(len(names), self.out_features, rank)
+        for i, (A, B) in enumerate(factors):
+            lora_A[i, : A.shape[0]] = A
+            lora_B[i, :, : B.shape[1]] = B
+        backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
+        if out._is_view() and not self.fan_in_fan_out:
+            out = out.clone()  # as in forward (bitsandbytes' 8-bit output)
+        return add_lora_mixed(out, x, lora_A, lora_B, scaling, index, backend=backend)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in fp32, laid out like the base layer's weight."""
