@@ -14,6 +14,7 @@ from tiny_models import VOCAB, tiny_model
 import repeft
 
 NAMES = ["c", "__base__", "a", "b", "a"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # kernel="triton" runs in the interpreter on CPU
 
 
 def build(family="llama", kernel="auto"):
@@ -28,7 +29,7 @@ def build(family="llama", kernel="auto"):
             for adapter in layer.adapters.values():
                 for p in adapter.parameters():
                     p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def alone(model, name, fn):
@@ -41,7 +42,7 @@ def alone(model, name, fn):
 
 
 def input_ids(rows=len(NAMES), seq=6):
-    return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
