@@ -7,7 +7,7 @@ Parts (``--parts`` picks some), each in its own process so that a crash (a
 bad kernel can kill the CUDA context) costs only its part, each with a time limit:
 
     tests    pytest of the kernel, dispatcher and mixed-batch tests, on CUDA
-    kernels  benchmarks/kernels.py: one layer, plain vs PEFT vs compiled PEFT vs repeft
+    kernels  benchmarks/lora_kernels.py: one layer, plain vs PEFT vs compiled PEFT vs repeft
              torch / triton / auto; fwd, fwd+bwd, decode; d in {2048, 4096, 8192}, r in {8, 16, 64}, bf16
     step     benchmarks/step_overhead.py at the Llama shape (hidden 2048, 8 layers, batch 8 x 1024, bf16):
              frozen base, full FT, PEFT LoRA, repeft LoRA and RepLoRA, with and without dropout
@@ -45,7 +45,7 @@ def commands(out: Path, smoke: bool) -> dict[str, list[str]]:
     py = sys.executable
     smoke_flag = ["--smoke"] if smoke else []
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES] + (["--collect-only"] if smoke else [])
-    kernels = [py, "benchmarks/kernels.py", "--out", str(out / "kernels"), *smoke_flag]
+    kernels = [py, "benchmarks/lora_kernels.py", "--out", str(out / "kernels"), *smoke_flag]
     if smoke:  # compiling PEFT on CPU takes longer than all the rest
         kernels += ["--variants", "plain", "peft", "repeft_torch", "repeft_triton", "repeft_auto"]
     step = [py, "benchmarks/step_overhead.py", "--out", str(out), "--with-dropout", "0.05", "--rounds", "5"]

@@ -18,8 +18,8 @@ runs); memory is the peak allocated during one call above what was allocated
 before it. ``--smoke`` runs tiny sizes on CPU (Triton through its interpreter)
 to check the script itself; its numbers mean nothing.
 
-    python benchmarks/kernels.py --out results/kernels          # GPU: full grid
-    python benchmarks/kernels.py --smoke --out /tmp/kernels     # CPU sanity
+    python benchmarks/lora_kernels.py --out results/kernels          # GPU: full grid
+    python benchmarks/lora_kernels.py --smoke --out /tmp/kernels     # CPU sanity
 """
 
 from __future__ import annotations
