@@ -36,10 +36,8 @@ GEMM_ARGS = ("P Q U V Bias Out seed_ptr M N K R stride_pm stride_pk stride_qk st
              "stride_vr stride_vn stride_om stride_on mask_stride_m mask_stride_n keep_scale p").split()
 DECODE_ARGS = ("X W A B Bias Out U M N K R stride_xm stride_xk stride_wn stride_wk stride_ar stride_ak stride_bn "
                "stride_br stride_om stride_on stride_um stride_ur scale").split()
-SHRINK_ARGS = ("X A Scaling Index U S K R blocks_per_row stride_xb stride_xs stride_xk stride_an stride_ar stride_ak "
-               "stride_ub stride_us stride_ur").split()
-EXPAND_ARGS = ("U B Index Out S N R blocks_per_row stride_ub stride_us stride_ur stride_bn_adapter stride_bn stride_br "
-               "stride_ob stride_os stride_on").split()
+SEGMENT_ARGS = ("P Q Scaling Index Out S RED C blocks_per_row stride_pb stride_ps stride_pl stride_qa stride_ql "
+                "stride_qc stride_ob stride_os stride_oc").split()
 SKINNY_ARGS = ("P Q Out seed_ptr ROWS RED C RED_PER_SPLIT stride_pr stride_pl stride_ql stride_qc stride_os "
                "stride_or stride_oc mask_stride_row mask_stride_red scale p").split()
 # Which integer arguments are 1 in each real launch (triton turns those into constants).
@@ -49,8 +47,8 @@ UNIT = {
     "shrink": {"stride_pl", "stride_ql", "stride_oc", "mask_stride_red"},
     "da": {"stride_pr", "stride_qc", "stride_or", "mask_stride_row"},
     "decode": {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_on", "stride_ur"},
-    "mixed_shrink": {"stride_xk", "stride_ak", "stride_ur"},
-    "mixed_expand": {"stride_ur", "stride_br", "stride_on"},
+    "mixed_shrink": {"stride_pl", "stride_ql", "stride_oc"},  # x rows, A rows (read as A^T), u rows
+    "mixed_expand": {"stride_pl", "stride_ql", "stride_oc"},  # u rows, B rows (read as B^T), out rows
 }
 KINDS = ("gemm", "skinny", "decode", "mixed")
 
@@ -104,18 +102,14 @@ def check_new_kernels(name: str, ptr: str, dot: dict, kinds: list[str]) -> None:
             continue
         for S in (1, 512):
             cfg = mixed_triton._mixed_config(S, cuda)
-            common = dict(BLOCK_S=cfg["BLOCK_S"], **dot)
-            shrink_types = [ptr, ptr, "*fp32", "*i64", ptr] + ["i32"] * 13
-            shared, report = compile_sm90(mixed_triton._segment_shrink_kernel, SHRINK_ARGS, shrink_types,
-                                          UNIT["mixed_shrink"], dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block, **common),
-                                          cfg["num_warps"], cfg["num_stages"])
-            print(f"mixed  {name:9s} shrink S={S:3d} r={r:3d}: {verdict(shared, report)}", flush=True)
-            expand_types = [ptr, ptr, "*i64", ptr] + ["i32"] * 13
-            shared, report = compile_sm90(mixed_triton._segment_expand_kernel, EXPAND_ARGS, expand_types,
-                                          UNIT["mixed_expand"],
-                                          dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_R=min(rank_block, 64), **common),
-                                          cfg["num_warps"], cfg["num_stages"])
-            print(f"mixed  {name:9s} expand S={S:3d} r={r:3d}: {verdict(shared, report)}", flush=True)
+            for stage, scaled, block_red, block_c in (("shrink", True, cfg["BLOCK_K"], rank_block),
+                                                      ("expand", False, min(rank_block, 64), cfg["BLOCK_N"])):
+                types = [ptr, ptr, "*fp32", "*i64", ptr] + ["i32"] * 13
+                consts = dict(SCALED=scaled, ACCUMULATE=not scaled, BLOCK_S=cfg["BLOCK_S"], BLOCK_RED=block_red,
+                              BLOCK_C=block_c, **dot)
+                shared, report = compile_sm90(mixed_triton._segment_matmul_kernel, SEGMENT_ARGS, types,
+                                              UNIT[f"mixed_{stage}"], consts, cfg["num_warps"], cfg["num_stages"])
+                print(f"mixed  {name:9s} {stage} S={S:3d} r={r:3d}: {verdict(shared, report)}", flush=True)
 
 
 def main() -> None:

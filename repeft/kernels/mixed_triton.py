@@ -5,9 +5,9 @@ Every row b of the batch (a sequence, ``S`` tokens) uses adapter
 adapter, so each program works on a tile of one sequence and needs one
 adapter's factors, read through an offset (a gathered, segmented matmul):
 
-``_segment_shrink_kernel``  ``u[b] = scaling[i] * x[b] A[i]^T`` (S x r per row)
-``_segment_expand_kernel``  ``out[b] += u[b] B[i]^T``, read-add-write of the
-    base output in one pass.
+``_segment_matmul_kernel`` runs twice: the shrink ``u[b] = scaling[i] * x[b] A[i]^T``
+(S x r per row), then the expand ``out[b] += u[b] B[i]^T``, a read-add-write of
+the base output in one pass.
 
 Rows without an adapter skip their loops. The reference is
 ``mixed_torch.add_lora_mixed``; accumulation is fp32, ``u`` is stored in the
@@ -24,67 +24,44 @@ from .lora_triton import _dot, _dot_options, _rank_block
 
 
 @triton.jit
-def _segment_shrink_kernel(
-    X, A, Scaling, Index, U,
-    S, K, R, blocks_per_row,
-    stride_xb, stride_xs, stride_xk, stride_an, stride_ar, stride_ak, stride_ub, stride_us, stride_ur,
-    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+def _segment_matmul_kernel(
+    P, Q, Scaling, Index, Out,
+    S, RED, C, blocks_per_row,
+    stride_pb, stride_ps, stride_pl, stride_qa, stride_ql, stride_qc, stride_ob, stride_os, stride_oc,
+    SCALED: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """``Out[b] (+)= scaling[i] * P[b] @ Q[i]`` for ``i = Index[b] >= 0``, one tile of one row's sequence.
+
+    Shrink: P = x (S x d_in), Q[i] = A_i^T, scaled, written. Expand: P = u
+    (S x r), Q[i] = B_i^T, added into the base output.
+    """
     pid = tl.program_id(0)
     b = pid // blocks_per_row
     adapter = tl.load(Index + b).to(tl.int64)
     if adapter >= 0:
         offs_s = (pid % blocks_per_row) * BLOCK_S + tl.arange(0, BLOCK_S)
-        offs_r = tl.arange(0, BLOCK_R)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         s_ok = offs_s < S
-        r_ok = offs_r < R
-        x_row = X + b.to(tl.int64) * stride_xb
-        a_mat = A + adapter * stride_an
-        u = tl.zeros((BLOCK_S, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x_tile = tl.load(x_row + offs_s[:, None] * stride_xs + offs_k[None, :] * stride_xk,
-                             mask=s_ok[:, None] & k_ok[None, :], other=0.0)
-            a_tile = tl.load(a_mat + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                             mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            u = _dot(x_tile, a_tile, u, INPUT_PRECISION, UPCAST)
-        u = u * tl.load(Scaling + adapter)
-        tl.store(U + b.to(tl.int64) * stride_ub + offs_s[:, None] * stride_us + offs_r[None, :] * stride_ur,
-                 u.to(U.dtype.element_ty), mask=s_ok[:, None] & r_ok[None, :])
-
-
-@triton.jit
-def _segment_expand_kernel(
-    U, B, Index, Out,
-    S, N, R, blocks_per_row,
-    stride_ub, stride_us, stride_ur, stride_bn_adapter, stride_bn, stride_br, stride_ob, stride_os, stride_on,
-    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // blocks_per_row
-    adapter = tl.load(Index + b).to(tl.int64)
-    if adapter >= 0:
-        offs_s = (pid % blocks_per_row) * BLOCK_S + tl.arange(0, BLOCK_S)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        s_ok = offs_s < S
-        n_ok = offs_n < N
-        u_row = U + b.to(tl.int64) * stride_ub
-        b_mat = B + adapter * stride_bn_adapter
-        acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_ok = offs_r < R
-            u_tile = tl.load(u_row + offs_s[:, None] * stride_us + offs_r[None, :] * stride_ur,
-                             mask=s_ok[:, None] & r_ok[None, :], other=0.0)
-            b_tile = tl.load(b_mat + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _dot(u_tile, b_tile, acc, INPUT_PRECISION, UPCAST)
-        out_ptrs = Out + b.to(tl.int64) * stride_ob + offs_s[:, None] * stride_os + offs_n[None, :] * stride_on
-        ok = s_ok[:, None] & n_ok[None, :]
-        acc += tl.load(out_ptrs, mask=ok, other=0.0).to(tl.float32)
+        c_ok = offs_c < C
+        p_row = P + b.to(tl.int64) * stride_pb
+        q_mat = Q + adapter * stride_qa
+        acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+        for l0 in range(0, RED, BLOCK_RED):
+            offs_l = l0 + tl.arange(0, BLOCK_RED)
+            l_ok = offs_l < RED
+            p_tile = tl.load(p_row + offs_s[:, None] * stride_ps + offs_l[None, :] * stride_pl,
+                             mask=s_ok[:, None] & l_ok[None, :], other=0.0)
+            q_tile = tl.load(q_mat + offs_l[:, None] * stride_ql + offs_c[None, :] * stride_qc,
+                             mask=l_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _dot(p_tile, q_tile, acc, INPUT_PRECISION, UPCAST)
+        if SCALED:
+            acc = acc * tl.load(Scaling + adapter)
+        out_ptrs = Out + b.to(tl.int64) * stride_ob + offs_s[:, None] * stride_os + offs_c[None, :] * stride_oc
+        ok = s_ok[:, None] & c_ok[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=ok)
 
 
@@ -117,20 +94,20 @@ def add_lora_mixed(
     block_s, warps, stages = cfg["BLOCK_S"], cfg["num_warps"], cfg["num_stages"]
     blocks_per_row = triton.cdiv(S, block_s)
     u = torch.empty(batch, S, R, device=x.device, dtype=x.dtype)
-    scaling = scaling.to(x.device, torch.float32)
-    dot = _dot_options(x.dtype, x.device)
+    dot = dict(_dot_options(x.dtype, x.device), BLOCK_S=block_s, num_warps=warps, num_stages=stages)
     rank_block = _rank_block(R)
-    _segment_shrink_kernel[(batch * blocks_per_row,)](
-        x3, lora_A, scaling, adapter_index, u,
+    # Shrink: u[b] = s_i x[b] A_i^T (A_i^T read through A's strides).
+    _segment_matmul_kernel[(batch * blocks_per_row, 1)](
+        x3, lora_A, scaling.to(x.device, torch.float32), adapter_index, u,
         S, K, R, blocks_per_row,
-        *x3.stride(), *lora_A.stride(), *u.stride(),
-        BLOCK_S=block_s, BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block, num_warps=warps, num_stages=stages, **dot,
+        *x3.stride(), lora_A.stride(0), lora_A.stride(2), lora_A.stride(1), *u.stride(),
+        SCALED=True, ACCUMULATE=False, BLOCK_RED=cfg["BLOCK_K"], BLOCK_C=rank_block, **dot,
     )
-    _segment_expand_kernel[(batch * blocks_per_row, triton.cdiv(N, cfg["BLOCK_N"]))](
-        u, lora_B, adapter_index, out3,
-        S, N, R, blocks_per_row,
-        *u.stride(), *lora_B.stride(), *out3.stride(),
-        BLOCK_S=block_s, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=min(rank_block, 64),
-        num_warps=warps, num_stages=stages, **dot,
+    # Expand: out[b] += u[b] B_i^T.
+    _segment_matmul_kernel[(batch * blocks_per_row, triton.cdiv(N, cfg["BLOCK_N"]))](
+        u, lora_B, u, adapter_index, out3,
+        S, R, N, blocks_per_row,
+        *u.stride(), lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), *out3.stride(),
+        SCALED=False, ACCUMULATE=True, BLOCK_RED=min(rank_block, 64), BLOCK_C=cfg["BLOCK_N"], **dot,
     )
     return out
