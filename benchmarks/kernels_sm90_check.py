@@ -84,13 +84,14 @@ def verdict(shared: int, report: str) -> str:
     return f"smem {shared:6d}  {registers}  {spills}  {' '.join(problems) or 'ok'}"
 
 
-def check_new_kernels(name: str, ptr: str, dot: dict, kinds: list[str]) -> None:
+def check_new_kernels(name: str, dtype: torch.dtype, dot: dict, kinds: list[str]) -> None:
     """The decode kernel and the mixed-adapter kernels, at the configs their launchers pick."""
     cuda = torch.device("cuda")
+    ptr = "*" + TRITON_TYPE[dtype]
     for r in (16, 64, 256):
         rank_block = lora_triton._rank_block(r)
         if "decode" in kinds:
-            cfg = lora_triton._decode_config(rank_block, cuda)
+            cfg = lora_triton._decode_config(rank_block, dtype, cuda)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             types = [ptr] * 7 + ["i32"] * 16 + ["fp32"]
             consts = dict(HAS_BIAS=True, BLOCK_M=lora_triton.DECODE_MAX_TOKENS, BLOCK_R=rank_block, **dot, **cfg)
@@ -101,7 +102,7 @@ def check_new_kernels(name: str, ptr: str, dot: dict, kinds: list[str]) -> None:
         if "mixed" not in kinds:
             continue
         for S in (1, 512):
-            cfg = mixed_triton._mixed_config(S, cuda)
+            cfg = mixed_triton._mixed_config(S, rank_block, dtype, cuda)
             for stage, scaled, block_red, block_c in (("shrink", True, cfg["BLOCK_K"], rank_block),
                                                       ("expand", False, min(rank_block, 64), cfg["BLOCK_N"])):
                 types = [ptr, ptr, "*fp32", "*i64", ptr] + ["i32"] * 13
@@ -123,7 +124,7 @@ def main() -> None:
         ptr = "*" + TRITON_TYPE[dtype]
         dot = dict(INPUT_PRECISION=precision, UPCAST=False)
         name = TRITON_TYPE[dtype] if precision is None else f"{TRITON_TYPE[dtype]}/{precision}"
-        check_new_kernels(name, ptr, dot, kinds)
+        check_new_kernels(name, dtype, dot, kinds)
         for M, N in ((8192, 8192), (2048, 4096), (512, 1024), (1, 4096)):
             if "gemm" not in kinds:
                 break

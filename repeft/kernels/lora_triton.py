@@ -272,12 +272,24 @@ def _gemm_config(M: int, N: int, dtype: torch.dtype, device: torch.device, has_d
 DECODE_MAX_TOKENS = 16
 
 
-def _decode_config(rank_block: int, device: torch.device) -> dict:
+def rank_tile_steps(rank_block: int, dtype: torch.dtype, longest: int) -> int:
+    """The K step (at most ``longest``) that keeps an A^T tile (K step x rank) within 32 KiB.
+
+    Pipelined several stages deep next to the other operand's tile, a larger one
+    overflows the 227 KiB of shared memory an H100/H200 SM has (fp32 at rank 256
+    did, in benchmarks/kernels_sm90_check.py).
+    """
+    block = longest
+    while block > 32 and block * rank_block * dtype.itemsize > 32768:
+        block //= 2
+    return block
+
+
+def _decode_config(rank_block: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tiles for the one-launch few-token forward: narrow column tiles (memory bound on W), long K steps."""
     if device.type != "cuda":
         return dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    # The A^T tile (BLOCK_K x rank) shares shared memory with W's; shorten K for big ranks.
-    return dict(BLOCK_N=32, BLOCK_K=128 if rank_block <= 64 else 64, num_warps=4, num_stages=4)
+    return dict(BLOCK_N=32, BLOCK_K=rank_tile_steps(rank_block, dtype, 128), num_warps=4, num_stages=4)
 
 
 def _dot_options(dtype: torch.dtype, device: torch.device) -> dict:
@@ -432,7 +444,7 @@ def lora_decode(
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     u = torch.empty(M, R, device=x.device, dtype=x.dtype)
     rank_block = _rank_block(R)
-    cfg = _decode_config(rank_block, x.device)
+    cfg = _decode_config(rank_block, x.dtype, x.device)
     _lora_decode_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x, weight, lora_A, lora_B, bias if bias is not None else x, out, u,
         M, N, K, R,

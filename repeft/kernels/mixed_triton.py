@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_triton import _dot, _dot_options, _rank_block
+from .lora_triton import _dot, _dot_options, _rank_block, rank_tile_steps
 
 
 @triton.jit
@@ -65,13 +65,15 @@ def _segment_matmul_kernel(
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=ok)
 
 
-def _mixed_config(S: int, device: torch.device) -> dict:
+def _mixed_config(S: int, rank_block: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":
         # One small fixed config for the interpreter (see lora_triton).
         return dict(BLOCK_S=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1)
     # Decode (S = 1) wastes most of a 16-row tile but stays one launch per stage.
     block_s = 16 if S <= 16 else 64
-    return dict(BLOCK_S=block_s, BLOCK_K=128 if block_s == 16 else 64, BLOCK_N=128, num_warps=4, num_stages=3)
+    block_k = rank_tile_steps(rank_block, dtype, 128 if block_s == 16 else 64)
+    # Past rank 64 the fp32 accumulator (BLOCK_S x rank) needs 8 warps to stay in registers.
+    return dict(BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_N=128, num_warps=8 if rank_block > 64 else 4, num_stages=3)
 
 
 def add_lora_mixed(
@@ -90,12 +92,12 @@ def add_lora_mixed(
     N, R = out3.shape[2], lora_A.shape[1]
     if batch == 0 or S == 0:
         return out
-    cfg = _mixed_config(S, x.device)
+    rank_block = _rank_block(R)
+    cfg = _mixed_config(S, rank_block, x.dtype, x.device)
     block_s, warps, stages = cfg["BLOCK_S"], cfg["num_warps"], cfg["num_stages"]
     blocks_per_row = triton.cdiv(S, block_s)
     u = torch.empty(batch, S, R, device=x.device, dtype=x.dtype)
     dot = dict(_dot_options(x.dtype, x.device), BLOCK_S=block_s, num_warps=warps, num_stages=stages)
-    rank_block = _rank_block(R)
     # Shrink: u[b] = s_i x[b] A_i^T (A_i^T read through A's strides).
     _segment_matmul_kernel[(batch * blocks_per_row, 1)](
         x3, lora_A, scaling.to(x.device, torch.float32), adapter_index, u,
