@@ -96,7 +96,8 @@ def test_failed_load_into_wrapped_model_keeps_its_adapters(saved):
 
 
 def test_pickle_files_are_never_loaded(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "repeft", "format_version": 1}))
+    meta = {"format": "repeft", "format_version": 1, "config": {"method": "lora"}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
     with pytest.raises(repeft.AdapterFileError, match="pickle files are never loaded"):
         repeft.load_adapter(tiny_model("llama"), tmp_path)
@@ -131,7 +132,7 @@ def test_crash_during_merged_export_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model.base_model), "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        model.save_pretrained(tmp_path / "merged")
+        model.save_merged(tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -97,7 +97,7 @@ def test_merge_unmerge_and_unload(case, tmp_path):
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
     model.unmerge()
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
-    model.save_pretrained(tmp_path / "merged")
+    model.save_merged(tmp_path / "merged")
     reloaded = type(reference).from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)
     plain = model.merge_and_unload()

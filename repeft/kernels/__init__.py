@@ -51,6 +51,15 @@ def _autocast_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def triton_unavailable_reason() -> str | None:
+    """Why Triton cannot run on this machine at all, or ``None`` if it may (for some tensors)."""
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device, and TRITON_INTERPRET is not 1"
+    return None
+
+
 def triton_unsupported_reason(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -137,4 +146,11 @@ def lora_linear(
     return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
 
 
-__all__ = ["BACKENDS", "add_lora", "lora_linear", "resolve_backend", "triton_unsupported_reason"]
+__all__ = [
+    "BACKENDS",
+    "add_lora",
+    "lora_linear",
+    "resolve_backend",
+    "triton_unavailable_reason",
+    "triton_unsupported_reason",
+]
