@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,9 +66,11 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=target))
     try:
         yield staging
+        mode = _default_file_mode(staging)
         for path in staging.iterdir():
             if not path.is_file():
                 raise ValueError(f"staged_write writes files only; {path.name} is a directory")
+            os.chmod(path, mode)  # safetensors creates its files 0600, whatever the umask
             _fsync(path)
         _fsync(staging)
         ready = target / (COMMIT + staging.name.removeprefix(STAGING))
@@ -111,6 +114,15 @@ def _move_in(ready: Path, target: Path) -> None:
                 path.unlink(missing_ok=True)
     shutil.rmtree(ready, ignore_errors=True)
     _fsync(target)
+
+
+def _default_file_mode(folder: Path) -> int:
+    """0o666 less the umask, read from a new file (``os.umask`` can only be read by setting it)."""
+    probe = folder / ".mode"
+    probe.touch()
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    return mode
 
 
 def _fsync(path: Path) -> None:

@@ -48,3 +48,14 @@ def test_trainer_trains_saves_and_resumes(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for key, value in resumed_model.adapter_state_dict().items():
         torch.testing.assert_close(value, after[key], atol=1e-5, rtol=0)
+
+
+def test_save_model_into_the_output_dir_keeps_the_checkpoints(tmp_path):
+    model, trainer = make_trainer(tmp_path / "out", max_steps=4)
+    trainer.train()
+    trainer.save_model()  # output_dir, where checkpoint-2 and checkpoint-4 live
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"checkpoint-2", "checkpoint-4", "adapter_config.json", "adapter_model.safetensors"} <= set(names)
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    reloaded = repeft.load_adapter(tiny_model("bert"), tmp_path / "out")
+    assert all(torch.equal(v, model.adapter_state_dict()[k]) for k, v in reloaded.adapter_state_dict().items())
