@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 
 STAGING = ".repeft-staging-"  # + "<pid>-<random>": being written; removed once its writer is gone
 COMMIT = ".repeft-commit-"  # complete; its files are moved into the directory by whoever sees it first
+MANIFEST = ".repeft-files"  # in a commit folder: the names of all its files, so a half-done move can finish
 # transformers' weight files: a merged save replaces those of an earlier save, as save_pretrained does,
 # or a stale model.safetensors would shadow new shards.
 TRANSFORMERS_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
@@ -67,9 +68,12 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         mode = _default_file_mode(staging)
-        for path in staging.iterdir():
+        names = sorted(p.name for p in staging.iterdir())
+        (staging / MANIFEST).write_text("\n".join(names))
+        for name in [*names, MANIFEST]:
+            path = staging / name
             if not path.is_file():
-                raise ValueError(f"staged_write writes files only; {path.name} is a directory")
+                raise ValueError(f"staged_write writes files only; {name} is a directory")
             os.chmod(path, mode)  # safetensors creates its files 0600, whatever the umask
             _fsync(path)
         _fsync(staging)
@@ -103,9 +107,13 @@ def recover(directory: str | os.PathLike) -> None:
 
 
 def _move_in(ready: Path, target: Path) -> None:
-    names = sorted(p.name for p in ready.iterdir())
+    """Move a complete save's files into ``target``; safe to repeat after a kill, or in two processes at once."""
+    try:
+        names = (ready / MANIFEST).read_text().splitlines()
+    except FileNotFoundError:
+        return  # another process finished this save
     for name in names:
-        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+        with contextlib.suppress(FileNotFoundError):  # moved before a kill, or by another process
             os.replace(ready / name, target / name)
     _fsync(target)
     if any(TRANSFORMERS_WEIGHTS.fullmatch(n) for n in names):

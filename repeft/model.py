@@ -85,6 +85,8 @@ class AdapterModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.architecture = architecture(base_model)
+        # (config, tie_word_embeddings) as they were before a merge untied a shared weight.
+        self._tie_flags: list[tuple[Any, bool]] = []
         base_model.requires_grad_(False)
         keep_standard_layout(base_model)
 
@@ -269,8 +271,10 @@ class AdapterModel(nn.Module):
                 if hasattr(layer, "merge") and adapter_name in layer.adapters:
                     untie = id(layer.weight) in shared
                     layer.merge(adapter_name, untie=untie)
-                    if untie:
-                        self._untie_config()
+                    if untie and not self._tie_flags:
+                        # The merged weight is the layer's own now: the config must say so, or
+                        # save_pretrained drops it as a duplicate and from_pretrained ties it again.
+                        self._tie_flags = untie_word_embeddings(getattr(self.base_model, "config", None))
         except BaseException:
             # A layer that refuses (e.g. a quantized base) must not leave the others merged.
             self.unmerge()
@@ -280,19 +284,13 @@ class AdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             if hasattr(layer, "unmerge"):
                 layer.unmerge()
-        for config, tied in self.__dict__.pop("_tie_flags", []):
+        for config, tied in self._tie_flags:
             config.tie_word_embeddings = tied
-
-    def _untie_config(self) -> None:
-        # A merged weight that was tied (GPT-2's lm_head and wte) is now the layer's own: the config
-        # must say so, or save_pretrained drops it as a duplicate and from_pretrained ties it again.
-        if "_tie_flags" in self.__dict__:
-            return
-        self._tie_flags = untie_word_embeddings(getattr(self.base_model, "config", None))
+        self._tie_flags = []
 
     @contextlib.contextmanager
     def _merged(self) -> Iterator[None]:
-        """The active adapter merged inside the block, as it was after."""
+        """The active adapter merged inside the block; merged or not afterwards as it was before."""
         self._check_mergeable(self.active_adapter)
         was_merged = self.merged_adapter() is not None
         if not was_merged:
@@ -311,7 +309,7 @@ class AdapterModel(nn.Module):
         for path, layer in list(self.adapter_layers()):
             self._replace(path, layer.unloaded())
         self.configs.clear()
-        self.__dict__.pop("_tie_flags", None)  # merged weights stay untied
+        self._tie_flags = []  # merged weights stay untied
         return self.base_model
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:

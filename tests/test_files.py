@@ -255,7 +255,7 @@ def test_save_interrupted_while_moving_files_in_is_finished_by_the_next_load(sav
 
     def replace_then_die(src, dst):
         moves.append(dst)
-        if len(moves) == 3:  # the staging folder, then the weights: killed before the config
+        if len(moves) == 3:  # the staging folder, then the config: killed before the weights
             raise KeyboardInterrupt
         os.rename(src, dst)
 
