@@ -270,6 +270,31 @@ def test_save_interrupted_while_moving_files_in_is_finished_by_the_next_load(sav
     assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_merged_save_interrupted_between_shards_is_finished_whole(tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    model.save_merged(out)  # an earlier, unsharded save: its model.safetensors must go
+    moves = []
+
+    def replace_then_die(src, dst):
+        moves.append(dst)
+        if len(moves) == 5:  # staging folder, config, generation config, first shard: then killed
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_merged(out, max_shard_size="20KB")
+    monkeypatch.undo()
+    files.recover(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    reloaded = type(model.base_model).from_pretrained(out).eval()
+    batch = tiny_batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
 def test_random_kills_while_saving_never_lose_or_mix_the_adapter(tmp_path):
     # Two adapters of different rank saved in turn by a child process killed at random moments:
     # every load after a kill gets one of them whole, and no staging folder outlives a load.
