@@ -111,7 +111,9 @@ def _move_in(ready: Path, target: Path) -> None:
     try:
         names = (ready / MANIFEST).read_text().splitlines()
     except FileNotFoundError:
-        return  # another process finished this save
+        # The folder is being removed after its files were moved in (by a process killed then, or another one).
+        shutil.rmtree(ready, ignore_errors=True)
+        return
     for name in names:
         with contextlib.suppress(FileNotFoundError):  # moved before a kill, or by another process
             os.replace(ready / name, target / name)
