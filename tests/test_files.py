@@ -306,7 +306,7 @@ def test_random_kills_while_saving_never_lose_or_mix_the_adapter(tmp_path):
     ]
     files.write_adapter_dir(target, *versions[0])
     rng = random.Random(0)
-    for _ in range(30):
+    for _ in range(20):
         pid = os.fork()
         if pid == 0:  # the child saves until it is killed
             try:
