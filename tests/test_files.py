@@ -355,7 +355,10 @@ BAD_CONFIGS = {
     "use_rslora string": (lambda m: m["config"].update(use_rslora="no"), "use_rslora must be true or false, got 'no'"),
     "r bool": (lambda m: m["config"].update(r=True), "r must be a positive integer, got True"),
     # Built on the meta device first: refused by shape, before allocating 2**40 x 32 floats.
-    "huge r": (lambda m: m["config"].update(r=2**40), r"wrong shape, e\.g\. .*lora_A: file \(4, 32\), model \(1099511627776, 32\)"),
+    "huge r": (
+        lambda m: m["config"].update(r=2**40),
+        r"wrong shape, e\.g\. .*lora_A: file \(4, 32\), model \(1099511627776, 32\)",
+    ),
     "format_version string": (lambda m: m.update(format_version="2"), "format_version must be an integer, got '2'"),
     "base_model string": (lambda m: m.update(base_model="llama"), "base_model must be a JSON object, got 'llama'"),
     "config list": (lambda m: m.update(config=[]), "config must be a JSON object"),
