@@ -185,11 +185,14 @@ def _load_recorded_base(adapter_dir: Path, base_path: str | None, class_name: st
     if not base_path:
         raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
     base_path = registry.resolve_model(base_path)
-    class_name = (
-        class_name
-        or recorded.get("class")
-        or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
-    )
+    try:
+        class_name = (
+            class_name
+            or recorded.get("class")
+            or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
+        )
+    except OSError as exc:
+        raise _unloadable(base_path, exc) from None
     if class_name is None or not hasattr(transformers, class_name):
         raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
     labels = {}
@@ -202,12 +205,19 @@ def _load_recorded_base(adapter_dir: Path, base_path: str | None, class_name: st
             "num_labels": len(id2label),
             "ignore_mismatched_sizes": True,
         }
-    base = getattr(transformers, class_name).from_pretrained(base_path, **labels)
+    try:
+        base = getattr(transformers, class_name).from_pretrained(base_path, **labels)
+    except OSError as exc:
+        raise _unloadable(base_path, exc) from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
     except (OSError, ValueError):
         tokenizer = None  # a base without a tokenizer (e.g. a vision model) exports without one
     return base, tokenizer
+
+
+def _unloadable(base_path: str, exc: OSError) -> FileNotFoundError:
+    return FileNotFoundError(f"cannot load the base model {base_path} ({exc}); pass --base with its directory")
 
 
 def _locate(path: Path) -> tuple[Path | None, Path]:

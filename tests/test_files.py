@@ -447,3 +447,8 @@ def test_export_of_a_bare_classifier_adapter_needs_no_flags_and_keeps_label_name
     batch = {k: v for k, v in tiny_batch("bert").items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_export_onto_a_missing_base_is_one_line_and_exit_code_2(saved, tmp_path, capsys):
+    code, err = run_cli(capsys, "export", saved, "--base", tmp_path / "no-such-model", "--out", tmp_path / "merged")
+    assert code == 2 and err.startswith("repeft export: error: cannot load the base model"), err
