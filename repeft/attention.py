@@ -31,7 +31,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .layers import AdapterLayer
+from .layers import AdapterLayer, place_beside
 
 # Base implementations the adapters can run on, with the mask function each reads.
 BASE_MASKS = {"sdpa": sdpa_mask, "eager": eager_mask}
@@ -303,5 +303,4 @@ def attention_adapters(model) -> AttentionAdapters:
 def add_attention_adapter(model, name: str, make: Callable[[Geometry], AttentionAdapter]) -> None:
     """Injector helper: attach ``make(geometry)`` as adapter ``name`` of the model's attention layer."""
     layer = attention_adapters(model)
-    device = next(model.base_model.parameters()).device
-    layer.adapters[name] = make(layer.geometry).to(device)
+    layer.adapters[name] = place_beside(make(layer.geometry), model.base_model)

@@ -35,6 +35,8 @@ EXAMPLES_EXPORT = """examples:
   repeft export runs/quickstart --format peft --out runs/quickstart-peft  # PEFT LoRA adapter
   repeft export runs/quickstart/checkpoints/step-00000100 --out merged-100
   repeft export out/adapter --base path/to/base-model --out out/merged
+Files already in --out are kept, except those the export writes (and, for merged,
+the weight files of an earlier merged export). --out may not be PATH or lie inside it.
 """
 
 
@@ -91,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("path", help="run, checkpoint or adapter directory")
-    export.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    export.add_argument("--out", required=True, help="directory to write the export's files into (not inside PATH)")
     export.add_argument(
         "--format",
         choices=("merged", "peft"),
@@ -100,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--base", help="base model directory or registered name (for a bare adapter directory)")
     export.add_argument(
-        "--model-class", help="transformers class to load --base with (default: the base config's architecture)"
+        "--model-class",
+        help="transformers class to load --base with (default: the one the adapter was trained on, as recorded in it)",
     )
     export.set_defaults(run=_export)
 
@@ -153,10 +156,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from . import registry
+    from .files import AdapterFileError
     from .model import load_adapter
 
     path = Path(args.path)
+    out = Path(args.out)
+    if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
+        raise AdapterFileError(f"--out {out} is {path} or inside it; export to a directory outside {path}")
     run_dir, adapter_dir = _locate(path)
     tokenizer = None
     if run_dir is not None:
@@ -168,33 +174,67 @@ def _export(args: argparse.Namespace) -> int:
         if recipe.task != "image_classification":
             tokenizer = load_tokenizer(recipe)
     else:
-        import transformers
-
-        with open(adapter_dir / "adapter_config.json") as fh:
-            recorded = json.load(fh).get("base_model", {}).get("name_or_path")
-        base_path = args.base or recorded
-        if not base_path:
-            raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
-        base_path = registry.resolve_model(base_path)
-        class_name = args.model_class or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
-        if class_name is None or not hasattr(transformers, class_name):
-            raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
-        base = getattr(transformers, class_name).from_pretrained(base_path)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
-        except (OSError, ValueError):
-            tokenizer = None  # a base without a tokenizer (e.g. a vision model) exports without one
+        base, tokenizer = _load_recorded_base(adapter_dir, args.base, args.model_class)
     model = load_adapter(base, adapter_dir)
     if args.format == "peft":
         from .peft_interop import export_peft
 
         export_peft(model, args.out)
     else:
-        model.save_pretrained(args.out)
+        model.save_merged(args.out)
         if tokenizer is not None:
             tokenizer.save_pretrained(args.out)
     print(f"wrote {args.format} export of {adapter_dir} to {args.out}")
     return 0
+
+
+def _load_recorded_base(adapter_dir: Path, base_path: str | None, class_name: str | None) -> tuple[Any, Any]:
+    """(base model, tokenizer or None) for a bare adapter directory: the class and label names it records."""
+    import transformers
+
+    from . import registry
+    from .files import CONFIG_NAME, check_meta, read_json
+
+    meta = read_json(adapter_dir / CONFIG_NAME)
+    check_meta(meta, adapter_dir / CONFIG_NAME)
+    recorded = meta.get("base_model", {})
+    base_path = base_path or recorded.get("name_or_path")
+    if not base_path:
+        raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
+    base_path = registry.resolve_model(base_path)
+    try:
+        class_name = (
+            class_name
+            or recorded.get("class")
+            or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
+        )
+    except OSError as exc:
+        raise _unloadable(base_path, exc) from None
+    if class_name is None or not hasattr(transformers, class_name):
+        raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
+    labels = {}
+    if recorded.get("id2label"):
+        id2label = {int(i): name for i, name in recorded["id2label"].items()}
+        # As training built it: the head sized for these labels, whatever head the base checkpoint has.
+        labels = {
+            "id2label": id2label,
+            "label2id": {name: i for i, name in id2label.items()},
+            "num_labels": len(id2label),
+            "ignore_mismatched_sizes": True,
+        }
+    try:
+        base = getattr(transformers, class_name).from_pretrained(base_path, **labels)
+    except OSError as exc:
+        raise _unloadable(base_path, exc) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError):
+        tokenizer = None  # a base without a tokenizer (e.g. a vision model) exports without one
+    return base, tokenizer
+
+
+def _unloadable(base_path: str, exc: OSError) -> FileNotFoundError:
+    return FileNotFoundError(f"cannot load the base model {base_path} ({exc}); pass --base with its directory")
 
 
 def _locate(path: Path) -> tuple[Path | None, Path]:
@@ -283,16 +323,12 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def _describe_adapter(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    from .files import CONFIG_NAME, WEIGHTS_NAME, read_header, read_json, recover
 
-    from .files import CONFIG_NAME, WEIGHTS_NAME, read_json
-
+    recover(path)
     meta = read_json(path / CONFIG_NAME)
     weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist")
-    with safe_open(str(weights), framework="pt") as fh:
-        shapes = {key: fh.get_slice(key).get_shape() for key in fh.keys()}
+    shapes = {key: shape for key, (shape, _) in read_header(weights).items()}
     params = sum(math.prod(shape) for shape in shapes.values())
     info = {"path": str(path), "tensors": len(shapes), "parameters": params, "bytes": weights.stat().st_size}
     if "peft_type" in meta:

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LoRAConfig
 from .kernels import add_lora, add_lora_mixed, lora_linear
-from .layers import AdapterLayer
+from .layers import AdapterLayer, place_beside
 from .methods import register_method
 from .targeting import resolve_targets
 
@@ -58,6 +58,17 @@ class LoRALinear(AdapterLayer):
         # Set by AdapterModel for a mixed-adapter batch: this layer's adapters used in the batch,
         # each row's index into them (-1: none) and their scalings, both on the layer's device.
         self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
+        # The shared weight a merge replaced by a merged copy (see ``merge``), put back by ``unmerge``.
+        self._tied_weight: list[nn.Parameter] = []
+
+    # Model code reads its layers' weights (T5: ``wo.weight.dtype``); PEFT's layers pass them through too.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
@@ -123,18 +134,31 @@ class LoRALinear(AdapterLayer):
             )
         return weight
 
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, untie: bool = False) -> None:
+        """Add ``s * B @ A`` to the base weight.
+
+        ``untie=True`` for a weight shared with another module (GPT-2's ``lm_head``
+        is its input embedding): the merged weight becomes this layer's own
+        copy, so the other module keeps the base weight.
+        """
         if self.merged_adapter is not None:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
+        if untie:
+            self._tied_weight.append(weight)
+            weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            self.base_layer.weight = weight
         weight.data += self.delta_weight(name).to(weight.dtype)
         self.merged_adapter = name
 
     def unmerge(self) -> None:
         if self.merged_adapter is None:
             return
-        weight = self._float_weight()
-        weight.data -= self.delta_weight(self.merged_adapter).to(weight.dtype)
+        if self._tied_weight:
+            self.base_layer.weight = self._tied_weight.pop()
+        else:
+            weight = self._float_weight()
+            weight.data -= self.delta_weight(self.merged_adapter).to(weight.dtype)
         self.merged_adapter = None
 
     def unwrapped(self) -> nn.Module:
@@ -152,8 +176,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             base.set_submodule(path, layer)
-        device = next(layer.base_layer.parameters()).device
-        layer.adapters[name] = make_factors(layer).to(device)
+        layer.adapters[name] = place_beside(make_factors(layer), layer.base_layer)
 
 
 @register_method("lora")

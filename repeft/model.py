@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,8 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig
-from .files import FORMAT, FORMAT_VERSION, AdapterFileError, atomic_directory, read_adapter_dir, write_adapter_dir
+from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, staged_write, write_adapter_dir
+from .kernels import triton_unavailable_reason
 from .layers import AdapterLayer, ModulesToSave
 from .lora import LoRALinear
 from .methods import injector
@@ -88,6 +90,8 @@ class AdapterModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.architecture = architecture(base_model)
+        # (config, tie_word_embeddings) as they were before a merge untied a shared weight.
+        self._tie_flags: list[tuple[Any, bool]] = []
         base_model.requires_grad_(False)
         keep_standard_layout(base_model)
 
@@ -337,10 +341,16 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter {self.merged_adapter()!r} is already merged; call unmerge() first")
         if adapter_name != self.active_adapter:
             self.set_adapter(adapter_name)
+        shared = shared_parameters(self.base_model)
         try:
             for _, layer in self.adapter_layers():
                 if hasattr(layer, "merge") and adapter_name in layer.adapters:
-                    layer.merge(adapter_name)
+                    untie = id(layer.weight) in shared
+                    layer.merge(adapter_name, untie=untie)
+                    if untie and not self._tie_flags:
+                        # The merged weight is the layer's own now: the config must say so, or
+                        # save_pretrained drops it as a duplicate and from_pretrained ties it again.
+                        self._tie_flags = untie_word_embeddings(getattr(self.base_model, "config", None))
         except BaseException:
             # A layer that refuses (e.g. a quantized base) must not leave the others merged.
             self.unmerge()
@@ -350,6 +360,22 @@ class AdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             if hasattr(layer, "unmerge"):
                 layer.unmerge()
+        for config, tied in self._tie_flags:
+            config.tie_word_embeddings = tied
+        self._tie_flags = []
+
+    @contextlib.contextmanager
+    def _merged(self) -> Iterator[None]:
+        """The active adapter merged inside the block; merged or not afterwards as it was before."""
+        self._check_mergeable(self.active_adapter)
+        was_merged = self.merged_adapter() is not None
+        if not was_merged:
+            self.merge()
+        try:
+            yield
+        finally:
+            if not was_merged:
+                self.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapter and return the plain transformers model (this wrapper is spent)."""
@@ -359,15 +385,12 @@ class AdapterModel(nn.Module):
         for path, layer in list(self.adapter_layers()):
             self._replace(path, layer.unloaded())
         self.configs.clear()
+        self._tie_flags = []  # merged weights stay untied
         return self.base_model
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's state dict with the active adapter merged, in the plain model's key names."""
-        self._check_mergeable(self.active_adapter)
-        was_merged = self.merged_adapter() is not None
-        if not was_merged:
-            self.merge()
-        try:
+        with self._merged():
             layers = {p.removeprefix("base_model."): layer for p, layer in self.adapter_layers()}
             state = {
                 k: v.detach().clone()
@@ -378,19 +401,30 @@ class AdapterModel(nn.Module):
                 unloaded = layer.unloaded()
                 if unloaded is not None:
                     state.update({f"{path}.{k}": v.detach().clone() for k, v in unloaded.state_dict().items()})
-        finally:
-            if not was_merged:
-                self.unmerge()
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save the merged model as a plain transformers checkpoint (atomically).
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Save the adapter, as PEFT's ``save_pretrained`` does: the same as ``save_adapter``.
+
+        ``repeft.load_adapter(base, save_directory)`` (or ``model.load_adapter``)
+        reloads it; ``save_merged`` writes the merged full model instead.
+
+        >>> model.save_pretrained("out/adapter")  # doctest: +SKIP
+        """
+        self.save_adapter(save_directory, adapter_name)
+
+    def save_merged(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save the base model with the active adapter merged, as a plain transformers checkpoint.
 
         ``AutoModel*.from_pretrained(save_directory)`` loads it without repeft.
+        ``kwargs`` go to transformers' ``save_pretrained``. The files are written
+        as ``save_adapter`` writes its own (see ``repeft.files``): other files in
+        the directory are kept, except weight files of an earlier merged save.
+
+        >>> model.save_merged("out/merged")  # doctest: +SKIP
         """
-        state = self.merged_state_dict()
-        with atomic_directory(save_directory) as tmp:
-            self.base_model.save_pretrained(tmp, state_dict=state, **kwargs)
+        with self._merged(), staged_write(save_directory) as tmp:
+            self.base_model.save_pretrained(tmp, state_dict=self.merged_state_dict(), **kwargs)
 
     # -- parameters ---------------------------------------------------------------------
 
@@ -440,13 +474,23 @@ class AdapterModel(nn.Module):
             "repeft_version": __version__,
             "method": config.method,
             "config": config.to_dict(),
-            "base_model": {
-                "name_or_path": getattr(getattr(self.base_model, "config", None), "_name_or_path", None),
-                "architecture": self.architecture,
-            },
+            "base_model": self._base_model_record(),
             "adapted_modules": sorted({p.removeprefix("base_model.") for p, l in self.adapter_layers() if adapter_name in l.adapters}),
         }
         write_adapter_dir(save_directory, meta, self.adapter_state_dict(adapter_name))
+
+    def _base_model_record(self) -> dict[str, Any]:
+        """What ``adapter_config.json`` says of the base: where it came from, its class, shapes and label names."""
+        config = getattr(self.base_model, "config", None)
+        record = {
+            "name_or_path": getattr(config, "_name_or_path", None),
+            "class": type(self.base_model).__name__,
+            "architecture": self.architecture,
+        }
+        has_head = any(record["class"].endswith(suffix) for suffix in TASK_HEAD_SUFFIXES)
+        if has_head and getattr(config, "id2label", None):
+            record["id2label"] = {str(i): name for i, name in config.id2label.items()}
+        return record
 
     def load_adapter(
         self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
@@ -456,24 +500,39 @@ class AdapterModel(nn.Module):
         self._check_architecture(path, meta.get("base_model", {}).get("architecture", {}))
         try:
             config = AdapterConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterFileError(f"{path}: bad adapter config: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: bad adapter config: {exc}") from None
         config.inference_mode = not trainable
+        _prefer_runnable_kernel(config, path)
         self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))
 
     def add_loaded_adapter(
         self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = "tensors"
     ) -> None:
-        """``add_adapter`` then fill it from ``tensors``; if they do not fit, the model is left as it was."""
+        """``add_adapter`` then fill it from ``tensors``; if they do not fit, the model is left as it was.
+
+        The adapter is first built on the meta device and compared with ``tensors``,
+        so a config that disagrees with its tensors (``r: 4194304`` beside rank-4
+        tensors) fails before anything is allocated.
+        """
         previous = self.active_adapter
+        with torch.device("meta"):
+            self.add_adapter(adapter_name, config)
+        try:
+            _check_tensors_fit(self.adapter_state_dict(adapter_name), tensors, source)
+        finally:
+            self._undo_add(adapter_name, previous)
         self.add_adapter(adapter_name, config)
         try:
             self.load_adapter_tensors(adapter_name, tensors, source=source)
         except BaseException:
-            self.delete_adapter(adapter_name)
-            if previous is not None:
-                self.set_adapter(previous)
+            self._undo_add(adapter_name, previous)
             raise
+
+    def _undo_add(self, adapter_name: str, previous: str | None) -> None:
+        self.delete_adapter(adapter_name)
+        if previous is not None:
+            self.set_adapter(previous)
 
     def _check_architecture(self, path, saved: dict[str, Any]) -> None:
         differ = {k: (v, self.architecture.get(k)) for k, v in saved.items() if self.architecture.get(k) != v}
@@ -482,24 +541,75 @@ class AdapterModel(nn.Module):
             raise AdapterFileError(f"{path} was made for another base model: {details}")
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "tensors") -> None:
-        """Copy ``tensors`` into the adapter's parameters after checking names and shapes."""
+        """Copy ``tensors`` into the adapter's parameters after checking names, shapes and dtypes."""
         expected = self.adapter_state_dict(adapter_name)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise AdapterFileError(
-                f"{source} does not fit this model: missing {_some(missing)}; unexpected {_some(unexpected)}. "
-                "Was it saved from another model or with other target_modules?"
-            )
-        wrong = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
-        if wrong:
-            key, got, want = wrong[0]
-            raise AdapterFileError(
-                f"{source}: {len(wrong)} tensor(s) have the wrong shape, e.g. {key}: file {got}, model {want}"
-            )
+        _check_tensors_fit(expected, tensors, source)
         with torch.no_grad():
             for key, value in expected.items():
                 value.copy_(tensors[key])
+
+
+def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``AdapterFileError`` unless ``tensors`` has exactly the names, shapes and kinds of dtype of ``expected``."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"{source} does not fit this model: missing {_some(missing)}; unexpected {_some(unexpected)}. "
+            "Was it saved from another model or with other target_modules?"
+        )
+    wrong = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise AdapterFileError(
+            f"{source}: {len(wrong)} tensor(s) have the wrong shape, e.g. {key}: file {got}, model {want}"
+        )
+    for key, value in expected.items():
+        # Float tensors may be stored at another precision; an integer or bool tensor is no adapter weight.
+        if _dtype_kind(tensors[key].dtype) != _dtype_kind(value.dtype):
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} is {tensors[key].dtype} but the model's is {value.dtype}; "
+                "the file was not written by repeft or PEFT, or was altered"
+            )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating point"
+    return "bool" if dtype == torch.bool else "complex" if dtype.is_complex else "integer"
+
+
+def _prefer_runnable_kernel(config: AdapterConfig, path: str | os.PathLike) -> None:
+    # A saved kernel choice is a preference: the adapter must run on a machine without a GPU.
+    if getattr(config, "kernel", None) != "triton":
+        return
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        warnings.warn(
+            f"{path} was saved with kernel='triton', which cannot run here ({reason}); using kernel='torch'",
+            stacklevel=3,
+        )
+        config.kernel = "torch"
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that more than one module holds (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
+
+
+def untie_word_embeddings(config: Any) -> list[tuple[Any, bool]]:
+    """Set ``tie_word_embeddings=False`` on a transformers config (and its text config); return what it was."""
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    before = []
+    for c in {id(c): c for c in configs if c is not None}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            before.append((c, c.tie_word_embeddings))
+            c.tie_word_embeddings = False
+    return before
 
 
 def _numel(param: torch.Tensor) -> int:

@@ -472,7 +472,7 @@ def _write_outputs(
         if peft_dir is not None:
             export_peft(model, peft_dir)
         if merged_dir is not None:
-            model.save_pretrained(merged_dir)
+            model.save_merged(merged_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(merged_dir)
     accelerator.wait_for_everyone()

@@ -97,7 +97,7 @@ def test_merge_unmerge_and_unload(case, tmp_path):
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
     model.unmerge()
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
-    model.save_pretrained(tmp_path / "merged")
+    model.save_merged(tmp_path / "merged")
     reloaded = type(reference).from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)
     plain = model.merge_and_unload()
@@ -279,3 +279,74 @@ def test_trains_under_bf16_autocast(family):
     with torch.no_grad():
         reference = model(**batch).logits
     torch.testing.assert_close(out.logits.float(), reference, atol=0.1, rtol=0.05)
+
+
+def randomize(model, std=0.2):
+    torch.manual_seed(4)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_on_every_family_trains_and_merges(family):
+    # T5 reads `wo.weight.dtype` in its forward: wrapped layers pass weight and bias through.
+    model = repeft.wrap(tiny_model(family), repeft.LoRAConfig(r=2, target_modules="all-linear"))
+    batch = tiny_batch(family)
+    train_steps(model, batch, steps=1)
+    randomize(model, std=0.1)
+    expected = logits(model, batch)
+    layer = next(layer for _, layer in model.adapter_layers() if isinstance(layer, LoRALinear))
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    model.merge()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_lora_on_a_tied_output_head_merges_and_exports_exactly(family, tmp_path):
+    # GPT-2's lm_head *is* its input embedding, T5's is `shared`: a merge must not change the embedding.
+    base = tiny_model(family)
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    assert head.weight is embedding.weight
+    targets = {"gpt2": ["c_attn", "lm_head"], "t5": ["q", "lm_head"]}[family]
+    model = randomize(repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=targets)))
+    batch = tiny_batch(family)
+    expected = logits(model, batch)
+    model.merge()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
+    model.unmerge()
+    assert base.get_output_embeddings().weight is embedding.weight and base.config.tie_word_embeddings
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.save_merged(tmp_path / "merged")
+    repeft.export_merged(model, tmp_path / "exported")
+    for directory in ("merged", "exported"):
+        reloaded = type(base).from_pretrained(tmp_path / directory).eval()
+        torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(logits(plain, batch), expected, atol=1e-4, rtol=0)
+    assert plain.get_output_embeddings().weight is not plain.get_input_embeddings().weight
+
+
+def test_save_pretrained_saves_the_adapter_as_peft_does(tmp_path):
+    model = randomize(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    batch = tiny_batch("llama")
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+    reloaded.load_adapter(tmp_path / "adapter", "second")
+    assert sorted(reloaded.configs) == ["default", "second"]
+
+
+def test_saved_triton_kernel_choice_falls_back_to_torch_without_a_gpu(tmp_path, monkeypatch):
+    model = randomize(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4, kernel="triton")))
+    batch = tiny_batch("llama")
+    expected = logits(model, batch)
+    model.save_adapter(tmp_path / "adapter")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match=r"saved with kernel='triton', which cannot run here .*using kernel='torch'"):
+        reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    assert reloaded.configs["default"].kernel == "torch"
+    torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-5, rtol=0)

@@ -241,7 +241,7 @@ def test_requantized_export_reports_its_error(llama_dir, tmp_path, capsys, targe
 
 def test_in_place_merge_is_refused(llama_dir, tmp_path):
     model = repeft.wrap(load_quantized(llama_dir, "nf4"), METHODS["lora"]())
-    for action in (model.merge, model.merge_and_unload, lambda: model.save_pretrained(tmp_path / "merged")):
+    for action in (model.merge, model.merge_and_unload, lambda: model.save_merged(tmp_path / "merged")):
         with pytest.raises(ValueError, match="export_merged"):
             action()
         assert model.merged_adapter() is None

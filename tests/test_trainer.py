@@ -40,11 +40,13 @@ def test_trainer_trains_saves_and_resumes(tmp_path):
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / "adapter_config.json").exists() and (checkpoint / "adapter_model.safetensors").exists()
     assert not (checkpoint / "model.safetensors").exists()  # the frozen base is never copied
-    trainer.save_model(str(tmp_path / "final"))
-    reloaded = repeft.load_adapter(tiny_model("bert"), tmp_path / "final")
+    trainer.save_model()  # into output_dir, beside the checkpoints, which it must keep
+    assert {"checkpoint-2", "checkpoint-4"} <= {p.name for p in (tmp_path / "full").iterdir()}
+    reloaded = repeft.load_adapter(tiny_model("bert"), tmp_path / "full")
     assert all(torch.equal(reloaded.adapter_state_dict()[k], v) for k, v in after.items())
 
     resumed_model, resumed = make_trainer(tmp_path / "full", max_steps=4)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for key, value in resumed_model.adapter_state_dict().items():
         torch.testing.assert_close(value, after[key], atol=1e-5, rtol=0)
+

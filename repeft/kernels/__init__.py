@@ -29,6 +29,7 @@ from .dispatch import (
     format_report,
     kernel_report,
     mixed_unsupported_reason,
+    triton_unavailable_reason,
     triton_unsupported_reason,
 )
 from .lora_torch import add_lora
@@ -139,5 +140,6 @@ __all__ = [
     "kernel_report",
     "lora_linear",
     "resolve_backend",
+    "triton_unavailable_reason",
     "triton_unsupported_reason",
 ]

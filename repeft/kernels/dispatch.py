@@ -89,6 +89,15 @@ def autocast_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def triton_unavailable_reason() -> str | None:
+    """Why Triton cannot run on this machine at all, or ``None`` if it may (for some tensors)."""
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device, and TRITON_INTERPRET is not 1"
+    return None
+
+
 def _common_unsupported_reason(tensors: list[torch.Tensor]) -> str | None:
     if not _HAS_TRITON:
         return "triton is not installed"
