@@ -19,7 +19,7 @@ from .config import LoRAConfig
 from .kernels import add_lora, lora_linear
 from .layers import AdapterLayer
 from .methods import register_method
-from .targeting import resolve_targets
+from .targeting import DEFAULT_TARGET_MODULES, resolve_targets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -126,6 +126,8 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
         layer.adapters[name] = make_factors(layer).to(device)
 
 
-@register_method("lora")
+@register_method(
+    "lora", families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False
+)
 def inject_lora(model, name: str, config: LoRAConfig) -> None:
     inject_low_rank(model, name, config, lambda layer: LoRAFactors(layer.in_features, layer.out_features, config))

@@ -22,7 +22,7 @@ from . import __version__
 from .config import AdapterConfig
 from .files import FORMAT, FORMAT_VERSION, AdapterFileError, atomic_directory, read_adapter_dir, write_adapter_dir
 from .layers import AdapterLayer, ModulesToSave
-from .methods import injector
+from .methods import method
 from .quantization import keep_standard_layout
 from .targeting import TargetError, find_modules, model_type
 
@@ -139,7 +139,7 @@ class AdapterModel(nn.Module):
             config.modules_to_save = self._default_modules_to_save()
         try:
             self._add_modules_to_save(adapter_name, config.modules_to_save or [])
-            injector(config.method)(self, adapter_name, config)
+            method(config.method).inject(self, adapter_name, config)
         except BaseException:
             self._remove_adapter_entries(adapter_name)
             raise
