@@ -1,8 +1,8 @@
 """Zero-initialized attention (LLaMA-Adapter) with linear and non-linear prompts.
 
 In each of the top L attention layers, n prompt vectors P_l (n x hidden) go
-through the layer's own frozen key and value projections, without rotary
-position or norm: ``K_P = W_k P_l``, ``V_P = W_v P_l``. Every query attends
+through the layer's own frozen key and value projections (and the model's key
+norm, if any), without rotary position: ``K_P = W_k P_l``, ``V_P = W_v P_l``. Every query attends
 to them with a softmax of its own, and the result, gated per head by
 ``tanh(g_{l,h})``, is added to the ordinary attention output before the
 output projection (so W_o's bias is applied once)::
