@@ -43,7 +43,7 @@ GENERATING = [(m, f) for m, f in CLAIMED if TABLE[m].generates_with_cache and f 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "support.md"
 
 
-def ids(pairs):
+def names(pairs):
     return [f"{m}-{f}" for m, f in pairs]
 
 
@@ -113,7 +113,7 @@ def test_vision_only_methods_claim_only_image_encoders_and_do_not_generate():
 
 def support_tables() -> str:
     """docs/support.md's tables, made from the registry."""
-    names = list(TABLE)
+    columns = list(TABLE)
     families = [f for f in FAMILIES if any(f in spec.families for spec in TABLE.values())]
     mark = {True: "yes", False: "no"}
     lines = [
@@ -122,15 +122,15 @@ def support_tables() -> str:
         *(f"| {s.name} | {mark[s.identity_at_init]} | {mark[s.mergeable]} | {mark[s.generates_with_cache]} "
           f"| {mark[s.vision_only]} |" for s in TABLE.values()),
         "",
-        "| model_type | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-        *(f"| {f} | " + " | ".join("✓" if f in TABLE[n].families else "—" for n in names) + " |" for f in families),
+        "| model_type | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(f"| {f} | " + " | ".join("✓" if f in TABLE[m].families else "—" for m in columns) + " |" for f in families),
     ]
     return "\n".join(lines)
 
 
 def test_docs_show_the_support_table():
-    text = DOCS.read_text()
+    text = DOCS.read_text(encoding="utf-8")
     found = re.search(r"<!-- support-table:start -->\n(.*?)\n<!-- support-table:end -->", text, re.S)
     expected = support_tables()
     assert found is not None and found.group(1) == expected, (
@@ -141,17 +141,18 @@ def test_docs_show_the_support_table():
 # -- the checklist, on every claimed pair --------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_identity_at_init_as_promised(method, family):
     p = pair(method, family)
     assert torch.equal(p.at_init, p.base_logits) == p.spec.identity_at_init
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_only_adapter_parameters_get_gradients(method, family):
-    model = pair(method, family).model
+    p = pair(method, family)
+    model = p.model
     model.zero_grad(set_to_none=True)
-    model(**pair(method, family).batch).loss.backward()
+    model(**p.batch).loss.backward()
     trainable = {n for n, q in model.named_parameters() if q.requires_grad}
     with_grad = {n for n, q in model.named_parameters() if q.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -159,7 +160,7 @@ def test_only_adapter_parameters_get_gradients(method, family):
     assert all(".adapters.default." in n for n in trainable), sorted(trainable)
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_training_moves_the_adapter_and_leaves_base_weights(method, family):
     p = pair(method, family)
     assert not torch.allclose(p.trained, p.at_init)
@@ -168,7 +169,7 @@ def test_training_moves_the_adapter_and_leaves_base_weights(method, family):
     assert all(torch.equal(weights[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_save_then_load_onto_a_fresh_base_is_exact(method, family, tmp_path):
     p = pair(method, family)
     p.model.save_adapter(tmp_path / "adapter")
@@ -177,7 +178,7 @@ def test_save_then_load_onto_a_fresh_base_is_exact(method, family, tmp_path):
     assert loaded.trainable_parameters()[0] == 0  # loaded for inference unless asked otherwise
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_merge_and_unmerge_are_exact_or_refused(method, family):
     p = pair(method, family)
     if not p.spec.mergeable:
@@ -195,21 +196,21 @@ def test_merge_and_unmerge_are_exact_or_refused(method, family):
     torch.testing.assert_close(logits(plain, p.batch), p.trained, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method, family", GENERATING, ids=ids(GENERATING))
+@pytest.mark.parametrize("method, family", GENERATING, ids=names(GENERATING))
 def test_greedy_generate_with_cache_equals_without(method, family):
     model = pair(method, family).model
-    ids_ = tiny_batch(family, batch=2, seq=6, seed=2)["input_ids"]
-    mask = torch.ones_like(ids_)
+    ids = tiny_batch(family, batch=2, seq=6, seed=2)["input_ids"]
+    mask = torch.ones_like(ids)
     mask[1, :2] = 0  # the second row is left-padded
     kw = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
           "output_logits": True, "return_dict_in_generate": True}
-    cached = model.generate(ids_.masked_fill(mask == 0, 0), use_cache=True, **kw)
-    uncached = model.generate(ids_.masked_fill(mask == 0, 0), use_cache=False, **kw)
+    cached = model.generate(ids.masked_fill(mask == 0, 0), use_cache=True, **kw)
+    uncached = model.generate(ids.masked_fill(mask == 0, 0), use_cache=False, **kw)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_gradient_checkpointing_gives_the_same_gradients(method, family):
     p = pair(method, family)
     model = p.model
@@ -235,7 +236,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, family):
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method, family", CLAIMED, ids=ids(CLAIMED))
+@pytest.mark.parametrize("method, family", CLAIMED, ids=names(CLAIMED))
 def test_several_adapters_switch_and_disable(method, family):
     p = pair(method, family)
     model = p.model
@@ -261,7 +262,7 @@ def test_several_adapters_switch_and_disable(method, family):
 # -- every other pair is refused -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, family", REFUSED, ids=ids(REFUSED))
+@pytest.mark.parametrize("method, family", REFUSED, ids=names(REFUSED))
 def test_unclaimed_pairs_are_refused_by_name_and_leave_the_model_as_it_was(method, family):
     model = copy.deepcopy(base(family))
     implementation = model.config._attn_implementation
