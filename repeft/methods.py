@@ -29,8 +29,10 @@ class Method:
     """One row of the support table.
 
     ``families``: the ``config.model_type`` values the method is claimed for,
-    each tested; adding it to any other model is refused with a message that
-    names the model type. The promises hold with the method's default options:
+    each tested; with its default options, adding it to any other model is
+    refused with a message that names the model type (LoRA and RepLoRA still
+    take explicit ``target_modules`` on any architecture). The promises hold
+    with the method's default options:
     ``identity_at_init`` (a new adapter leaves the outputs unchanged),
     ``generates_with_cache`` (greedy ``generate()`` with KV cache equals it
     without, on families that generate), ``vision_only`` (it needs a ViT-family
