@@ -19,7 +19,7 @@ from .config import LoRAConfig
 from .kernels import add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
 from .methods import register_method
-from .targeting import resolve_targets
+from .targeting import DEFAULT_TARGET_MODULES, resolve_targets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -179,6 +179,8 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
         layer.adapters[name] = place_beside(make_factors(layer), layer.base_layer)
 
 
-@register_method("lora")
+@register_method(
+    "lora", families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False
+)
 def inject_lora(model, name: str, config: LoRAConfig) -> None:
     inject_low_rank(model, name, config, lambda layer: LoRAFactors(layer.in_features, layer.out_features, config))

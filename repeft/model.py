@@ -25,7 +25,7 @@ from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_a
 from .kernels import triton_unavailable_reason
 from .layers import AdapterLayer, ModulesToSave
 from .lora import LoRALinear
-from .methods import injector
+from .methods import method
 from .quantization import keep_standard_layout
 from .targeting import TargetError, find_modules, model_type
 
@@ -219,7 +219,7 @@ class AdapterModel(nn.Module):
             config.modules_to_save = self._default_modules_to_save()
         try:
             self._add_modules_to_save(adapter_name, config.modules_to_save or [])
-            injector(config.method)(self, adapter_name, config)
+            method(config.method).inject(self, adapter_name, config)
         except BaseException:
             self._remove_adapter_entries(adapter_name)
             raise

@@ -293,7 +293,7 @@ def attach_prompts(model, adapter_name: str, tokens: PromptTokens) -> None:
     container.adapters[adapter_name] = place_beside(tokens, backbone).train(backbone.training)
 
 
-@register_method("vpt")
+@register_method("vpt", families=VIT_FAMILIES, identity_at_init=False, generates_with_cache=False, vision_only=True)
 def inject_vpt(model, adapter_name: str, config: VPTConfig) -> None:
     _, backbone = vit_backbone(model.base_model)
     c = backbone.config

@@ -166,8 +166,8 @@ def test_targets_by_suffix_and_regex():
 def test_unsupported_architecture_without_targets_explains_what_to_pass():
     import transformers as tf
 
-    base = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=50))
-    with pytest.raises(repeft.TargetError, match="no default target_modules for model_type 'gpt_neox'.*query_key_value"):
+    base = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=50))
+    with pytest.raises(repeft.TargetError, match="no default target_modules for model_type 'bloom'.*query_key_value"):
         repeft.wrap(base, repeft.LoRAConfig())
 
 
