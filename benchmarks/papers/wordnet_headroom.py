@@ -24,7 +24,7 @@ fractions are of that pool, drawn per seed by ``common.stratified_subsample``
   the shared harness (``common.run_grid``: AdamW, warm-up + linear decay); not
   tuned, so a lower bound on what LoRA reaches.
 
-    python benchmarks/papers/wordnet_headroom.py             # default: ~12 min on 2 idle CPU cores
+    python benchmarks/papers/wordnet_headroom.py             # default: ~15 CPU-minutes (at most 15 min on 2 idle cores)
     python benchmarks/papers/wordnet_headroom.py --steps 150 --head-lr 2e-3 --tag steps150   # the first, shorter run
     python benchmarks/papers/wordnet_headroom.py --full      # GPU-sized: 5 fractions, 3 LoRA seeds, more steps
 
