@@ -135,9 +135,12 @@ def test_label_names_from_data_builtin_and_recipe(tmp_path):
 
 def test_builtin_registry_hooks():
     assert "minilm" in registry.model_names() and "bytes" in registry.tokenizer_names()
-    assert {"sms_spam", "digits", "mnist_5k"} <= set(registry.dataset_names())
+    assert {"sms_spam", "wordnet_supersenses", "digits", "mnist_5k"} <= set(registry.dataset_names())
     rows = read_rows("builtin:sms_spam:test", "train", limit=3)
     assert len(rows) == 3 and set(rows[0]) == {"text", "label"}
+    wordnet = registry.dataset("wordnet_supersenses")
+    assert wordnet.kind == "text" and len(wordnet.labels) == 40 and wordnet.labels[1] == "noun.animal"
+    assert len(read_rows("builtin:wordnet_supersenses", "test")) == 2292
     images = read_rows("builtin:digits", "train", limit=2)
     assert images[0]["pixel_values"].shape == (1, 8, 8)
     assert registry.resolve_model("some/local/dir") == "some/local/dir"
