@@ -17,7 +17,7 @@ from . import vapt as _vapt  # noqa: F401,E402  (registers the "vapt" method)
 from . import zero_init as _zero_init  # noqa: F401,E402  (registers the "zero_init" method)
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, RepLoRAConfig, ZeroInitConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
-from .model import AdapterModel, load_adapter, wrap  # noqa: E402
+from .model import AdapterModel, get_peft_model, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft  # noqa: E402
 from .prefix import fold_prefix  # noqa: E402  (importing it registers the "prefix" method)
 from .export import MergedExport, export_merged  # noqa: E402
@@ -42,6 +42,7 @@ __all__ = [
     "export_peft",
     "fold_prefix",
     "from_peft",
+    "get_peft_model",
     "load_adapter",
     "prepare_quantized_model",
     "wrap",
