@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -394,8 +396,37 @@ class _Run:
 # -- setup ---------------------------------------------------------------------------------
 
 
+class LaunchError(RuntimeError):
+    """The processes started are not the ones asked for."""
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but started this one alone.
+
+    ``accelerate launch --num_processes N`` (accelerate 1.15) starts a single
+    process with ``--cpu``, and also without ``--multi_gpu`` on a machine with
+    fewer than two GPUs; only the environment shows it: ``MASTER_ADDR`` is set
+    (for N > 1) but no ``WORLD_SIZE``.
+    """
+    env = os.environ
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = ["-m", spec.name.removesuffix(".__main__")] if spec is not None else [sys.argv[0]]
+    command = shlex.join(["accelerate", "launch", "--multi_gpu", "--num_processes", "N", *program, *sys.argv[1:]])
+    raise LaunchError(
+        "accelerate launch asked for several processes but started this one alone (it does so with --cpu, "
+        "and without --multi_gpu unless there are several GPUs), so it would train alone. "
+        f"For N processes on the CPU, joined with gloo, run:\n  {command}\n"
+        "(on a machine with GPUs, put CUDA_VISIBLE_DEVICES= in front to keep them on the CPU); "
+        "for one process, run the command without accelerate launch."
+    )
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """An ``Accelerator`` for the recipe's precision and accumulation, joined with the other processes."""
+    check_launch()
     precision = recipe.train.mixed_precision
     if precision == "auto":
         # Under `accelerate launch` its flag or config decides; run directly, bf16 where the GPU has it.
@@ -415,7 +446,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
+        raise LaunchError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
     return accelerator
 
 
