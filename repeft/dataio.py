@@ -195,7 +195,9 @@ def collator(task: str, pad_token_id: int) -> Callable[[list[Example]], dict[str
 
     Packed rows (with ``position_ids``) get no attention mask: the model tells
     their examples apart by the restarting positions; the padding counts as
-    one more example, after the real ones, so none of them attends to it.
+    one more example, after the real ones, so none of them attends to it. They
+    also get ``use_cache=False``: with a cache transformers' masks ignore the
+    restarting positions (``masking_utils``), and examples would see each other.
     """
 
     def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -218,7 +220,7 @@ def collator(task: str, pad_token_id: int) -> Callable[[list[Example]], dict[str
         if task != "causal_lm":
             labels = torch.stack([e["labels"] for e in examples])
         if "position_ids" in examples[0]:
-            return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+            return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "use_cache": False}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     return collate

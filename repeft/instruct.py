@@ -130,8 +130,8 @@ class Truncation:
 
     examples: int = 0
     overlong: int = 0  # longer than max_length
-    cut_response: int = 0  # cut, and the cut removed trained (response) tokens
-    dropped: int = 0  # left out: by data.truncation=drop, or no response token left after the cut
+    cut_response: int = 0  # kept but cut, losing trained (response) tokens
+    dropped: int = 0  # left out: by data.truncation=drop, or no response token left within max_length
     longest: int = 0
 
     def describe(self, source: str, max_length: int, policy: str) -> str | None:
@@ -158,18 +158,18 @@ def truncate(
     kept = []
     for example in encoded:
         ids, labels = example["input_ids"], example["labels"]
-        if len(ids) > max_length:
+        cut = len(ids) > max_length
+        if cut:
             report.overlong += 1
             if policy == "drop":
                 report.dropped += 1
                 continue
-            if any(label != IGNORE for label in labels[max_length:]):
-                report.cut_response += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE for label in labels):
+        if all(label == IGNORE for label in labels[:max_length]):
             report.dropped += 1  # the prompt alone fills max_length: nothing left to learn from
             continue
-        kept.append({"input_ids": ids, "labels": labels})
+        if cut and any(label != IGNORE for label in labels[max_length:]):
+            report.cut_response += 1
+        kept.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
     if policy == "error" and report.overlong:
         raise RecipeError(
             f"{source}: {report.overlong} of {report.examples} examples are longer than data.max_length={max_length} "
@@ -222,8 +222,9 @@ def pack(examples: list[dict[str, torch.Tensor]], max_length: int) -> list[dict[
 def check_packing(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) -> None:
     """Refuse packing on a model whose examples would see each other in a packed row.
 
-    Runs the first row holding two examples packed and each example alone,
-    and compares the logits.
+    Runs the first row holding two examples packed (as the collator passes
+    it: restarting ``position_ids``, no attention mask, no cache) and each
+    example alone, and compares the logits.
     """
     row = next((r for r in rows if (r["position_ids"] == 0).sum() > 1), None)
     if row is None:
@@ -234,7 +235,8 @@ def check_packing(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) -
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    packed = model(input_ids=ids[None].to(device), position_ids=positions[None].to(device)).logits[0].float()
+    packed = model(input_ids=ids[None].to(device), position_ids=positions[None].to(device), use_cache=False)
+    packed = packed.logits[0].float()
     alone = torch.cat(
         [model(input_ids=ids[None, a:b].to(device)).logits[0].float() for a, b in zip(starts[:2], (starts[1], end))]
     )

@@ -294,6 +294,7 @@ class _Run:
     # samples, tokens since the last log) with its start time.
     epoch: int = field(init=False)
     bar: tqdm = field(init=False)
+    bar_ended_at: float | None = field(default=None, init=False)  # when the bar last drew before a printed line
     window: torch.Tensor = field(init=False)
     window_started: float = field(init=False)
 
@@ -498,8 +499,10 @@ class _Run:
             if bar.fp.isatty():
                 bar.write(line)
                 return
-            bar.fp.write("\n")
-            bar.fp.flush()
+            if bar.last_print_t != self.bar_ended_at:  # the bar drew since the last line: end its line
+                bar.fp.write("\n")
+                bar.fp.flush()
+                self.bar_ended_at = bar.last_print_t
         print(line, flush=True)
 
     def finish(self, started: float, resume_dir: Path | None) -> TrainResult:
@@ -866,6 +869,8 @@ def format_summary(result: TrainResult) -> str:
         before = f"{result.eval_before[result.metric]:.4f} before -> " if result.eval_before else ""
         best = f" (best {result.best['value']:.4f} at step {result.best['step']})" if result.best else ""
         lines.append(f"eval {result.metric}: {before}{result.eval_after[result.metric]:.4f} after{best}")
+    if result.stopped_early:
+        lines.append(f"stopped early at step {result.steps} (eval.patience)")
     lines.append(f"adapter: {result.adapter_dir}")
     if result.merged_dir:
         lines.append(f"merged:  {result.merged_dir}")
