@@ -254,14 +254,19 @@ def check_packing(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) -
 
 
 def answer_prompts(
-    conversations: list[list[Message]], tokenizer: Any, template: str | None = None
+    conversations: list[list[Message]], tokenizer: Any, template: str | None = None, max_length: int | None = None
 ) -> list[tuple[list[int], str]]:
-    """(tokenized prompt, expected answer) per conversation: everything before its last assistant turn, and that turn."""
+    """(tokenized prompt, expected answer) per conversation: everything before its last assistant turn, and that turn.
+
+    A prompt longer than ``max_length`` keeps its last ``max_length`` tokens
+    (the end, where the question and the generation prompt are).
+    """
     prompts = []
     for messages in conversations:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         text = render(messages[:last], tokenizer, template, generation_prompt=True)
-        prompts.append((tokenizer(text, add_special_tokens=False)["input_ids"], str(messages[last]["content"])))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append((ids[-max_length:] if max_length else ids, str(messages[last]["content"])))
     return prompts
 
 

@@ -256,7 +256,9 @@ def _answer_prompts(recipe: Recipe, tokenizer: Any, data: _Data) -> list[tuple[l
             "eval.generate / eval.exact_match need prompt/response or messages eval data (data.format), "
             "so that each eval example has a prompt and an answer"
         )
-    return instruct.answer_prompts(conversations(recipe, data.eval_rows, "data.eval"), tokenizer, recipe.data.chat_template)
+    return instruct.answer_prompts(
+        conversations(recipe, data.eval_rows, "data.eval"), tokenizer, recipe.data.chat_template, recipe.data.max_length
+    )
 
 
 @dataclass

@@ -146,6 +146,8 @@ def test_generation_is_greedy_decoding_and_batching_does_not_change_it(tokenizer
     prompts = [p for p, _ in instruct.answer_prompts([[USER, ANSWER], [{"role": "user", "content": "hi"}, ANSWER]],
                                                      tokenizer)]
     assert tokenizer.decode(prompts[1]) == "<|user|>\nhi\n<|assistant|>\n"
+    (cut, expected), = instruct.answer_prompts([[USER, ANSWER]], tokenizer, max_length=5)
+    assert cut == ids("ant|>\n") and expected == "yes"  # a long prompt keeps its end
 
     def greedy(prompt, steps=6):  # the reference: argmax of the full forward, one token at a time, no cache
         tokens = list(prompt)

@@ -222,3 +222,37 @@ def test_the_shipped_instruction_recipe_reads_sms_as_prompts_and_answers():
     rows = read_rows(recipe.data.train, "train", limit=3)
     assert set(rows[0]) == {"prompt", "response"} and rows[0]["prompt"].startswith("Is this SMS message spam or ham?")
     assert {r["response"] for r in read_rows("builtin:sms_spam_instruct", "train", limit=200)} == {"spam", "ham"}
+
+
+@pytest.mark.slow
+def test_two_processes_generate_and_score_like_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from test_train import subprocess_env, train_records
+
+    # max_steps within the first epoch: 1 x 2 micro-batches and 2 x 1 take the same examples each step.
+    common = ["data.packing=true", "train.batch_size=4", "train.max_steps=4", "eval.every=0"]
+    one = train(recipe_from_dict(instruct_recipe(tmp_path, *common, "train.grad_accum=2",
+                                                 f"output.dir={tmp_path / 'one'}")))
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(instruct_recipe(tmp_path, *common, f"output.dir={tmp_path / 'two'}")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "repeft", "train", str(recipe_path)]
+    proc = subprocess.run(command, cwd=tmp_path, check=False, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["eval_after"]["exact_match"] == one.eval_after["exact_match"]
+    fields = ("step", "prompt", "expected", "answer")
+    generated = [[{k: r[k] for k in fields} for r in records(run, "generation")] for run in (tmp_path / "one", tmp_path / "two")]
+    assert generated[0] == generated[1] and len(generated[0]) == 2
+    assert max_diff(adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")) <= 1e-5
+    assert [s for s, _ in train_records(tmp_path / "one")] == [s for s, _ in train_records(tmp_path / "two")]
