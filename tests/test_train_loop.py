@@ -22,7 +22,15 @@ from repeft import instruct
 from repeft.metrics import classification_scores
 from repeft.recipe import apply_overrides, load_recipe, recipe_from_dict
 from repeft.train import build_model, load_tokenizer, train
-from test_train import ROOT, adapter_tensors, max_diff, one_thread_and_fresh_accelerate, tiny_recipe  # noqa: F401
+from test_train import (  # noqa: F401  (the fixture applies here too)
+    ROOT,
+    adapter_tensors,
+    max_diff,
+    one_thread_and_fresh_accelerate,
+    tiny_recipe,
+    train_on_two_processes,
+    train_records,
+)
 
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -226,29 +234,11 @@ def test_the_shipped_instruction_recipe_reads_sms_as_prompts_and_answers():
 
 @pytest.mark.slow
 def test_two_processes_generate_and_score_like_one(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    import yaml
-
-    from test_train import subprocess_env, train_records
-
     # max_steps within the first epoch: 1 x 2 micro-batches and 2 x 1 take the same examples each step.
     common = ["data.packing=true", "train.batch_size=4", "train.max_steps=4", "eval.every=0"]
     one = train(recipe_from_dict(instruct_recipe(tmp_path, *common, "train.grad_accum=2",
                                                  f"output.dir={tmp_path / 'one'}")))
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(instruct_recipe(tmp_path, *common, f"output.dir={tmp_path / 'two'}")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "repeft", "train", str(recipe_path)]
-    proc = subprocess.run(command, cwd=tmp_path, check=False, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_on_two_processes(instruct_recipe(tmp_path, *common, f"output.dir={tmp_path / 'two'}"), tmp_path)
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["eval_after"]["exact_match"] == one.eval_after["exact_match"]
     fields = ("step", "prompt", "expected", "answer")
