@@ -596,7 +596,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         gradient_accumulation_steps=recipe.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         log_with=_trackers(recipe) or None,
-        project_dir=recipe.output.dir,
+        project_dir=recipe.output.dir if recipe.output.trackers else None,  # where TensorBoard writes
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world:

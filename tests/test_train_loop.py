@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 260, "max_position_embeddings": 256,
 }
+
+
+def checkpointing(model) -> bool:
+    # transformers >= 5.2 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing.
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return getattr(model, name)
 
 
 def write_instructions(path: Path, n: int, seed: int) -> str:
@@ -147,6 +154,22 @@ def test_best_adapter_is_written_with_its_exports(tmp_path, monkeypatch):
     assert {"precision_macro", "recall_macro", "f1_macro", "f1/neg", "f1/pos", "precision/pos", "recall/neg"} <= set(eval_record)
 
 
+def test_the_best_adapter_survives_a_resume(tmp_path, monkeypatch):
+    # The best evaluation (step 2) comes before the checkpoint the run resumes from (step 4).
+    scripted_accuracy(monkeypatch, [0.9, 0.5, 0.5, 0.5, 0.5] + [0.5, 0.5, 0.5])
+    raw = tiny_recipe(tmp_path, "train.epochs=1", "eval.every=2", "checkpoint.every=4", "checkpoint.keep=5",
+                      "output.best=true")
+    first = train(recipe_from_dict(raw))
+    run = Path(first.output_dir)
+    best = load_file(str(run / "best" / "adapter" / "adapter_model.safetensors"))
+    shutil.rmtree(run / "best")  # only the checkpoint can give it back
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resumed = train(recipe_from_dict(apply_overrides(raw, [f"checkpoint.resume={run / 'checkpoints' / 'step-00000004'}"])))
+    assert resumed.best == first.best and resumed.best["step"] == 2 and resumed.best_dir == str(run / "best")
+    assert max_diff(load_file(str(run / "best" / "adapter" / "adapter_model.safetensors")), best) == 0.0
+
+
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, monkeypatch, capsys):
     scripted_accuracy(monkeypatch, [0.5, 0.6, 0.6, 0.55, 0.55])  # the last: the evaluation after training
     raw = tiny_recipe(tmp_path, "train.epochs=2", "eval.every=1", "eval.patience=2")
@@ -191,7 +214,7 @@ def test_gradient_checkpointing_is_on_and_changes_nothing(tmp_path, monkeypatch)
     GradientState._reset_state()
     checkpointed = train(recipe_from_dict(tiny_recipe(tmp_path, "train.epochs=1", "train.gradient_checkpointing=true",
                                                       f"output.dir={tmp_path / 'ckpt'}")))
-    assert not wrapped[0].base_model.is_gradient_checkpointing and wrapped[1].base_model.is_gradient_checkpointing
+    assert not checkpointing(wrapped[0].base_model) and checkpointing(wrapped[1].base_model)
     assert max_diff(adapter_tensors(Path(plain.output_dir)), adapter_tensors(Path(checkpointed.output_dir))) <= 1e-6
 
 
@@ -214,7 +237,7 @@ def test_qlora_from_a_recipe(tmp_path):
         result = train(recipe_from_dict(raw))
     model = wrapped[0]
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    assert model.base_model.is_gradient_checkpointing and result.eval_after["loss"] < 10
+    assert checkpointing(model.base_model) and result.eval_after["loss"] < 10
     # The merged export is dequantized, merged in fp32 and loads with transformers alone.
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
