@@ -20,7 +20,7 @@ from . import visual_prompts as _visual_prompts  # noqa: F401,E402  (VPT)
 from . import vapt as _vapt  # noqa: F401,E402
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, RepLoRAConfig, ZeroInitConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
-from .model import AdapterModel, load_adapter, wrap  # noqa: E402
+from .model import AdapterModel, get_peft_model, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft  # noqa: E402
 from .prefix import fold_prefix  # noqa: E402
 from .export import MergedExport, export_merged  # noqa: E402
@@ -45,6 +45,7 @@ __all__ = [
     "export_peft",
     "fold_prefix",
     "from_peft",
+    "get_peft_model",
     "load_adapter",
     "prepare_quantized_model",
     "wrap",

@@ -19,11 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+
 EXAMPLES_TRAIN = """examples:
   repeft train recipes/quickstart.yaml
   repeft train recipes/quickstart.yaml train.max_steps=20 adapter.r=4 output.dir=runs/try
   repeft train recipes/quickstart.yaml --resume
-  accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml
+  accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml   # 2 GPUs
+  accelerate launch --multi_gpu --num_processes 2 -m repeft train recipes/quickstart.yaml  # no GPU: 2 CPU processes
 """
 EXAMPLES_INFO = """examples:
   repeft info runs/quickstart
@@ -65,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repeft", description="Train, export and inspect repeft adapters.", epilog="`repeft COMMAND --help` for more."
     )
+    parser.add_argument("--version", action="version", version=f"repeft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -146,9 +150,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(recipe.to_yaml(), end="")
         return 0
-    from .train import train
+    from .train import LaunchError, train
 
-    train(recipe)
+    try:
+        train(recipe)
+    except LaunchError as exc:
+        print(f"repeft train: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

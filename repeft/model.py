@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -81,6 +83,17 @@ class AdapterModel(nn.Module):
     >>> model.print_trainable_parameters()  # doctest: +SKIP
     >>> out = model(input_ids)  # doctest: +SKIP
     """
+
+    def __new__(cls, base_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> AdapterModel:
+        # transformers' Trainer reads label names and dataset columns off the class's forward,
+        # so each base class gets a subclass whose forward shows the base's signature.
+        if cls is AdapterModel and isinstance(base_model, nn.Module) and not isinstance(base_model, AdapterModel):
+            cls = _adapter_model_class(type(base_model))
+        return super().__new__(cls)
+
+    def __reduce__(self):
+        # The subclass is made at run time, so pickle rebuilds it from the base model's class.
+        return _empty_adapter_model, (type(self.base_model),), self.__getstate__()
 
     def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
@@ -186,6 +199,11 @@ class AdapterModel(nn.Module):
         """The transformers model, with adapter layers still in it."""
         return self.base_model
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        # transformers' Trainer refuses to train a quantized model that carries no adapter.
+        return bool(self.configs)
+
     # -- adapters -----------------------------------------------------------------------
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -266,8 +284,17 @@ class AdapterModel(nn.Module):
         else:
             setattr(parent, child, module)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one that runs and trains; all others are frozen."""
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the one that runs and trains; all others are frozen.
+
+        A list of one name is accepted, as PEFT's and transformers' ``set_adapter`` take lists.
+        """
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(
+                    f"repeft runs one adapter at a time; set_adapter got {list(adapter_name)}: pass one name"
+                )
+            (adapter_name,) = adapter_name
         self._check_known(adapter_name)
         if self.merged_adapter() not in (None, adapter_name):
             raise ValueError(f"adapter {self.merged_adapter()!r} is merged; call unmerge() before switching")
@@ -302,18 +329,66 @@ class AdapterModel(nn.Module):
         ...     base_logits = model(input_ids).logits
         """
         merged = self.merged_adapter()
-        if merged is not None:
-            self.unmerge()
         layers = [layer for _, layer in self.adapter_layers()]
-        for layer in layers:
-            layer.disabled = True
+        before = [layer.disabled for layer in layers]
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
+            for layer, disabled in zip(layers, before):
+                layer.disabled = disabled
             if merged is not None:
                 self.merge(merged)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the plain base model until ``enable_adapter_layers()``; a merged adapter is unmerged."""
+        if self.merged_adapter() is not None:
+            self.unmerge()
+        for _, layer in self.adapter_layers():
+            layer.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``: the active adapter runs again."""
+        for _, layer in self.adapter_layers():
+            layer.disabled = False
+
+    # transformers' names for the same switch (``PreTrainedModel.disable_adapters``).
+    disable_adapters = disable_adapter_layers
+    enable_adapters = enable_adapter_layers
+
+    @property
+    def active_adapters(self) -> AdapterNames:
+        """The active adapter as a list, read as PEFT's property or called as transformers' method.
+
+        >>> model.active_adapters, model.active_adapters()  # doctest: +SKIP
+        (['default'], ['default'])
+        """
+        return AdapterNames([] if self.active_adapter is None else [self.active_adapter])
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """PEFT's name for ``configs``: adapter name -> config."""
+        return self.configs
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model (this wrapper is spent).
+
+        >>> base = model.unload()  # doctest: +SKIP
+        """
+        self.unmerge()
+        for adapter_name in list(self.configs):
+            self.delete_adapter(adapter_name)
+        return self.base_model
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> AdapterModel:
+        """PEFT's ``PeftModel.from_pretrained``: ``repeft.load_adapter`` under the name PEFT users know.
+
+        >>> model = repeft.AdapterModel.from_pretrained(base, "out/adapter")  # doctest: +SKIP
+        """
+        return load_adapter(model, path, adapter_name, trainable=is_trainable)
 
     # -- merging ------------------------------------------------------------------------
 
@@ -441,6 +516,10 @@ class AdapterModel(nn.Module):
             if param.requires_grad:
                 trainable += count
         return trainable, total
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's name for ``trainable_parameters()``."""
+        return self.trainable_parameters()
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters()
@@ -612,6 +691,36 @@ def untie_word_embeddings(config: Any) -> list[tuple[Any, bool]]:
     return before
 
 
+class AdapterNames(list):
+    """A list of adapter names that also answers a call, for code that calls ``active_adapters()``."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
+
+
+@functools.cache
+def _adapter_model_class(base_class: type) -> type[AdapterModel]:
+    """``AdapterModel`` whose ``forward`` shows ``base_class.forward``'s signature and docstring.
+
+    transformers' Trainer takes the label names (``find_labels``) and the dataset
+    columns it keeps from the model class's forward signature, as it takes
+    them from the base model of a PEFT model. The name keeps the base class's
+    (Trainer looks for "QuestionAnswering" in it).
+    """
+
+    def forward(self, *args, **kwargs):
+        return AdapterModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base_class.forward)
+    forward.__doc__ = base_class.forward.__doc__
+    name = f"AdapterModel[{base_class.__name__}]"
+    return type(name, (AdapterModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+def _empty_adapter_model(base_class: type) -> AdapterModel:
+    return nn.Module.__new__(_adapter_model_class(base_class))
+
+
 def _numel(param: torch.Tensor) -> int:
     # bitsandbytes packs two 4-bit values per byte; count the logical weight.
     shape = getattr(param, "quant_state", None)
@@ -634,6 +743,14 @@ def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = "default")
         wrapped = AdapterModel(model)
         wrapped.add_adapter(adapter_name, config)
     return wrapped
+
+
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
+    """PEFT's name for ``wrap``, so a PEFT script changes only its import and config lines.
+
+    >>> model = repeft.get_peft_model(base, repeft.LoRAConfig(r=8))  # doctest: +SKIP
+    """
+    return wrap(model, peft_config, adapter_name)
 
 
 def load_adapter(
