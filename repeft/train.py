@@ -296,7 +296,6 @@ class _Run:
     # samples, tokens since the last log) with its start time.
     epoch: int = field(init=False)
     bar: tqdm = field(init=False)
-    bar_ended_at: float | None = field(default=None, init=False)  # when the bar last drew before a printed line
     window: torch.Tensor = field(init=False)
     window_started: float = field(init=False)
 
@@ -349,7 +348,12 @@ class _Run:
         self.window = torch.zeros(4, device=accelerator.device)
         self.window_started = time.perf_counter()
         self.bar = tqdm(
-            total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process
+            total=self.total_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not accelerator.is_main_process,
+            file=_LineTrackingStream(sys.stderr),
         )
         self.ddp_model.train()
         while state.step < self.total_steps and not self.stopped_early:
@@ -501,10 +505,9 @@ class _Run:
             if bar.fp.isatty():
                 bar.write(line)
                 return
-            if bar.last_print_t != self.bar_ended_at:  # the bar drew since the last line: end its line
+            if not bar.fp.at_line_start:  # the bar drew since the last line: end its line
                 bar.fp.write("\n")
                 bar.fp.flush()
-                self.bar_ended_at = bar.last_print_t
         print(line, flush=True)
 
     def finish(self, started: float, resume_dir: Path | None) -> TrainResult:
@@ -803,6 +806,21 @@ def format_eval(when: str, step: int, metrics: dict[str, float]) -> str:
 
 
 # -- outputs -----------------------------------------------------------------------------------
+
+
+class _LineTrackingStream:
+    """A text stream that remembers whether its output ends a line (tqdm redraws with ``\\r``, no newline)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 class _MetricsLog:
