@@ -44,6 +44,9 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    # Fields added after adapters were first saved, with the value those older files meant:
+    # a saved config that lacks the field was written when this was the only behaviour.
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     modules_to_save: list[str] | None = None
     inference_mode: bool = False
@@ -81,6 +84,20 @@ class AdapterConfig:
     @staticmethod
     def from_json(text: str) -> AdapterConfig:
         return AdapterConfig.from_dict(json.loads(text))
+
+    @staticmethod
+    def from_saved(data: dict[str, Any]) -> AdapterConfig:
+        """``from_dict`` for a config read back from an adapter file, old files included.
+
+        A field the file predates takes the value it had when the file was written
+        (``saved_before``), not today's default: a RepLoRA adapter saved before
+        ``form`` existed loads as ``form="mlp"``, the only form there was.
+
+        >>> AdapterConfig.from_saved({"method": "replora", "r": 4}).form
+        'mlp'
+        """
+        cls = _CONFIG_CLASSES.get(data.get("method"))  # from_dict explains a missing or unknown method
+        return AdapterConfig.from_dict({**(cls.saved_before if cls else {}), **data})
 
 
 @register_config
@@ -136,23 +153,33 @@ class LoRAConfig(AdapterConfig):
 class RepLoRAConfig(LoRAConfig):
     """RepLoRA: A and B are produced by small MLPs from trainable seeds.
 
-    ``A = g_A(A_seed)`` and ``B = g_B(B_seed)`` with ``g(M) = W2 act(W1 M + b1) + b2``
-    applied along ``axis``: ``"rank"`` (each column of A, each row of B is a
-    length-r vector; cost independent of model width) or ``"feature"`` (each
-    row of A / column of B is transformed; W1 is ``mlp_hidden x d``).
-    ``share_mlp`` shares the hidden layer (W1, b1) between A and B; each keeps
-    its own output layer so that g_B's can start at zero, making B = 0 at init.
+    ``A = g_A(A_seed)`` and ``B = g_B(B_seed)``, with g applied to every vector
+    along ``axis``: ``"rank"`` (each column of A, each row of B is a length-r
+    vector; cost independent of model width) or ``"feature"`` (each row of A /
+    column of B is transformed; W1 is ``mlp_hidden x d``). ``form`` picks g:
 
-    >>> RepLoRAConfig(r=8, mlp_hidden=32, activation="gelu").axis
-    'rank'
+    - ``"residual"`` (default): ``g(M) = M + s_M W2 act(W1 M / s_M)``, s_M the RMS of
+      the seed M, no biases, W2 = 0 and the seeds initialised as LoRA's A and B.
+      It is exactly LoRA at init, gradients included, and trains at LoRA's rates.
+    - ``"mlp"``: ``g(M) = W2 act(W1 M + b1) + b2`` with unit-normal seeds and g_B's
+      output layer zero. Trains worse than LoRA (poorly conditioned under Adam);
+      kept for adapters saved before ``form`` existed and for comparisons.
+
+    ``share_mlp`` shares the hidden layer W1 (and b1) between g_A and g_B; each
+    keeps its own output layer, the one that starts at zero.
+
+    >>> RepLoRAConfig(r=8, mlp_hidden=32).form
+    'residual'
     """
 
     method: ClassVar[str] = "replora"
+    saved_before: ClassVar[dict[str, Any]] = {"form": "mlp"}
 
     mlp_hidden: int = 32
-    activation: str = "gelu"
+    activation: str = "tanh"
     share_mlp: bool = False
     axis: str = "rank"
+    form: str = "residual"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,6 +189,8 @@ class RepLoRAConfig(LoRAConfig):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.axis not in ("rank", "feature"):
             raise ValueError(f"axis must be 'rank' or 'feature', got {self.axis!r}")
+        if self.form not in ("residual", "mlp"):
+            raise ValueError(f"form must be 'residual' or 'mlp', got {self.form!r}")
 
 
 @register_config
