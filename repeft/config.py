@@ -16,6 +16,7 @@ _CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {}
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
+NORGA_ACTIVATIONS = ("sigmoid", "tanh", "gelu")
 
 
 def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -202,12 +203,14 @@ class PrefixConfig(AdapterConfig):
     and values of layer l two halves of one MLP output,
     ``K_l, V_l = split(W2 tanh(W1 E_l + b1) + b2)``, from a learned embedding
     ``E_l`` (``n_prefix x embed_dim``, ``embed_dim=None``: the model's hidden
-    size); the MLP (``mlp_hidden`` wide) is shared by all layers unless
-    ``mlp_per_layer``. ``structure="independent"`` learns K_l and V_l directly:
-    the non-shared baseline, and the form ``repeft.fold_prefix`` exports.
-    ``norga=True`` adds the NoRGa gate on prefix scores,
-    ``s -> s + alpha * sigmoid(tau * s)``, with learnable per-layer alpha and tau
-    starting at ``norga_alpha`` and ``norga_tau``.
+    size). ``mlp_per_layer=True`` (default) gives each layer its own MLP,
+    ``mlp_hidden`` (48) wide, as the paper's code does; ``False`` is repeft's
+    own variant, one MLP for all layers. ``structure="independent"`` learns K_l
+    and V_l directly: the non-shared baseline, and the form
+    ``repeft.fold_prefix`` exports. ``norga=True`` adds the NoRGa gate on prefix
+    scores, ``s -> s + alpha * act(tau * s)`` with ``norga_activation`` sigmoid
+    (default), tanh or gelu, and learnable per-layer alpha and tau starting at
+    ``norga_alpha`` and ``norga_tau``.
 
     >>> PrefixConfig(n_prefix=8, norga=True).structure
     'shared'
@@ -218,11 +221,12 @@ class PrefixConfig(AdapterConfig):
     n_prefix: int = 16
     structure: str = "shared"
     embed_dim: int | None = None
-    mlp_hidden: int = 512
-    mlp_per_layer: bool = False
+    mlp_hidden: int = 48
+    mlp_per_layer: bool = True
     norga: bool = False
     norga_alpha: float = 1.0
     norga_tau: float = 1.0
+    norga_activation: str = "sigmoid"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -232,6 +236,8 @@ class PrefixConfig(AdapterConfig):
             _check_positive_int("embed_dim", self.embed_dim)
         if self.structure not in ("shared", "independent"):
             raise ValueError(f"structure must be 'shared' or 'independent', got {self.structure!r}")
+        if self.norga_activation not in NORGA_ACTIVATIONS:
+            raise ValueError(f"norga_activation must be one of {NORGA_ACTIVATIONS}, got {self.norga_activation!r}")
 
 
 @register_config
@@ -244,24 +250,36 @@ class ZeroInitConfig(AdapterConfig):
     rotary); each query attends to them with a separate softmax whose output is
     scaled by ``tanh(g_{l,h})`` per layer and head, ``g = 0`` at init, and added
     to the ordinary attention output. ``prompt_type="linear"``: P_l is a free
-    parameter. ``"nonlinear"``: ``P_l = W2 act(W1 e_l + b1) + b2``, one network
-    (``mlp_hidden`` wide) shared by all layers over per-layer codes e_l
-    (``n_prompt x code_dim``). ``gating="none"``: the baseline the paper calls
-    vanilla attention, no gate and the prompts joined into the tokens' own
-    softmax (not the base model at init).
+    parameter. ``"nonlinear"``: a network (``mlp_hidden`` wide, ``activation``)
+    shared by all layers makes the prompts, as one of the paper's code's two
+    variants (``prompt_network``):
 
-    >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").activation
-    'gelu'
+    - ``"hypermodel"`` (default, the paper's non-linear script): one code e_l
+      (``code_dim``) per layer, ``vec(P_l) = W2 act(W1 e_l + b1) + b2`` gives all
+      n_prompt prompts at once; W2 starts tiny, so the prompts start near zero.
+    - ``"deepshare"``: one code per prompt, ``P_l = W2 act(W1 E_l + b1) + b2`` row by
+      row (E_l is ``n_prompt x code_dim``), W2 scaled so the prompts start at unit
+      spread like linear prompts.
+
+    ``gating="none"``: the baseline the paper calls vanilla attention, no gate
+    and the prompts joined into the tokens' own softmax (not the base model at
+    init).
+
+    >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").prompt_network
+    'hypermodel'
     """
 
     method: ClassVar[str] = "zero_init"
+    # Non-linear prompts saved before prompt_network existed were deepshare ones (GELU, 128 wide).
+    saved_before: ClassVar[dict[str, Any]] = {"prompt_network": "deepshare"}
 
     n_prompt: int = 10
     n_layers: int | None = None
     prompt_type: str = "linear"
+    prompt_network: str = "hypermodel"
     code_dim: int = 64
-    mlp_hidden: int = 128
-    activation: str = "gelu"
+    mlp_hidden: int = 64
+    activation: str = "relu"
     gating: str = "zero_init"
 
     def __post_init__(self) -> None:
@@ -273,6 +291,8 @@ class ZeroInitConfig(AdapterConfig):
             _check_positive_int("n_layers", self.n_layers)
         if self.prompt_type not in ("linear", "nonlinear"):
             raise ValueError(f"prompt_type must be 'linear' or 'nonlinear', got {self.prompt_type!r}")
+        if self.prompt_network not in ("hypermodel", "deepshare"):
+            raise ValueError(f"prompt_network must be 'hypermodel' or 'deepshare', got {self.prompt_network!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.gating not in ("zero_init", "none"):

@@ -83,22 +83,26 @@ class VPTConfig(VisualPromptConfig):
 class VAPTConfig(VisualPromptConfig):
     """VAPT (Le et al., 2025): prompts of layer l >= 1 computed from that layer's patch tokens.
 
-    ``P_l = T + W2 act(W1 T)`` with ``T = A_l · dropout(k_l * LN_l(X_l)) + b_l``, where X_l
-    is the layer input's patch grid, ``k_l * ·`` a ``kernel_size`` x ``kernel_size``
-    filter applied to every channel, and A_l a zero-initialised map from grid positions
-    to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all layers. Layer 0
-    uses static prompts as in VPT. ``image_size`` (int or [height, width]) fixes the
-    patch grid A_l is built for; ``None`` takes the model config's ``image_size``.
+    ``P_l = T + W2 dropout(act(W1 T))`` with ``T = A_l · dropout(k_l * LN_l(X_l)) + b_l``, where
+    X_l is the layer input's patch grid, ``k_l * ·`` a ``kernel_size`` x ``kernel_size``
+    filter applied to every channel (N(0, 1) at init), and A_l a zero-initialised map from
+    grid positions to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all
+    layers. ``channel_dropout`` and ``mlp_dropout`` are the reference code's two dropouts
+    (0.1 each). Layer 0 uses static prompts as in VPT. ``image_size`` (int or [height,
+    width]) fixes the patch grid A_l is built for; ``None`` takes the model config's
+    ``image_size``.
 
     >>> VAPTConfig(n_prompt=10, kernel_size=3, mlp_hidden=8).channel_dropout
     0.1
     """
 
     method: ClassVar[str] = "vapt"
+    saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0}
 
     kernel_size: int = 3
     channel_dropout: float = 0.1
     mlp_hidden: int = 8
+    mlp_dropout: float = 0.1
     activation: str = "relu"
     image_size: int | list[int] | None = None
 
@@ -107,6 +111,7 @@ class VAPTConfig(VisualPromptConfig):
         _check_positive_int("kernel_size", self.kernel_size, "the side of the depthwise filter")
         _check_positive_int("mlp_hidden", self.mlp_hidden, "the hidden width of the feature MLP")
         _check_probability("channel_dropout", self.channel_dropout)
+        _check_probability("mlp_dropout", self.mlp_dropout)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.image_size is not None:

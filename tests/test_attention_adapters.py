@@ -126,7 +126,7 @@ def rope(x, positions, theta=10000.0):
 def hand_written_attention(attn, x, positions, padding, prefix=None, norga=None, prompts=None, gate=None):
     """Causal GQA attention of one llama layer, with prefix keys/values or prompts.
 
-    prefix: (keys, values), (kv_heads, n, head_dim) each; norga: (alpha, tau);
+    prefix: (keys, values), (kv_heads, n, head_dim) each; norga: (alpha, tau, activation);
     prompts: (n, hidden) projected by this layer's k_proj / v_proj, in a softmax
     of their own scaled by tanh(gate), gate: (heads,); with gate=None (vanilla
     attention) they join the tokens' softmax.
@@ -151,8 +151,8 @@ def hand_written_attention(attn, x, positions, padding, prefix=None, norga=None,
         pk, pv = group(prefix[0]), group(prefix[1])
         prefix_scores = q @ pk.transpose(-1, -2) / math.sqrt(d)
         if norga is not None:
-            alpha, tau = norga
-            prefix_scores = prefix_scores + alpha * torch.sigmoid(tau * prefix_scores)
+            alpha, tau, act = norga
+            prefix_scores = prefix_scores + alpha * act(tau * prefix_scores)
         scores = torch.cat([prefix_scores, scores], dim=-1)
         v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=-2)
     out = torch.softmax(scores, dim=-1) @ v
@@ -177,16 +177,19 @@ def captured_attention(model, ids, mask, positions):
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("variant", ["prefix", "prefix-mlp-per-layer-norga", "zero_init-linear", "zero_init-nonlinear",
-                                     "vanilla-linear", "vanilla-nonlinear-top-1"])
+@pytest.mark.parametrize("variant", ["prefix", "prefix-one-mlp-norga", "prefix-norga-tanh", "zero_init-linear",
+                                     "zero_init-nonlinear", "zero_init-deepshare", "vanilla-linear",
+                                     "vanilla-nonlinear-top-1"])
 def test_hooked_llama_matches_hand_written_attention(variant, implementation):
     base = tiny_model("llama")
     base.set_attn_implementation(implementation)
     config = {
         "prefix": METHODS["prefix"](),
-        "prefix-mlp-per-layer-norga": METHODS["prefix"](mlp_per_layer=True, norga=True, norga_alpha=0.7, norga_tau=1.3),
+        "prefix-one-mlp-norga": METHODS["prefix"](mlp_per_layer=False, norga=True, norga_alpha=0.7, norga_tau=1.3),
+        "prefix-norga-tanh": METHODS["prefix"](norga=True, norga_activation="tanh"),
         "zero_init-linear": repeft.ZeroInitConfig(n_prompt=3),
         "zero_init-nonlinear": METHODS["zero_init"](),
+        "zero_init-deepshare": METHODS["zero_init"](prompt_network="deepshare", activation="gelu"),
         "vanilla-linear": METHODS["vanilla"](),
         "vanilla-nonlinear-top-1": METHODS["zero_init"](gating="none", n_layers=1),
     }[variant]
@@ -197,7 +200,8 @@ def test_hooked_llama_matches_hand_written_attention(variant, implementation):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     for layer, (attn, x, out) in enumerate(captured_attention(model, ids, mask, positions)):
         if variant.startswith("prefix"):
-            norga = (adapter.norga_alpha[layer], adapter.norga_tau[layer]) if config.norga else None
+            act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}[config.norga_activation]
+            norga = (adapter.norga_alpha[layer], adapter.norga_tau[layer], act) if config.norga else None
             expected = hand_written_attention(attn, x, positions, mask, prefix=adapter.prefix(layer), norga=norga)
         elif layer < adapter.first_layer:
             expected = hand_written_attention(attn, x, positions, mask)
@@ -212,17 +216,35 @@ def test_hooked_llama_matches_hand_written_attention(variant, implementation):
 def test_shared_prefix_mlp_and_nonlinear_prompts_match_their_formulas():
     model, _ = wrap("llama", METHODS["prefix"]())
     a = model.attention_adapters.adapters["default"]
-    flat = torch.tanh(a.embedding[1] @ a.w1[0] + a.b1[0]) @ a.w2[0] + a.b2[0]  # split(W2 tanh(W1 E_l + b1) + b2)
+    flat = torch.tanh(a.embedding[1] @ a.w1[1] + a.b1[1]) @ a.w2[1] + a.b2[1]  # split(W2_l tanh(W1_l E_l + b1_l) + b2_l)
     keys, values = a.prefix(1)
     torch.testing.assert_close(keys, flat[:, :16].view(3, 2, 8).transpose(0, 1))
     torch.testing.assert_close(values, flat[:, 16:].view(3, 2, 8).transpose(0, 1))
-    assert a.w1.shape[0] == 1 and a.embedding.shape == (2, 3, 32)  # one MLP for both layers, E_l per layer
+    assert a.w1.shape == (2, 32, 16) and a.embedding.shape == (2, 3, 32)  # an MLP and an E_l per layer
+    one, _ = wrap("llama", METHODS["prefix"](mlp_per_layer=False))
+    assert one.attention_adapters.adapters["default"].w1.shape == (1, 32, 16)  # repeft's own: one MLP for all
 
-    model, _ = wrap("llama", METHODS["zero_init"](activation="tanh"))
+    model, _ = wrap("llama", METHODS["zero_init"](prompt_network="deepshare", activation="tanh"))
     z = model.attention_adapters.adapters["default"]
     prompts = z.out.weight @ torch.tanh(z.hidden.weight @ z.codes[1].T + z.hidden.bias[:, None]) + z.out.bias[:, None]
-    torch.testing.assert_close(z.layer_prompts(1), prompts.T)  # P_l = W2 act(W1 e_l + b1) + b2
+    torch.testing.assert_close(z.layer_prompts(1), prompts.T)  # P_l = W2 act(W1 E_l + b1) + b2, row by row
     assert abs(torch.stack([z.layer_prompts(i) for i in range(2)]).std().item() - 1) < 1e-4
+
+    model, _ = wrap("llama", METHODS["zero_init"]())  # hypermodel: one code per layer makes all its prompts
+    h = model.attention_adapters.adapters["default"]
+    assert h.codes.shape == (2, 8)
+    with torch.no_grad():
+        h.out.weight.normal_()  # off its near-zero init
+    flat = h.out.weight @ torch.relu(h.hidden.weight @ h.codes[1] + h.hidden.bias) + h.out.bias
+    torch.testing.assert_close(h.layer_prompts(1), flat.view(3, 32))  # vec(P_l) = W2 relu(W1 e_l + b1) + b2
+
+
+def test_hypermodel_prompts_start_near_zero():
+    model, _ = wrap("llama", repeft.ZeroInitConfig(n_prompt=10, prompt_type="nonlinear"))
+    h = model.attention_adapters.adapters["default"]
+    prompts = torch.stack([h.layer_prompts(i) for i in range(2)])
+    assert prompts.abs().max() < 1e-3 and prompts.abs().max() > 0
+    assert (h.hidden.in_features, h.hidden.out_features, type(h.act).__name__) == (64, 64, "ReLU")  # the paper's script
 
 
 def test_eager_and_sdpa_agree():
@@ -333,10 +355,12 @@ def test_gradient_checkpointing(family, method):
 
 @pytest.mark.parametrize("config", [
     repeft.PrefixConfig(n_prefix=3, structure="independent"),
-    repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, mlp_per_layer=True, embed_dim=8),
+    repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, mlp_per_layer=False, embed_dim=8),
+    repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, norga=True, norga_activation="gelu"),
     repeft.ZeroInitConfig(n_prompt=3, prompt_type="linear", n_layers=1),
+    repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", prompt_network="deepshare", code_dim=8, mlp_hidden=16),
     repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", n_layers=1, gating="none"),
-], ids=["independent", "mlp-per-layer", "zero-init-top-1", "vanilla-nonlinear-top-1"])
+], ids=["independent", "one-mlp", "norga-gelu", "zero-init-top-1", "deepshare", "vanilla-nonlinear-top-1"])
 def test_variants_train_and_round_trip(config, tmp_path):
     model, reference = wrap("llama", config)
     batch = tiny_batch("llama")
@@ -449,6 +473,7 @@ def test_unsupported_architecture_and_implementation_are_refused():
     ({"n_prefix": 0}, "n_prefix must be a positive integer"),
     ({"structure": "mixed"}, "structure must be 'shared' or 'independent'"),
     ({"embed_dim": -1}, "embed_dim must be a positive integer"),
+    ({"norga_activation": "relu"}, "norga_activation must be one of"),
 ])
 def test_bad_prefix_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -458,6 +483,7 @@ def test_bad_prefix_config(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_prompt": True}, "n_prompt must be a positive integer"),
     ({"prompt_type": "deep"}, "prompt_type must be 'linear' or 'nonlinear'"),
+    ({"prompt_network": "hyper"}, "prompt_network must be 'hypermodel' or 'deepshare'"),
     ({"activation": "swish"}, "activation must be one of"),
     ({"gating": "vanilla"}, "gating must be 'zero_init' or 'none'"),
 ])

@@ -1,4 +1,4 @@
-"""RepLoRA's two forms against hand-written maths, LoRA equivalence at init, old files, the eval cache.
+"""RepLoRA's two forms against hand-written maths, LoRA equivalence at init, the eval-mode factor cache.
 
 The design.md checklist (identity, save/load, merge, ...) runs for RepLoRA in test_lora.py.
 """
@@ -6,18 +6,14 @@ The design.md checklist (identity, save/load, merge, ...) runs for RepLoRA in te
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_lora import logits, train_steps
 from tiny_models import tiny_batch, tiny_model
 
 import repeft
 from repeft.replora import RepLoRAFactors
-
-SAVED = Path(__file__).resolve().parent / "data"
 
 
 def q_proj(model, layer=0):
@@ -89,6 +85,11 @@ def test_residual_is_lora_at_init_gradients_included():
     assert q_proj(rep).adapters["default"].out_A.weight.grad.abs().sum() > 0
 
 
+def test_bad_form_is_refused():
+    with pytest.raises(ValueError, match="form must be 'residual' or 'mlp'"):
+        repeft.RepLoRAConfig(form="plain")
+
+
 @pytest.mark.parametrize("form", ["residual", "mlp"])
 def test_both_forms_train_merge_and_export_exactly(form, tmp_path):
     config = repeft.RepLoRAConfig(r=4, lora_alpha=8, mlp_hidden=8, form=form, target_modules=["q_proj", "v_proj"])
@@ -138,31 +139,6 @@ def test_mlp_form_factors_are_spread_out_at_init(axis):
     assert effective_rank(A) > 5
     rows = f.lora_B_seed if axis == "rank" else f.lora_B_seed.T
     assert effective_rank(f.act(f.hidden_B(rows))) > 5
-
-
-# -- adapters saved before `form` existed ---------------------------------------------------
-
-
-def test_adapter_saved_before_the_residual_form_loads_as_before(tmp_path):
-    """tests/data/replora_form_mlp was written by repeft 7779353, before RepLoRA had a `form` field."""
-    saved = SAVED / "replora_form_mlp"
-    model = repeft.load_adapter(tiny_model("llama"), saved)
-    assert model.configs["default"].form == "mlp"
-    expected = load_file(str(saved / "expected_logits.safetensors"))["logits"]
-    torch.testing.assert_close(logits(model, tiny_batch("llama")), expected, atol=1e-5, rtol=0)
-    # ...and keeps its form when saved again, resumed and reloaded.
-    model.save_adapter(tmp_path / "again")
-    again = repeft.load_adapter(tiny_model("llama"), tmp_path / "again", trainable=True)
-    assert again.configs["default"].form == "mlp"
-    torch.testing.assert_close(logits(again, tiny_batch("llama")), expected, atol=1e-5, rtol=0)
-
-
-def test_a_config_without_form_means_the_default_everywhere_but_in_files():
-    assert repeft.AdapterConfig.from_dict({"method": "replora"}).form == "residual"  # recipes, code
-    assert repeft.AdapterConfig.from_saved({"method": "replora"}).form == "mlp"  # files that predate it
-    assert repeft.AdapterConfig.from_saved({"method": "replora", "form": "residual"}).form == "residual"
-    with pytest.raises(ValueError, match="form must be 'residual' or 'mlp'"):
-        repeft.RepLoRAConfig(form="plain")
 
 
 # -- the eval-mode factor cache ---------------------------------------------------------------
