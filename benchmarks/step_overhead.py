@@ -3,7 +3,9 @@
 Variants on one tiny Llama (default h=256, 4 layers, batch 8 x 128 tokens, fp32):
 frozen base (no trainable weights, backward still runs to the inputs), full
 fine-tuning, PEFT LoRA, repeft LoRA, repeft RepLoRA (all r=16 on every linear
-layer of the blocks), and inference of the merged model vs the base.
+layer of the blocks), and inference (eval mode, no grad) of LoRA, RepLoRA (its
+factors cached) and the merged model vs the base. 8k tokens per step:
+``--batch 64`` (64 x 128).
 
     python benchmarks/step_overhead.py --out benchmarks/results
 """
@@ -67,8 +69,9 @@ def main() -> None:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     step_time, memory = measure_training(variants, {"input_ids": tokens, "labels": tokens}, device, args.rounds, args.steps)
 
-    merged = variants["repeft RepLoRA"]
-    merged.eval()
+    # Inference: the adapters unmerged in eval mode (RepLoRA's factors cached), and RepLoRA merged.
+    lora, replora = variants["repeft LoRA"].eval(), variants["repeft RepLoRA"].eval()
+    merged = copy.deepcopy(replora)
     merged.merge()
     base.eval()
 
@@ -76,23 +79,32 @@ def main() -> None:
         with torch.no_grad():
             model(input_ids=tokens)
 
-    infer_time = time_interleaved({"base": lambda: infer(base), "merged": lambda: infer(merged)}, device, args.rounds, args.steps)
+    infer_time = time_interleaved({"base": lambda: infer(base), "merged": lambda: infer(merged),
+                                   "LoRA": lambda: infer(lora), "RepLoRA": lambda: infer(replora)},
+                                  device, args.rounds, args.steps)
 
     ref_time, ref_mem = step_time["frozen base"], memory["frozen base"]["total"]
     rows = {name: {"step_ms": 1e3 * t, "time_ratio": t / ref_time,
                    "memory_mb": memory[name]["total"] / 2**20, "memory_ratio": memory[name]["total"] / ref_mem,
                    "memory_parts_mb": {k: v / 2**20 for k, v in memory[name].items()}}
             for name, t in step_time.items()}
-    rows["merged inference"] = {"step_ms": 1e3 * infer_time["merged"], "time_ratio": infer_time["merged"] / infer_time["base"]}
+    for name, label in (("merged", "merged inference"), ("LoRA", "repeft LoRA inference"),
+                        ("RepLoRA", "repeft RepLoRA inference")):
+        rows[label] = {"step_ms": 1e3 * infer_time[name], "time_ratio": infer_time[name] / infer_time["base"]}
+    replora_vs_lora = {"train_step": step_time["repeft RepLoRA"] / step_time["repeft LoRA"],
+                       "eval_forward": infer_time["RepLoRA"] / infer_time["LoRA"]}
     result = {"benchmark": "step_overhead", "args": {k: str(v) for k, v in vars(args).items()}, "env": environment(),
-              "rows": rows, "base_inference_ms": 1e3 * infer_time["base"]}
+              "rows": rows, "base_inference_ms": 1e3 * infer_time["base"], "replora_vs_lora": replora_vs_lora}
 
     lines = ["| variant | step (ms) | time / frozen base | train memory (MiB) | memory / frozen base |",
              "|---|---:|---:|---:|---:|"]
     for name, row in rows.items():
         mem = f"{row['memory_mb']:.1f} | {row['memory_ratio']:.3f}" if "memory_mb" in row else "- | -"
-        label = name if name != "merged inference" else "merged inference (vs base inference)"
+        label = name if not name.endswith("inference") else f"{name} (vs base inference)"
         lines.append(f"| {label} | {row['step_ms']:.1f} | {row['time_ratio']:.3f} | {mem} |")
+    lines.append("")
+    lines.append(f"RepLoRA / repeft LoRA: train step {replora_vs_lora['train_step']:.3f}x, "
+                 f"eval forward {replora_vs_lora['eval_forward']:.3f}x ({args.batch * args.seq} tokens per step).")
     lines.append("")
     lines.append(f"{args.device}, h={args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq}, fp32, r={args.rank}, "
                  f"dropout {args.dropout}; medians of {args.rounds} interleaved rounds. Train memory = weights + grads + "

@@ -159,9 +159,10 @@ class RepLoRAConfig(LoRAConfig):
     vector; cost independent of model width) or ``"feature"`` (each row of A /
     column of B is transformed; W1 is ``mlp_hidden x d``). ``form`` picks g:
 
-    - ``"residual"`` (default): ``g(M) = M + s_M W2 act(W1 M / s_M)``, s_M the RMS of
-      the seed M, no biases, W2 = 0 and the seeds initialised as LoRA's A and B.
-      It is exactly LoRA at init, gradients included, and trains at LoRA's rates.
+    - ``"residual"`` (default): ``g(M) = M + (s_M / h) W2 act(W1 M / s_M)``, s_M the RMS
+      of the seed M, h = ``mlp_hidden``, no biases, W2 = 0 and the seeds initialised
+      as LoRA's A and B. It is exactly LoRA at init, gradients included, and trains
+      at LoRA's rates.
     - ``"mlp"``: ``g(M) = W2 act(W1 M + b1) + b2`` with unit-normal seeds and g_B's
       output layer zero. Trains worse than LoRA (poorly conditioned under Adam);
       kept for adapters saved before ``form`` existed and for comparisons.

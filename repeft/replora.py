@@ -4,11 +4,12 @@ Two forms (``RepLoRAConfig.form``), both applied to every vector along the
 chosen axis of a seed (along the rank axis, the default, each vector has
 length r, so the MLPs cost ``O(r * mlp_hidden)`` whatever the model width):
 
-- ``"residual"`` (default): ``g(M) = M + s_M W2 act(W1 M / s_M)``, no biases, W2
-  zero and the seeds initialised as LoRA's A and B, with ``s_M`` the RMS of the
-  seed. At init A = A_seed and B = B_seed = 0 with identity Jacobians, so the
-  adapter *is* LoRA (outputs and gradients), and the MLP is a correction
-  that grows from zero at the seed's own scale.
+- ``"residual"`` (default): ``g(M) = M + (s_M / h) W2 act(W1 M / s_M)``, no biases,
+  W2 zero and the seeds initialised as LoRA's A and B, with ``s_M`` the RMS of
+  the seed and h the MLP's width. At init A = A_seed and B = B_seed = 0 with
+  identity Jacobians, so the adapter *is* LoRA (outputs and gradients), and
+  the MLP is a correction that grows from zero, relative to the seed, by at
+  most about lr per Adam step.
 - ``"mlp"``: the plain ``g(M) = W2 act(W1 M + b1) + b2``. Badly conditioned under
   Adam (docs/methods/replora.md has the measurements); kept to load adapters
   saved before the residual form existed and to compare against.
@@ -54,8 +55,20 @@ class RepLoRAFactors(nn.Module):
                 f"share_mlp with axis='feature' needs d_in == d_out, got {in_features} and {out_features}; "
                 "use axis='rank' or share_mlp=False"
             )
+        # Seeds first, then the MLPs: the random draws come in the order LoRA's (A) and the earlier
+        # RepLoRA's made them, so a seed gives the residual form LoRA's first A and form="mlp" its old init.
         self.lora_A_seed = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_B_seed = nn.Parameter(torch.empty(out_features, r, **kw))
+        with torch.no_grad():
+            if self.residual:  # LoRA's own init: nn.Linear's kaiming-uniform A, zero B
+                nn.init.kaiming_uniform_(self.lora_A_seed, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B_seed)
+            else:
+                # Unit-variance seeds, so the MLPs' pre-activations W1 v are of order one and dominate the
+                # hidden bias. With LoRA's tiny kaiming scale every hidden vector was nearly act(b1): all
+                # rows of A (and later of B) came out almost equal, an effective rank of ~1.5 of 8.
+                nn.init.normal_(self.lora_A_seed)
+                nn.init.normal_(self.lora_B_seed)
         # An output bias would add one vector to every column of A: a rank-one part that only sees sum(x).
         bias = not self.residual
         if config.share_mlp:
@@ -66,33 +79,22 @@ class RepLoRAFactors(nn.Module):
         self.act = ACTIVATIONS[config.activation]()
         self.out_A = nn.Linear(hidden, a_dim, bias=bias, **kw)
         self.out_B = nn.Linear(hidden, b_dim, bias=bias, **kw)
-        if self.residual:
-            self._init_as_lora()
-        else:
-            self._init_plain_mlp(in_features)
+        with torch.no_grad():
+            # g_B's output layer is zero, so B = 0 and the model starts as the base model (both forms);
+            # in the residual form g_A's is zero too, so A = A_seed.
+            nn.init.zeros_(self.out_B.weight)
+            if self.residual:
+                nn.init.zeros_(self.out_A.weight)
+            else:
+                nn.init.zeros_(self.out_B.bias)
+                self._match_lora_spread(in_features)
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = config.kernel
         self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @torch.no_grad()
-    def _init_as_lora(self) -> None:
-        # LoRA's own init (nn.Linear's kaiming-uniform A, zero B) and a zero correction.
-        nn.init.kaiming_uniform_(self.lora_A_seed, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B_seed)
-        nn.init.zeros_(self.out_A.weight)
-        nn.init.zeros_(self.out_B.weight)
-
-    @torch.no_grad()
-    def _init_plain_mlp(self, in_features: int) -> None:
-        # Unit-variance seeds, so the MLPs' pre-activations W1 v are of order one and dominate
-        # the hidden bias. With LoRA's tiny kaiming scale every hidden vector was nearly act(b1):
-        # all rows of A (and later of B) came out almost equal, an effective rank of ~1.5 of 8.
-        nn.init.normal_(self.lora_A_seed)
-        nn.init.normal_(self.lora_B_seed)
-        # The last layer of g_B is zero, so B = 0 and the model starts as the base model.
-        nn.init.zeros_(self.out_B.weight)
-        nn.init.zeros_(self.out_B.bias)
+    def _match_lora_spread(self, in_features: int) -> None:
         # Give the materialised A the spread of LoRA's kaiming-uniform A (std 1/sqrt(3 d_in)),
         # so lora_alpha and learning rates mean the same for both methods.
         nn.init.zeros_(self.out_A.bias)
@@ -102,11 +104,14 @@ class RepLoRAFactors(nn.Module):
     def _g(self, rows: torch.Tensor, hidden: nn.Linear, out: nn.Linear) -> torch.Tensor:
         if not self.residual:
             return out(self.act(hidden(rows)))
-        # The seed's RMS makes the correction scale with the seed: g(c M) = c g(M). The MLP sees
-        # order-one inputs and moves A or B relative to their own size, whether the seed is A's
-        # (1/sqrt(3 d_in)) or B's (0 at init, growing at Adam's pace). The floor keeps B = 0 finite.
+        # The seed's RMS makes the correction relative to the seed, g(c M) = c g(M), and gives the MLP
+        # order-one inputs, whether the seed is A's (1/sqrt(3 d_in)) or B's (0 at init, then growing
+        # at Adam's pace; the floor keeps B = 0 finite). The 1/h: Adam moves each entry of W2 by about
+        # lr per step and a shared weight's updates line up, so h of them could move A by h * lr
+        # relative to its size; divided by h the correction grows by at most lr, and the MLP's
+        # Jacobian stays close to the identity, LoRA's, over a run (docs/methods/replora.md).
         rms = rows.pow(2).mean().clamp_min(torch.finfo(rows.dtype).tiny).sqrt()
-        return rows + rms * out(self.act(hidden(rows / rms)))
+        return rows + rms / out.in_features * out(self.act(hidden(rows / rms)))
 
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_A = self.hidden if hasattr(self, "hidden") else self.hidden_A

@@ -34,9 +34,9 @@ def test_residual_factors_match_hand_written_formula(axis, share_mlp):
     A, B = f.factors()
     w1_A, w1_B = (f.hidden.weight,) * 2 if share_mlp else (f.hidden_A.weight, f.hidden_B.weight)
 
-    def g(m, w1, w2):  # g(M) = M + s W2 tanh(W1 M / s), s = RMS(M), on each column of M
+    def g(m, w1, w2):  # g(M) = M + (s / h) W2 tanh(W1 M / s), s = RMS(M), h = 6, on each column of M
         s = rms(m)
-        return m + s * w2 @ torch.tanh(w1 @ m / s)
+        return m + s / 6 * w2 @ torch.tanh(w1 @ m / s)
 
     if axis == "rank":  # columns of A_seed and rows of B_seed are length-r vectors
         expected_A, expected_B = g(f.lora_A_seed, w1_A, f.out_A.weight), g(f.lora_B_seed.T, w1_B, f.out_B.weight).T
@@ -56,6 +56,16 @@ def test_residual_correction_scales_with_its_seed():
         A = f.factors()[0]
         f.lora_A_seed.mul_(1e-3)
         torch.testing.assert_close(f.factors()[0], 1e-3 * A)
+
+
+def test_residual_seed_is_the_a_lora_would_draw():
+    from repeft.lora import LoRAFactors
+
+    torch.manual_seed(0)
+    lora_A = LoRAFactors(16, 12, repeft.LoRAConfig(r=4)).lora_A
+    torch.manual_seed(0)
+    f = RepLoRAFactors(16, 12, repeft.RepLoRAConfig(r=4))
+    assert torch.equal(f.lora_A_seed, lora_A) and torch.equal(f.factors()[0], lora_A)
 
 
 def test_residual_is_lora_at_init_gradients_included():
