@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 # name: (base model, config, batch); each config is that version's default form of the method.
 ADAPTERS = {
     "replora_form_mlp": (lambda: tiny_model("llama"), lambda: repeft.RepLoRAConfig(
-        r=2, lora_alpha=4, mlp_hidden=4, activation="gelu", target_modules=["q_proj", "v_proj"]), lambda: tiny_batch("llama")),
+        r=2, lora_alpha=4, mlp_hidden=4, activation="gelu", target_modules=["q_proj", "v_proj"]),
+        lambda: tiny_batch("llama")),
     "prefix_one_mlp": (lambda: tiny_model("llama"), lambda: repeft.PrefixConfig(n_prefix=3, mlp_hidden=8, norga=True),
                        lambda: tiny_batch("llama")),
     "zero_init_deepshare": (lambda: tiny_model("llama"), lambda: repeft.ZeroInitConfig(
