@@ -93,7 +93,6 @@ class RepLoRAFactors(nn.Module):
         self.kernel = config.kernel
         self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    @torch.no_grad()
     def _match_lora_spread(self, in_features: int) -> None:
         # Give the materialised A the spread of LoRA's kaiming-uniform A (std 1/sqrt(3 d_in)),
         # so lora_alpha and learning rates mean the same for both methods.
