@@ -64,8 +64,10 @@ class SavedActivationBytes(torch.autograd.graph.saved_tensors_hooks):
 def training_memory(model: torch.nn.Module, step: Callable[[], None], forward_loss: Callable[[], torch.Tensor]) -> dict[str, int]:
     """Bytes of weights, gradients, optimizer state and saved activations of one training step.
 
-    On CUDA the allocator's peak is reported too. On CPU there is no allocator
-    peak to read, so the sum of the four parts stands in for it.
+    On CUDA the allocator's peak is reported too, as this model's weights and
+    optimizer state plus the most the step allocated on top of what was there
+    (so other models held by the same process do not count). On CPU there is no
+    allocator peak to read, so the sum of the four parts stands in for it.
     """
     device = next(model.parameters()).device
     step()  # creates optimizer state
@@ -81,10 +83,12 @@ def training_memory(model: torch.nn.Module, step: Callable[[], None], forward_lo
     result = {"weights": weights, "grads": grads, "optimizer": optim, "activations": activations,
               "total": weights + grads + optim + activations}
     if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        result["cuda_peak"] = torch.cuda.max_memory_allocated()
+        result["cuda_peak"] = weights + optim + torch.cuda.max_memory_allocated() - before
     return result
 
 
@@ -108,7 +112,7 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def tiny_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+def tiny_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A random Llama of the size the options give (64-dim heads, 4x MLP), seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +120,7 @@ def tiny_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
                          vocab_size=args.vocab, max_position_embeddings=args.seq)
-    return LlamaForCausalLM(config).to(device)
+    return LlamaForCausalLM(config).to(device, dtype)
 
 
 def measure_training(variants: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], device: torch.device,

@@ -7,15 +7,17 @@ constants, 16-byte aligned pointers and sizes), assembles it with the ptxas
 bundled with triton, and prints shared memory, registers and spills. A config
 that needs more than the SM's 227 KiB of shared memory, spills registers or
 serializes the wgmma pipeline is flagged. It checks compilation and resources
-only; timings need a GPU (benchmarks/kernels.py).
+only; timings need a GPU (benchmarks/lora_kernels.py).
 
-    python benchmarks/kernels_sm90_check.py          # a few minutes on 2 CPU cores
+    python benchmarks/kernels_sm90_check.py                         # a few minutes on 2 CPU cores
+    python benchmarks/kernels_sm90_check.py --kinds decode mixed     # only the decode and mixed-adapter kernels
 
 Written against triton 3.9 (``ASTSource`` signature/attrs format).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import tempfile
@@ -25,13 +27,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from repeft.kernels import lora_triton
+from repeft.kernels import lora_triton, mixed_triton
 
 H100_SMS = 132
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 GEMM_ARGS = ("P Q U V Bias Out seed_ptr M N K R stride_pm stride_pk stride_qk stride_qn stride_um stride_ur "
              "stride_vr stride_vn stride_om stride_on mask_stride_m mask_stride_n keep_scale p").split()
+DECODE_ARGS = ("X W A B Bias Out U M N K R stride_xm stride_xk stride_wn stride_wk stride_ar stride_ak stride_bn "
+               "stride_br stride_om stride_on stride_um stride_ur scale").split()
+SEGMENT_ARGS = ("P Q Scaling Index Out S RED C blocks_per_row stride_pb stride_ps stride_pl stride_qa stride_ql "
+                "stride_qc stride_ob stride_os stride_oc").split()
 SKINNY_ARGS = ("P Q Out seed_ptr ROWS RED C RED_PER_SPLIT stride_pr stride_pl stride_ql stride_qc stride_os "
                "stride_or stride_oc mask_stride_row mask_stride_red scale p").split()
 # Which integer arguments are 1 in each real launch (triton turns those into constants).
@@ -40,7 +46,11 @@ UNIT = {
     "dx": {"stride_pk", "stride_qn", "stride_ur", "stride_vn", "stride_on", "mask_stride_n"},
     "shrink": {"stride_pl", "stride_ql", "stride_oc", "mask_stride_red"},
     "da": {"stride_pr", "stride_qc", "stride_or", "mask_stride_row"},
+    "decode": {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_on", "stride_ur"},
+    "mixed_shrink": {"stride_pl", "stride_ql", "stride_oc"},  # x rows, A rows (read as A^T), u rows
+    "mixed_expand": {"stride_pl", "stride_ql", "stride_oc"},  # u rows, B rows (read as B^T), out rows
 }
+KINDS = ("gemm", "skinny", "decode", "mixed")
 
 
 def compile_sm90(fn, arg_names, types, unit, constexprs, num_warps, num_stages):
@@ -74,7 +84,39 @@ def verdict(shared: int, report: str) -> str:
     return f"smem {shared:6d}  {registers}  {spills}  {' '.join(problems) or 'ok'}"
 
 
+def check_new_kernels(name: str, dtype: torch.dtype, dot: dict, kinds: list[str]) -> None:
+    """The decode kernel and the mixed-adapter kernels, at the configs their launchers pick."""
+    cuda = torch.device("cuda")
+    ptr = "*" + TRITON_TYPE[dtype]
+    for r in (16, 64, 256):
+        rank_block = lora_triton._rank_block(r)
+        if "decode" in kinds:
+            cfg = lora_triton._decode_config(rank_block, dtype, cuda)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            types = [ptr] * 7 + ["i32"] * 16 + ["fp32"]
+            consts = dict(HAS_BIAS=True, BLOCK_M=lora_triton.DECODE_MAX_TOKENS, BLOCK_R=rank_block, **dot, **cfg)
+            shared, report = compile_sm90(lora_triton._lora_decode_kernel, DECODE_ARGS, types, UNIT["decode"], consts,
+                                          warps, stages)
+            print(f"decode {name:9s} r={r:3d} {cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{warps} s{stages}: "
+                  f"{verdict(shared, report)}", flush=True)
+        if "mixed" not in kinds:
+            continue
+        for S in (1, 512):
+            cfg = mixed_triton._mixed_config(S, rank_block, dtype, cuda)
+            for stage, scaled, block_red, block_c in (("shrink", True, cfg["BLOCK_K"], rank_block),
+                                                      ("expand", False, min(rank_block, 64), cfg["BLOCK_N"])):
+                types = [ptr, ptr, "*fp32", "*i64", ptr] + ["i32"] * 13
+                consts = dict(SCALED=scaled, ACCUMULATE=not scaled, BLOCK_S=cfg["BLOCK_S"], BLOCK_RED=block_red,
+                              BLOCK_C=block_c, **dot)
+                shared, report = compile_sm90(mixed_triton._segment_matmul_kernel, SEGMENT_ARGS, types,
+                                              UNIT[f"mixed_{stage}"], consts, cfg["num_warps"], cfg["num_stages"])
+                print(f"mixed  {name:9s} {stage} S={S:3d} r={r:3d}: {verdict(shared, report)}", flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="which kernels to compile")
+    kinds = parser.parse_args().kinds
     lora_triton._num_sms = lambda device: H100_SMS
     cuda = torch.device("cuda")
     seen = set()
@@ -82,7 +124,10 @@ def main() -> None:
         ptr = "*" + TRITON_TYPE[dtype]
         dot = dict(INPUT_PRECISION=precision, UPCAST=False)
         name = TRITON_TYPE[dtype] if precision is None else f"{TRITON_TYPE[dtype]}/{precision}"
+        check_new_kernels(name, dtype, dot, kinds)
         for M, N in ((8192, 8192), (2048, 4096), (512, 1024), (1, 4096)):
+            if "gemm" not in kinds:
+                break
             for kind, has_dropout in (("forward", False), ("dx", False), ("dx", True)):
                 cfg = dict(lora_triton._gemm_config(M, N, dtype, cuda, has_dropout))
                 key = (name, kind, has_dropout, tuple(cfg.items()))
@@ -98,6 +143,8 @@ def main() -> None:
                       f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{warps} s{stages}: {verdict(shared, report)}",
                       flush=True)
         for kind, has_dropout in (("shrink", False), ("shrink", True), ("da", False), ("da", True)):
+            if "skinny" not in kinds:
+                break
             for r in (16, 256):
                 block_c = lora_triton._rank_block(r)
                 cfg = lora_triton._skinny_config(dtype, r, cuda)

@@ -11,19 +11,22 @@ True
 
 __version__ = "0.1.0"
 
-from . import lora as _lora  # noqa: F401,E402  (registers the "lora" method)
-from . import replora as _replora  # noqa: F401,E402  (registers the "replora" method)
-from . import vapt as _vapt  # noqa: F401,E402  (registers the "vapt" method)
-from . import zero_init as _zero_init  # noqa: F401,E402  (registers the "zero_init" method)
+# Importing a method's module registers it; this order is the support table's (docs/support.md).
+from . import lora as _lora  # noqa: F401,E402
+from . import replora as _replora  # noqa: F401,E402
+from . import prefix as _prefix  # noqa: F401,E402
+from . import zero_init as _zero_init  # noqa: F401,E402
+from . import visual_prompts as _visual_prompts  # noqa: F401,E402  (VPT)
+from . import vapt as _vapt  # noqa: F401,E402
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, RepLoRAConfig, ZeroInitConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
-from .model import AdapterModel, load_adapter, wrap  # noqa: E402
+from .model import AdapterModel, get_peft_model, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft  # noqa: E402
-from .prefix import fold_prefix  # noqa: E402  (importing it registers the "prefix" method)
+from .prefix import fold_prefix  # noqa: E402
 from .export import MergedExport, export_merged  # noqa: E402
 from .quantization import prepare_quantized_model  # noqa: E402
 from .targeting import TargetError  # noqa: E402
-from .visual_prompts import VAPTConfig, VPTConfig  # noqa: E402  (registers the "vpt" method)
+from .visual_prompts import VAPTConfig, VPTConfig  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "export_peft",
     "fold_prefix",
     "from_peft",
+    "get_peft_model",
     "load_adapter",
     "prepare_quantized_model",
     "wrap",

@@ -31,7 +31,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .layers import AdapterLayer
+from .layers import AdapterLayer, place_beside
 
 # Base implementations the adapters can run on, with the mask function each reads.
 BASE_MASKS = {"sdpa": sdpa_mask, "eager": eager_mask}
@@ -46,26 +46,50 @@ class Family:
     """Where an architecture keeps what attention adapters need.
 
     ``attention``: class name of its self-attention module. ``kv_proj``: its
-    frozen key and value projections, as two layer names, or one fused layer
-    whose output is ``[query | key | value]``.
+    frozen key and value projections, as two layer names or one fused layer.
+    ``fused``: the fused layer's layout, ``"blocks"`` (``[query | key | value]``,
+    GPT-2, Phi-3) or ``"per_head"`` (``[q_h | k_h | v_h]`` head after head,
+    GPT-NeoX). ``key_norm``: the norm the model puts on its keys before rotary
+    (Qwen3, Gemma 3, OLMo 2), which prompts projected through ``kv_proj`` get
+    too; ``key_norm_per_head``: whether it normalises each head's features
+    (Qwen3, Gemma 3) or all key features at once (OLMo 2).
     """
 
     attention: str
     kv_proj: tuple[str, ...]
+    fused: str = "blocks"
+    key_norm: str | None = None
+    key_norm_per_head: bool = True
 
 
-# The architectures tested in tests/test_attention_adapters.py; anything else is refused.
+_SEPARATE = ("k_proj", "v_proj")
+# The architectures tested in tests/test_attention_adapters.py and tests/test_conformance.py; anything else is refused.
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaAttention", ("k_proj", "v_proj")),
-    "mistral": Family("MistralAttention", ("k_proj", "v_proj")),
-    "qwen2": Family("Qwen2Attention", ("k_proj", "v_proj")),
-    "gemma": Family("GemmaAttention", ("k_proj", "v_proj")),
+    "llama": Family("LlamaAttention", _SEPARATE),
+    "mistral": Family("MistralAttention", _SEPARATE),
+    "mixtral": Family("MixtralAttention", _SEPARATE),
+    "qwen2": Family("Qwen2Attention", _SEPARATE),
+    "qwen2_moe": Family("Qwen2MoeAttention", _SEPARATE),
+    "qwen3": Family("Qwen3Attention", _SEPARATE, key_norm="k_norm"),
+    "gemma": Family("GemmaAttention", _SEPARATE),
+    "gemma2": Family("Gemma2Attention", _SEPARATE),
+    "gemma3_text": Family("Gemma3Attention", _SEPARATE, key_norm="k_norm"),
+    "olmo2": Family("Olmo2Attention", _SEPARATE, key_norm="k_norm", key_norm_per_head=False),
     "phi3": Family("Phi3Attention", ("qkv_proj",)),
     "gpt2": Family("GPT2Attention", ("c_attn",)),
+    "gpt_neox": Family("GPTNeoXAttention", ("query_key_value",), fused="per_head"),
+    "opt": Family("OPTAttention", _SEPARATE),
     "bert": Family("BertSelfAttention", ("key", "value")),
     "roberta": Family("RobertaSelfAttention", ("key", "value")),
-    "vit": Family("ViTAttention", ("k_proj", "v_proj")),
-    "dinov2": Family("Dinov2Attention", ("k_proj", "v_proj")),
+    "vit": Family("ViTAttention", _SEPARATE),
+    "deit": Family("DeiTAttention", _SEPARATE),
+    "dinov2": Family("Dinov2Attention", _SEPARATE),
+    "dinov2_with_registers": Family("Dinov2WithRegistersAttention", _SEPARATE),
+}
+# Architectures checked and found not to fit, with the reason their refusal gives.
+UNFIT: dict[str, str] = {
+    "t5": "T5 adds a learned relative position bias to every attention score, which has no value for prefix keys",
+    "falcon": "Falcon computes attention inline instead of through transformers' AttentionInterface",
 }
 
 
@@ -163,20 +187,41 @@ class AttentionCall:
         base = base.to(dtype).expand(*prefix_bias.shape[:-1], self.key.shape[2])
         return torch.cat([prefix_bias.to(dtype), base], dim=-1)
 
+    def scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """Every query's attention logits for extra ``keys`` ``(kv_heads, n, head_dim)``: ``(batch, heads, q_len, n)``.
+
+        They are what the model computes for its own keys: scaled, one key head
+        per group of query heads, and soft-capped where the model caps its
+        logits (Gemma 2's ``attn_logit_softcapping``); no mask.
+        """
+        query = self.query
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[0], dim=0)
+        scores = self.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
+        softcap = self.kwargs.get("softcap")
+        return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``states`` (n, hidden) from the layer's own projections, no rotary.
 
         Returns two ``(kv_heads, n, head_dim)`` tensors, split into heads the way
-        the model splits its own keys.
+        the model splits its own keys, keys through the model's key norm if it has one.
         """
         kv_heads, head_dim = self.key.shape[1], self.key.shape[-1]
-        names = self.family.kv_proj
-        if len(names) == 2:
-            keys, values = (getattr(self.module, name)(states) for name in names)
-        else:  # fused [query | key | value]: keys and values are the last 2 * kv_heads * head_dim features
-            fused = getattr(self.module, names[0])(states)
+        family = self.family
+        if len(family.kv_proj) == 2:
+            keys, values = (getattr(self.module, name)(states) for name in family.kv_proj)
+        elif family.fused == "per_head":
+            _, keys, values = getattr(self.module, family.kv_proj[0])(states).view(-1, kv_heads, 3, head_dim).unbind(2)
+        else:  # [query | key | value]: keys and values are the last 2 * kv_heads * head_dim features
+            fused = getattr(self.module, family.kv_proj[0])(states)
             keys, values = fused[..., -2 * kv_heads * head_dim :].chunk(2, dim=-1)
-        return tuple(t.view(-1, kv_heads, head_dim).transpose(0, 1) for t in (keys, values))
+        norm = getattr(self.module, family.key_norm) if family.key_norm else None
+        if norm is not None and not family.key_norm_per_head:
+            keys = norm(keys.reshape(-1, kv_heads * head_dim))
+        keys, values = (t.reshape(-1, kv_heads, head_dim).transpose(0, 1) for t in (keys, values))
+        if norm is not None and family.key_norm_per_head:
+            keys = norm(keys)
+        return keys, values
 
 
 class AttentionAdapter(nn.Module):
@@ -264,9 +309,10 @@ def attention_adapters(model) -> AttentionAdapters:
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
+        why = f" ({UNFIT[model_type]})" if model_type in UNFIT else ""
         raise ValueError(
             f"attention adapters (prefix, zero-init) support the model types {', '.join(FAMILIES)}; "
-            f"{type(base).__name__} has model_type {model_type!r}. LoRA and RepLoRA work on any architecture."
+            f"{type(base).__name__} has model_type {model_type!r}{why}. LoRA and RepLoRA work on any architecture."
         )
     family = FAMILIES[model_type]
     modules = [
@@ -303,5 +349,4 @@ def attention_adapters(model) -> AttentionAdapters:
 def add_attention_adapter(model, name: str, make: Callable[[Geometry], AttentionAdapter]) -> None:
     """Injector helper: attach ``make(geometry)`` as adapter ``name`` of the model's attention layer."""
     layer = attention_adapters(model)
-    device = next(model.base_model.parameters()).device
-    layer.adapters[name] = make(layer.geometry).to(device)
+    layer.adapters[name] = place_beside(make(layer.geometry), model.base_model)

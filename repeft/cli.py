@@ -14,21 +14,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from . import __version__
 
 EXAMPLES_TRAIN = """examples:
   repeft train recipes/quickstart.yaml
   repeft train recipes/quickstart.yaml train.max_steps=20 adapter.r=4 output.dir=runs/try
   repeft train recipes/quickstart.yaml --resume
-  accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml
+  accelerate launch --num_processes 2 -m repeft train recipes/quickstart.yaml   # 2 GPUs
+  accelerate launch --multi_gpu --num_processes 2 -m repeft train recipes/quickstart.yaml  # no GPU: 2 CPU processes
+"""
+EXAMPLES_INFO = """examples:
+  repeft info runs/quickstart
+  repeft info --kernels --shape 4096 4096 16 8192            # check one LoRA layer shape (bf16 inference)
+  REPEFT_KERNEL_CACHE=kernels.json repeft info --kernels      # decisions saved by earlier runs
 """
 EXAMPLES_EXPORT = """examples:
   repeft export runs/quickstart --out runs/quickstart-merged              # merged transformers model
   repeft export runs/quickstart --format peft --out runs/quickstart-peft  # PEFT LoRA adapter
   repeft export runs/quickstart/checkpoints/step-00000100 --out merged-100
   repeft export out/adapter --base path/to/base-model --out out/merged
+Files already in --out are kept, except those the export writes (and, for merged,
+the weight files of an earlier merged export). --out may not be PATH or lie inside it.
 """
 
 
@@ -57,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repeft", description="Train, export and inspect repeft adapters.", epilog="`repeft COMMAND --help` for more."
     )
+    parser.add_argument("--version", action="version", version=f"repeft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -85,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("path", help="run, checkpoint or adapter directory")
-    export.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    export.add_argument("--out", required=True, help="directory to write the export's files into (not inside PATH)")
     export.add_argument(
         "--format",
         choices=("merged", "peft"),
@@ -94,17 +106,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--base", help="base model directory or registered name (for a bare adapter directory)")
     export.add_argument(
-        "--model-class", help="transformers class to load --base with (default: the base config's architecture)"
+        "--model-class",
+        help="transformers class to load --base with (default: the one the adapter was trained on, as recorded in it)",
     )
     export.set_defaults(run=_export)
 
     info = commands.add_parser(
         "info",
-        help="describe an adapter, PEFT adapter, run or checkpoint directory",
-        description="Describe an adapter directory (repeft or PEFT format), a training run, or a checkpoint.",
+        help="describe an adapter, PEFT adapter, run or checkpoint directory, or the kernel choices",
+        description="Describe an adapter directory (repeft or PEFT format), a training run, or a checkpoint. "
+        "With --kernels: which LoRA kernel backend=auto uses, and why (docs/kernels.md).",
+        epilog=EXAMPLES_INFO,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    info.add_argument("path", help="adapter, run or checkpoint directory")
+    info.add_argument("path", nargs="?", help="adapter, run or checkpoint directory")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument("--kernels", action="store_true", help="report backend=auto's kernel decisions")
+    info.add_argument(
+        "--shape", nargs=4, type=int, metavar=("IN", "OUT", "RANK", "TOKENS"),
+        help="with --kernels: check this LoRA layer shape now (on the GPU if there is one)",
+    )
+    info.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16",
+                      help="with --shape (default bfloat16)")
+    info.add_argument("--train", action="store_true", help="with --shape: check forward+backward, not inference")
     info.set_defaults(run=_info)
     return parser
 
@@ -126,9 +150,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(recipe.to_yaml(), end="")
         return 0
-    from .train import train
+    from .train import LaunchError, train
 
-    train(recipe)
+    try:
+        train(recipe)
+    except LaunchError as exc:
+        print(f"repeft train: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -136,10 +164,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from . import registry
+    from .files import AdapterFileError
     from .model import load_adapter
 
     path = Path(args.path)
+    out = Path(args.out)
+    if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
+        raise AdapterFileError(f"--out {out} is {path} or inside it; export to a directory outside {path}")
     run_dir, adapter_dir = _locate(path)
     tokenizer = None
     if run_dir is not None:
@@ -151,33 +182,67 @@ def _export(args: argparse.Namespace) -> int:
         if recipe.task != "image_classification":
             tokenizer = load_tokenizer(recipe)
     else:
-        import transformers
-
-        with open(adapter_dir / "adapter_config.json") as fh:
-            recorded = json.load(fh).get("base_model", {}).get("name_or_path")
-        base_path = args.base or recorded
-        if not base_path:
-            raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
-        base_path = registry.resolve_model(base_path)
-        class_name = args.model_class or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
-        if class_name is None or not hasattr(transformers, class_name):
-            raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
-        base = getattr(transformers, class_name).from_pretrained(base_path)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
-        except (OSError, ValueError):
-            tokenizer = None  # a base without a tokenizer (e.g. a vision model) exports without one
+        base, tokenizer = _load_recorded_base(adapter_dir, args.base, args.model_class)
     model = load_adapter(base, adapter_dir)
     if args.format == "peft":
         from .peft_interop import export_peft
 
         export_peft(model, args.out)
     else:
-        model.save_pretrained(args.out)
+        model.save_merged(args.out)
         if tokenizer is not None:
             tokenizer.save_pretrained(args.out)
     print(f"wrote {args.format} export of {adapter_dir} to {args.out}")
     return 0
+
+
+def _load_recorded_base(adapter_dir: Path, base_path: str | None, class_name: str | None) -> tuple[Any, Any]:
+    """(base model, tokenizer or None) for a bare adapter directory: the class and label names it records."""
+    import transformers
+
+    from . import registry
+    from .files import CONFIG_NAME, check_meta, read_json
+
+    meta = read_json(adapter_dir / CONFIG_NAME)
+    check_meta(meta, adapter_dir / CONFIG_NAME)
+    recorded = meta.get("base_model", {})
+    base_path = base_path or recorded.get("name_or_path")
+    if not base_path:
+        raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
+    base_path = registry.resolve_model(base_path)
+    try:
+        class_name = (
+            class_name
+            or recorded.get("class")
+            or (transformers.AutoConfig.from_pretrained(base_path).architectures or [None])[0]
+        )
+    except OSError as exc:
+        raise _unloadable(base_path, exc) from None
+    if class_name is None or not hasattr(transformers, class_name):
+        raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
+    labels = {}
+    if recorded.get("id2label"):
+        id2label = {int(i): name for i, name in recorded["id2label"].items()}
+        # As training built it: the head sized for these labels, whatever head the base checkpoint has.
+        labels = {
+            "id2label": id2label,
+            "label2id": {name: i for i, name in id2label.items()},
+            "num_labels": len(id2label),
+            "ignore_mismatched_sizes": True,
+        }
+    try:
+        base = getattr(transformers, class_name).from_pretrained(base_path, **labels)
+    except OSError as exc:
+        raise _unloadable(base_path, exc) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError):
+        tokenizer = None  # a base without a tokenizer (e.g. a vision model) exports without one
+    return base, tokenizer
+
+
+def _unloadable(base_path: str, exc: OSError) -> FileNotFoundError:
+    return FileNotFoundError(f"cannot load the base model {base_path} ({exc}); pass --base with its directory")
 
 
 def _locate(path: Path) -> tuple[Path | None, Path]:
@@ -196,12 +261,44 @@ def _locate(path: Path) -> tuple[Path | None, Path]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return _info_kernels(args)
+    if args.path is None:
+        raise SystemExit("repeft info: give an adapter, run or checkpoint directory, or --kernels")
     path = Path(args.path)
     info = describe(path)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(_as_text(info))
+    return 0
+
+
+def _info_kernels(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from . import kernels
+
+    if args.shape:
+        d_in, d_out, rank, tokens = args.shape
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, args.dtype)
+
+        def rand(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(args.train)
+
+        weight = torch.randn(d_out, d_in, device=device, dtype=dtype)
+        kernels.resolve_backend("auto", rand(tokens, d_in), weight, None, rand(rank, d_in), rand(d_out, rank))
+    decisions = kernels.kernel_report() + kernels.dispatch.saved_decisions()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in decisions], indent=2))
+        return 0
+    print(f"{kernels.ENV_VAR}={os.environ.get(kernels.ENV_VAR, 'auto')}  "
+          f"{kernels.dispatch.CACHE_ENV_VAR}={os.environ.get(kernels.dispatch.CACHE_ENV_VAR, '(none)')}  "
+          f"checked on: {', '.join(kernels.dispatch.AUTO_DEVICES)} (auto uses torch on other devices)")
+    print(kernels.format_report(decisions))
     return 0
 
 
@@ -234,16 +331,12 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def _describe_adapter(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    from .files import CONFIG_NAME, WEIGHTS_NAME, read_header, read_json, recover
 
-    from .files import CONFIG_NAME, WEIGHTS_NAME, read_json
-
+    recover(path)
     meta = read_json(path / CONFIG_NAME)
     weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist")
-    with safe_open(str(weights), framework="pt") as fh:
-        shapes = {key: fh.get_slice(key).get_shape() for key in fh.keys()}
+    shapes = {key: shape for key, (shape, _) in read_header(weights).items()}
     params = sum(math.prod(shape) for shape in shapes.values())
     info = {"path": str(path), "tensors": len(shapes), "parameters": params, "bytes": weights.stat().st_size}
     if "peft_type" in meta:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +26,18 @@ def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
     """Class decorator: make ``cls`` loadable from JSON under ``cls.method``."""
     _CONFIG_CLASSES[cls.method] = cls
     return cls
+
+
+def option(default: Any, *, minimum: float | None = None, below: float | None = None, choices: tuple | None = None) -> Any:
+    """A config field with bounds: ``minimum`` (inclusive), ``below`` (exclusive) or allowed ``choices``.
+
+    Every field's value is also checked against its annotation (see ``AdapterConfig.__post_init__``).
+
+    >>> @dataclass
+    ... class Example(AdapterConfig):
+    ...     r: int = option(8, minimum=1)
+    """
+    return dataclasses.field(default=default, metadata={"minimum": minimum, "below": below, "choices": choices})
 
 
 def config_class(method: str) -> type[AdapterConfig]:
@@ -41,6 +56,12 @@ class AdapterConfig:
     trained in full and saved with the adapter, e.g. a classification head.
     When left as ``None`` on a ``*ForSequenceClassification``-style model, the
     head is added automatically.
+
+    Every field is checked on construction, so a config read from a file is
+    as safe as one written in code: the value must have the annotated type
+    (``bool`` fields take only ``True``/``False``, ``int`` fields no bools,
+    ``float`` fields finite numbers) and lie within the field's ``option``
+    bounds; a ``ValueError`` names the field otherwise.
     """
 
     method: ClassVar[str] = ""
@@ -56,6 +77,9 @@ class AdapterConfig:
         if self.modules_to_save is not None:
             # [] is allowed: it says "no head", turning off the automatic task-head choice.
             self.modules_to_save = _as_name_list("modules_to_save", self.modules_to_save, allow_empty=True)
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_field(f.name, getattr(self, f.name), hints[f.name], f.metadata)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -70,10 +94,15 @@ class AdapterConfig:
         >>> AdapterConfig.from_dict({"method": "lora", "r": 4}).r
         4
         """
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config must be a mapping of fields, got {type(data).__name__}")
         data = dict(data)
         if "method" not in data:
             raise ValueError("adapter config has no 'method' field (e.g. \"lora\", \"replora\")")
-        cls = config_class(data.pop("method"))
+        method = data.pop("method")
+        if not isinstance(method, str):
+            raise ValueError(f"method must be a string such as \"lora\", got {method!r}")
+        cls = config_class(method)
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -97,8 +126,10 @@ class AdapterConfig:
         >>> AdapterConfig.from_saved({"method": "replora", "r": 4}).form
         'mlp'
         """
-        cls = _CONFIG_CLASSES.get(data.get("method"))  # from_dict explains a missing or unknown method
-        return AdapterConfig.from_dict({**(cls.saved_before if cls else {}), **data})
+        method = data.get("method") if isinstance(data, dict) else None
+        cls = _CONFIG_CLASSES.get(method) if isinstance(method, str) else None
+        # Anything else (not a mapping, no or an unknown method) is from_dict's to explain.
+        return AdapterConfig.from_dict({**cls.saved_before, **data} if cls else data)
 
 
 @register_config
@@ -109,6 +140,8 @@ class LoRAConfig(AdapterConfig):
     ``target_modules`` is a list of module names or dotted suffixes
     (``["q_proj", "v_proj"]``), a regex string matched against full module
     names, ``"all-linear"``, or ``None`` for the architecture's default.
+    ``kernel`` is a preference: an adapter saved with ``"triton"`` loads with
+    ``"torch"`` (and a warning) where Triton cannot run.
 
     >>> cfg = LoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     >>> cfg.scaling
@@ -118,31 +151,18 @@ class LoRAConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
 
-    r: int = 8
+    r: int = option(8, minimum=1)
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_dropout: float = option(0.0, minimum=0.0, below=1.0)
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
-    kernel: str = "auto"
-    dtype: str = "float32"
+    kernel: str = option("auto", choices=KERNEL_BACKENDS)
+    dtype: str = option("float32", choices=("float32", "float16", "bfloat16"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.kernel not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel must be one of {KERNEL_BACKENDS}, got {self.kernel!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = _as_name_list("target_modules", self.target_modules)
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise ValueError(
-                "target_modules must be a list of names, a regex string, 'all-linear' or None, "
-                f"got {type(self.target_modules).__name__}"
-            )
 
     @property
     def scaling(self) -> float:
@@ -177,22 +197,11 @@ class RepLoRAConfig(LoRAConfig):
     method: ClassVar[str] = "replora"
     saved_before: ClassVar[dict[str, Any]] = {"form": "mlp"}
 
-    mlp_hidden: int = 32
-    activation: str = "tanh"
+    mlp_hidden: int = option(32, minimum=1)
+    activation: str = option("tanh", choices=ACTIVATIONS)
     share_mlp: bool = False
-    axis: str = "rank"
-    form: str = "residual"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0:
-            raise ValueError(f"mlp_hidden must be a positive integer, got {self.mlp_hidden!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.axis not in ("rank", "feature"):
-            raise ValueError(f"axis must be 'rank' or 'feature', got {self.axis!r}")
-        if self.form not in ("residual", "mlp"):
-            raise ValueError(f"form must be 'residual' or 'mlp', got {self.form!r}")
+    axis: str = option("rank", choices=("rank", "feature"))
+    form: str = option("residual", choices=("residual", "mlp"))
 
 
 @register_config
@@ -219,26 +228,15 @@ class PrefixConfig(AdapterConfig):
 
     method: ClassVar[str] = "prefix"
 
-    n_prefix: int = 16
-    structure: str = "shared"
-    embed_dim: int | None = None
-    mlp_hidden: int = 48
+    n_prefix: int = option(16, minimum=1)
+    structure: str = option("shared", choices=("shared", "independent"))
+    embed_dim: int | None = option(None, minimum=1)
+    mlp_hidden: int = option(48, minimum=1)
     mlp_per_layer: bool = True
     norga: bool = False
     norga_alpha: float = 1.0
     norga_tau: float = 1.0
-    norga_activation: str = "sigmoid"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive_int("n_prefix", self.n_prefix)
-        _check_positive_int("mlp_hidden", self.mlp_hidden)
-        if self.embed_dim is not None:
-            _check_positive_int("embed_dim", self.embed_dim)
-        if self.structure not in ("shared", "independent"):
-            raise ValueError(f"structure must be 'shared' or 'independent', got {self.structure!r}")
-        if self.norga_activation not in NORGA_ACTIVATIONS:
-            raise ValueError(f"norga_activation must be one of {NORGA_ACTIVATIONS}, got {self.norga_activation!r}")
+    norga_activation: str = option("sigmoid", choices=NORGA_ACTIVATIONS)
 
 
 @register_config
@@ -274,41 +272,82 @@ class ZeroInitConfig(AdapterConfig):
     # Non-linear prompts saved before prompt_network existed were deepshare ones (GELU, 128 wide).
     saved_before: ClassVar[dict[str, Any]] = {"prompt_network": "deepshare"}
 
-    n_prompt: int = 10
-    n_layers: int | None = None
-    prompt_type: str = "linear"
-    prompt_network: str = "hypermodel"
-    code_dim: int = 64
-    mlp_hidden: int = 64
-    activation: str = "relu"
-    gating: str = "zero_init"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive_int("n_prompt", self.n_prompt)
-        _check_positive_int("code_dim", self.code_dim)
-        _check_positive_int("mlp_hidden", self.mlp_hidden)
-        if self.n_layers is not None:
-            _check_positive_int("n_layers", self.n_layers)
-        if self.prompt_type not in ("linear", "nonlinear"):
-            raise ValueError(f"prompt_type must be 'linear' or 'nonlinear', got {self.prompt_type!r}")
-        if self.prompt_network not in ("hypermodel", "deepshare"):
-            raise ValueError(f"prompt_network must be 'hypermodel' or 'deepshare', got {self.prompt_network!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.gating not in ("zero_init", "none"):
-            raise ValueError(f"gating must be 'zero_init' or 'none', got {self.gating!r}")
+    n_prompt: int = option(10, minimum=1)
+    n_layers: int | None = option(None, minimum=1)
+    prompt_type: str = option("linear", choices=("linear", "nonlinear"))
+    prompt_network: str = option("hypermodel", choices=("hypermodel", "deepshare"))
+    code_dim: int = option(64, minimum=1)
+    mlp_hidden: int = option(64, minimum=1)
+    activation: str = option("relu", choices=ACTIVATIONS)
+    gating: str = option("zero_init", choices=("zero_init", "none"))
 
 
-def _check_positive_int(field_name: str, value: Any) -> None:
-    # bool is an int subclass; True is no size.
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+def _check_field(name: str, value: Any, hint: Any, bounds: typing.Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` has type ``hint`` and lies within ``bounds`` (an ``option``'s)."""
+    if not (_has_type(value, hint) and _within(value, bounds)):
+        raise ValueError(f"{name} must be {_expected(hint, bounds)}, got {value!r}")
+
+
+def _within(value: Any, bounds: typing.Mapping[str, Any]) -> bool:
+    if value is None:
+        return True
+    choices, minimum, below = bounds.get("choices"), bounds.get("minimum"), bounds.get("below")
+    return (
+        (choices is None or value in choices)
+        and (minimum is None or value >= minimum)
+        and (below is None or value < below)
+    )
+
+
+def _expected(hint: Any, bounds: typing.Mapping[str, Any]) -> str:
+    """What a field takes, in words: ``"a positive integer or null"``, ``"'rank' or 'feature'"``."""
+    choices, minimum, below = bounds.get("choices"), bounds.get("minimum"), bounds.get("below")
+    if choices is not None:
+        return " or ".join(map(repr, choices)) if len(choices) == 2 else f"one of {choices}"
+    words = _describe(hint)
+    if minimum == 1 and below is None and "an integer" in words:
+        return words.replace("an integer", "a positive integer")
+    if minimum is not None or below is not None:
+        low = "(-inf" if minimum is None else f"[{minimum:g}"
+        high = "inf)" if below is None else f"{below:g})"
+        return words.replace("a finite number", f"a number in {low}, {high}")
+    return words
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        # bool is an int subclass; True is no size.
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def _as_name_list(field_name: str, value: Any, allow_empty: bool = False) -> list[str]:
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field_name} must be a list of module names, got {value!r}")
     names = list(value)
     if (not names and not allow_empty) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"{field_name} must be a non-empty list of module names, got {value!r}")
@@ -322,5 +361,6 @@ __all__ = [
     "RepLoRAConfig",
     "ZeroInitConfig",
     "config_class",
+    "option",
     "register_config",
 ]

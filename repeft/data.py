@@ -45,9 +45,22 @@ MINILM_ALIASES = frozenset(
 )
 _MINILM_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
+# WordNet's noun and verb lexicographer files ("supersenses"), in file-number order, without
+# noun.Tops (see datasets/README.md for why these 40 of the 45).
+WORDNET_SUPERSENSES = tuple(
+    [f"noun.{name}" for name in (
+        "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event", "feeling",
+        "food", "group", "location", "motive", "object", "person", "phenomenon", "plant", "possession",
+        "process", "quantity", "relation", "shape", "state", "substance", "time")]
+    + [f"verb.{name}" for name in (
+        "body", "change", "cognition", "communication", "competition", "consumption", "contact", "creation",
+        "emotion", "motion", "perception", "possession", "social", "stative", "weather")]
+)
+
 #: name -> label names (index = integer label).
 TEXT_DATASETS: dict[str, tuple[str, ...]] = {
     "sms_spam": ("ham", "spam"),
+    "wordnet_supersenses": WORDNET_SUPERSENSES,
 }
 IMAGE_DATASETS: dict[str, tuple[str, ...]] = {
     "mnist_5k": tuple(str(d) for d in range(10)),
@@ -173,7 +186,11 @@ def load_text_dataset(name: str, split: str, limit: int | None = None) -> list[d
 
     Args:
         name: ``"sms_spam"`` (UCI SMS Spam Collection, deduplicated: 4,127 train /
-            1,032 test messages, labels 0 = ham, 1 = spam, about 12.4 % spam).
+            1,032 test messages, labels 0 = ham, 1 = spam, about 12.4 % spam) or
+            ``"wordnet_supersenses"`` (WordNet 3.0 noun and verb glosses labelled
+            with their lexicographer file, 40 classes such as ``noun.animal`` and
+            ``verb.motion``; 9,172 train / 2,292 test, 240 / 60 per class except
+            three smaller ones; :func:`label_names` gives the class names).
         split: ``"train"`` or ``"test"``. The splits are stored in the data file
             (stratified, disjoint, no text occurs twice), so they never change.
         limit: keep only the first ``limit`` examples. Each split is stored in a

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import registry
+from . import instruct, registry
 from .recipe import Recipe, RecipeError, parse_source
 
 Example = dict[str, torch.Tensor]
@@ -98,13 +98,43 @@ def _label_id(value: Any, labels: list[str], source: str) -> int:
     return index
 
 
+def data_format(recipe: Recipe, rows: list[dict[str, Any]]) -> str:
+    """``data.format``, or for ``auto`` what the first row's columns say (``text`` for classification)."""
+    if recipe.data.format != "auto" or recipe.task != "causal_lm":
+        return "text" if recipe.data.format == "auto" else recipe.data.format
+    return instruct.detect_format(rows[0], _chat_columns(recipe)) if rows else "text"
+
+
+def _chat_columns(recipe: Recipe) -> dict[str, str]:
+    spec = recipe.data
+    return {"prompt": spec.prompt_column, "response": spec.response_column, "messages": spec.messages_column}
+
+
+def conversations(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list[list[instruct.Message]]:
+    """The rows of prompt/response or messages data as conversations."""
+    fmt = data_format(recipe, rows)
+    return [instruct.conversation(row, fmt, _chat_columns(recipe), source) for row in rows]
+
+
 def build_examples(
-    recipe: Recipe, rows: list[dict[str, Any]], source: str, tokenizer: Any, labels: list[str], model_config: Any
+    recipe: Recipe,
+    rows: list[dict[str, Any]],
+    source: str,
+    tokenizer: Any,
+    labels: list[str],
+    model_config: Any,
+    notes: list[str] | None = None,
 ) -> list[Example]:
-    """Turn rows into unpadded tensors the model takes (``input_ids``/``pixel_values`` and ``labels``)."""
+    """Turn rows into unpadded tensors the model takes (``input_ids``/``pixel_values`` and ``labels``).
+
+    Prompt/response and chat rows have -100 labels outside the responses; what
+    ``data.max_length`` cut or left out of them is described in ``notes``.
+    """
     spec = recipe.data
     if not rows:
         raise RecipeError(f"{source} has no examples")
+    if data_format(recipe, rows) != "text":
+        return _chat_examples(recipe, rows, source, tokenizer, notes)
     if recipe.task == "image_classification":
         return [
             {
@@ -124,6 +154,20 @@ def build_examples(
             label = _label_id(_column(row, spec.label_column, source), labels, source)
             examples.append({"input_ids": ids, "labels": torch.tensor(label)})
     return examples
+
+
+def _chat_examples(
+    recipe: Recipe, rows: list[dict[str, Any]], source: str, tokenizer: Any, notes: list[str] | None
+) -> list[Example]:
+    if tokenizer.eos_token is None:
+        raise RecipeError("prompt/response and chat data need a tokenizer with an end-of-sequence token to end responses")
+    spec = recipe.data
+    encoded = [instruct.encode_conversation(c, tokenizer, spec.chat_template) for c in conversations(recipe, rows, source)]
+    kept, report = instruct.truncate(encoded, spec.max_length, spec.truncation, source)
+    note = report.describe(source, spec.max_length, spec.truncation)
+    if note is not None and notes is not None:
+        notes.append(note)
+    return [{k: torch.tensor(v, dtype=torch.long) for k, v in e.items()} for e in kept]
 
 
 def _image(value: Any, config: Any, source: str) -> torch.Tensor:
@@ -147,7 +191,14 @@ def _image(value: Any, config: Any, source: str) -> torch.Tensor:
 
 
 def collator(task: str, pad_token_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
-    """Batch examples, padding token sequences on the right; padded label positions are -100 (ignored)."""
+    """Batch examples, padding token sequences on the right; padded label positions are -100 (ignored).
+
+    Packed rows (with ``position_ids``) get no attention mask: the model tells
+    their examples apart by the restarting positions; the padding counts as
+    one more example, after the real ones, so none of them attends to it. They
+    also get ``use_cache=False``: with a cache transformers' masks ignore the
+    restarting positions (``masking_utils``), and examples would see each other.
+    """
 
     def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         if task == "image_classification":
@@ -155,13 +206,21 @@ def collator(task: str, pad_token_id: int) -> Callable[[list[Example]], dict[str
         length = max(len(e["input_ids"]) for e in examples)
         input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        positions = torch.arange(length).repeat(len(examples), 1)
         for i, e in enumerate(examples):
-            input_ids[i, : len(e["input_ids"])] = e["input_ids"]
-            attention_mask[i, : len(e["input_ids"])] = 1
-        if task == "causal_lm":
-            labels = input_ids.masked_fill(attention_mask == 0, -100)
-        else:
+            n = len(e["input_ids"])
+            input_ids[i, :n] = e["input_ids"]
+            attention_mask[i, :n] = 1
+            if task == "causal_lm":
+                labels[i, :n] = e["labels"]
+            if "position_ids" in e:
+                positions[i, :n] = e["position_ids"]
+                positions[i, n:] = torch.arange(length - n)
+        if task != "causal_lm":
             labels = torch.stack([e["labels"] for e in examples])
+        if "position_ids" in examples[0]:
+            return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "use_cache": False}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     return collate

@@ -22,10 +22,10 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-from .files import atomic_directory
+from .files import staged_write
 from .layers import AdapterLayer
 from .lora import LoRALinear
-from .model import AdapterModel
+from .model import AdapterModel, shared_parameters, untie_word_embeddings
 from .quantization import QUANT_TYPES, dequantize_weight, keep_standard_layout, quant_type
 
 # Default probe for re-quantized exports: this many random token sequences of this length.
@@ -77,7 +77,8 @@ def export_merged(
     from the base's own quantization config when it has one.
 
     With a ``probe_batch`` the float export is measured and printed as well.
-    The float model is built on the CPU; the directory is written atomically.
+    The float model is built on the CPU. The files are written as ``save_adapter``
+    writes its own (``repeft.files.staged_write``): other files in ``out_dir`` are kept.
 
     >>> report = repeft.export_merged(model, "out/merged")  # doctest: +SKIP
     >>> report = repeft.export_merged(model, "out/merged-nf4", requantize="nf4",
@@ -101,7 +102,7 @@ def export_merged(
         report = MergedExport(out_dir, str(dtype).removeprefix("torch."))
         if probe_batch is not None:
             _measure(report, model, plain, probe_batch)
-        with atomic_directory(out_dir) as tmp:
+        with staged_write(out_dir) as tmp:
             plain.save_pretrained(tmp)
         return report
 
@@ -117,7 +118,7 @@ def export_merged(
         # for inference, and its save would then decode the repacked absmax wrongly.
         keep_standard_layout(quantized)
         _measure(report, model, quantized, probe, default_probe=probe_batch is None)
-        with atomic_directory(out_dir) as tmp:
+        with staged_write(out_dir) as tmp:
             quantized.save_pretrained(tmp)
     return report
 
@@ -150,6 +151,9 @@ def _merged_float_model(model: AdapterModel, dtype: torch.dtype) -> nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
+    shared = shared_parameters(base)
+    if any(id(layer.weight) in shared for _, layer in model.adapter_layers() if isinstance(layer, LoRALinear)):
+        untie_word_embeddings(config)  # the merged head is no longer the input embedding
     # Built on the meta device and filled with the merged tensors: no second set of weights is allocated.
     with torch.device("meta"):
         plain = type(base)(config)

@@ -12,6 +12,17 @@ import copy
 from torch import nn
 
 
+def place_beside(adapter: nn.Module, module: nn.Module) -> nn.Module:
+    """Move a new adapter to the device of ``module``'s parameters.
+
+    An adapter built on the meta device stays there: that is a load checking
+    shapes before it allocates anything (``AdapterModel.add_loaded_adapter``).
+    """
+    if any(p.is_meta for p in adapter.parameters()):
+        return adapter
+    return adapter.to(next(module.parameters()).device)
+
+
 class AdapterLayer(nn.Module):
     """Base for modules that hold named adapters and use the active one."""
 

@@ -16,10 +16,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoRAConfig
-from .kernels import add_lora, lora_linear
-from .layers import AdapterLayer
+from .kernels import add_lora, add_lora_mixed, lora_linear
+from .layers import AdapterLayer, place_beside
 from .methods import register_method
-from .targeting import resolve_targets
+from .targeting import DEFAULT_TARGET_MODULES, resolve_targets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,8 +55,24 @@ class LoRALinear(AdapterLayer):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.merged_adapter: str | None = None
+        # Set by AdapterModel for a mixed-adapter batch: this layer's adapters used in the batch,
+        # each row's index into them (-1: none) and their scalings, both on the layer's device.
+        self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
+        # The shared weight a merge replaced by a merged copy (see ``merge``), put back by ``unmerge``.
+        self._tied_weight: list[nn.Parameter] = []
+
+    # Model code reads its layers' weights (T5: ``wo.weight.dtype``); PEFT's layers pass them through too.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         adapter = self.active
         if adapter is None or self.merged_adapter is not None:
             return self.base_layer(x, *args, **kwargs)
@@ -71,6 +87,31 @@ class LoRALinear(AdapterLayer):
             # which autograd forbids updating in place (Conv1D's view of an addmm is fine).
             out = out.clone()
         return add_lora(out, x, *lora_args)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of the batch with its own adapter (index -1: the base layer alone)."""
+        names, index, scaling = self.row_adapters
+        out = self.base_layer(x, *args, **kwargs)
+        if not names:
+            return out
+        if x.shape[0] != index.shape[0]:
+            # generate() repeats each row for beams / return sequences (repeat_interleave).
+            if x.shape[0] % index.shape[0]:
+                raise ValueError(f"adapter_names has {index.shape[0]} entries but the batch has {x.shape[0]} rows")
+            index = index.repeat_interleave(x.shape[0] // index.shape[0])
+        adapters = [self.adapters[n] for n in names]
+        factors = [a.factors() for a in adapters]
+        rank = max(A.shape[0] for A, _ in factors)
+        # Stack the factors, lower ranks padded with zeros (they add nothing).
+        lora_A = x.new_zeros(len(names), rank, self.in_features)
+        lora_B = x.new_zeros(len(names), self.out_features, rank)
+        for i, (A, B) in enumerate(factors):
+            lora_A[i, : A.shape[0]] = A
+            lora_B[i, :, : B.shape[1]] = B
+        backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
+        if out._is_view() and not self.fan_in_fan_out:
+            out = out.clone()  # as in forward (bitsandbytes' 8-bit output)
+        return add_lora_mixed(out, x, lora_A, lora_B, scaling, index, backend=backend)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in fp32, laid out like the base layer's weight."""
@@ -93,18 +134,31 @@ class LoRALinear(AdapterLayer):
             )
         return weight
 
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, untie: bool = False) -> None:
+        """Add ``s * B @ A`` to the base weight.
+
+        ``untie=True`` for a weight shared with another module (GPT-2's ``lm_head``
+        is its input embedding): the merged weight becomes this layer's own
+        copy, so the other module keeps the base weight.
+        """
         if self.merged_adapter is not None:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
+        if untie:
+            self._tied_weight.append(weight)
+            weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            self.base_layer.weight = weight
         weight.data += self.delta_weight(name).to(weight.dtype)
         self.merged_adapter = name
 
     def unmerge(self) -> None:
         if self.merged_adapter is None:
             return
-        weight = self._float_weight()
-        weight.data -= self.delta_weight(self.merged_adapter).to(weight.dtype)
+        if self._tied_weight:
+            self.base_layer.weight = self._tied_weight.pop()
+        else:
+            weight = self._float_weight()
+            weight.data -= self.delta_weight(self.merged_adapter).to(weight.dtype)
         self.merged_adapter = None
 
     def unwrapped(self) -> nn.Module:
@@ -122,10 +176,11 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             base.set_submodule(path, layer)
-        device = next(layer.base_layer.parameters()).device
-        layer.adapters[name] = make_factors(layer).to(device)
+        layer.adapters[name] = place_beside(make_factors(layer), layer.base_layer)
 
 
-@register_method("lora")
+@register_method(
+    "lora", families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False
+)
 def inject_lora(model, name: str, config: LoRAConfig) -> None:
     inject_low_rank(model, name, config, lambda layer: LoRAFactors(layer.in_features, layer.out_features, config))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, write_adapter_dir
+from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, recover, write_adapter_dir
 from .layers import ModulesToSave
 from .lora import LoRALinear
 from .model import AdapterModel, _restore_grads_on_failure
@@ -93,9 +93,18 @@ def from_peft(
     >>> model = repeft.from_peft(base, "some/peft_lora_adapter")  # doctest: +SKIP
     """
     root = Path(adapter_dir)
+    recover(root)
     meta = read_json(root / CONFIG_NAME)
+    if meta.get("format") == FORMAT:
+        raise AdapterFileError(
+            f"{root} is a repeft adapter (written by save_adapter or save_pretrained), not a PEFT one; "
+            "load it with repeft.load_adapter(model, path)"
+        )
     if meta.get("peft_type") != "LORA":
         raise AdapterFileError(f"{root}: only PEFT LoRA adapters can be imported, this one is {meta.get('peft_type')!r}")
+    missing = [field for field in ("r", "lora_alpha") if field not in meta]
+    if missing:
+        raise AdapterFileError(f"{root / CONFIG_NAME} has no {' or '.join(map(repr, missing))} field; the file is damaged")
     for field, allowed in UNSUPPORTED.items():
         if meta.get(field, allowed[0]) not in allowed:
             raise AdapterFileError(
@@ -121,17 +130,20 @@ def from_peft(
         raise AdapterFileError(f"{root}: no lora_A tensors found in {WEIGHTS_NAME}")
     ranks = {renamed[f"{t}.lora_A"].shape[0] for t in targets}
     if ranks != {meta["r"]}:
-        raise AdapterFileError(f"{root}: config says r={meta['r']} but tensors have rank(s) {sorted(ranks)}")
-    config = LoRAConfig(
-        r=meta["r"],
-        lora_alpha=meta["lora_alpha"],
-        lora_dropout=meta.get("lora_dropout", 0.0),
-        use_rslora=meta.get("use_rslora", False),
-        # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.
-        target_modules="|".join(re.escape(t) for t in targets),
-        modules_to_save=meta.get("modules_to_save") or [],
-        inference_mode=not trainable,
-    )
+        raise AdapterFileError(f"{root}: config says r={meta['r']!r} but tensors have rank(s) {sorted(ranks)}")
+    try:
+        config = LoRAConfig(
+            r=meta["r"],
+            lora_alpha=meta["lora_alpha"],
+            lora_dropout=meta.get("lora_dropout", 0.0),
+            use_rslora=meta.get("use_rslora", False),
+            # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.
+            target_modules="|".join(re.escape(t) for t in targets),
+            modules_to_save=meta.get("modules_to_save") or [],
+            inference_mode=not trainable,
+        )
+    except ValueError as exc:
+        raise AdapterFileError(f"{root / CONFIG_NAME}: {exc}") from None
     wrapped = model if isinstance(model, AdapterModel) else None
     with _restore_grads_on_failure(model):
         if wrapped is None:

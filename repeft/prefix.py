@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import AttentionAdapter, AttentionCall, Geometry, add_attention_adapter, attention_adapters
+from .attention import FAMILIES, AttentionAdapter, AttentionCall, Geometry, add_attention_adapter, attention_adapters
 from .config import PrefixConfig
 from .methods import register_method
 
@@ -63,11 +63,8 @@ class PrefixAdapter(AttentionAdapter):
         return call.base_with_prefix(keys, values, self._norga_bias(call, keys) if self.config.norga else None)
 
     def _norga_bias(self, call: AttentionCall, keys: torch.Tensor) -> torch.Tensor:
-        """NoRGa's extra term on the prefix scores, ``alpha * act(tau * s_P)``."""
-        query = call.query
-        keys = keys.repeat_interleave(query.shape[1] // keys.shape[0], dim=0)  # grouped-query: one kv head per group
-        scores = call.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
-        return self.norga_alpha[call.layer] * self.norga_activation(self.norga_tau[call.layer] * scores)
+        """NoRGa's extra term on the prefix scores, ``alpha * act(tau * s_P)``, s_P as the model scores keys."""
+        return self.norga_alpha[call.layer] * self.norga_activation(self.norga_tau[call.layer] * call.scores(keys))
 
 
 class SharedPrefix(PrefixAdapter):
@@ -135,7 +132,7 @@ def build_prefix(geometry: Geometry, config: PrefixConfig) -> PrefixAdapter:
     return shared if config.structure == "shared" else shared.folded()
 
 
-@register_method("prefix")
+@register_method("prefix", families=FAMILIES, identity_at_init=False, generates_with_cache=True, vision_only=False)
 def inject_prefix(model, name: str, config: PrefixConfig) -> None:
     add_attention_adapter(model, name, lambda geometry: build_prefix(geometry, config))
 

@@ -28,6 +28,10 @@ from .config import AdapterConfig, LoRAConfig
 TASKS = ("causal_lm", "sequence_classification", "image_classification")
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 BUILTIN_PREFIX = "builtin:"
+# What "best" can mean; loss and perplexity are better lower, the others higher.
+METRICS = ("auto", "accuracy", "loss", "f1_macro", "exact_match")
+# accelerate's tracker names ("all": every one installed).
+TRACKERS = ("all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 # transformers.get_scheduler names that need nothing beyond warmup and total steps.
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 
@@ -49,6 +53,7 @@ class ModelSpec:
     class_name: str | None = field(default=None, metadata={"key": "class"})
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
 
 
 @dataclass
@@ -61,7 +66,14 @@ class DataSpec:
     label_column: str = "label"
     image_column: str = "pixel_values"
     labels: list[str] | None = None
+    format: Literal["auto", "text", "prompt_response", "messages"] = "auto"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    chat_template: str | None = None
     max_length: int = field(default=128, metadata=_min(1))
+    truncation: Literal["cut", "drop", "error"] = "cut"
+    packing: bool = False
     train_limit: int | None = field(default=None, metadata=_min(1))
     eval_limit: int | None = field(default=None, metadata=_min(1))
 
@@ -96,6 +108,7 @@ class TrainSpec:
     grad_accum: int = field(default=1, metadata=_min(1))
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
     log_every: int = field(default=10, metadata=_min(1))
 
 
@@ -106,7 +119,12 @@ class EvalSpec:
     every: int = field(default=0, metadata=_min(0))
     before: bool = False
     batch_size: int = field(default=32, metadata=_min(1))
-    metric: Literal["auto", "accuracy", "loss"] = "auto"
+    metric: Literal[METRICS] = "auto"  # type: ignore[valid-type]
+    patience: int = field(default=0, metadata=_min(0))
+    min_delta: float = field(default=0.0, metadata=_min(0.0))
+    generate: int = field(default=0, metadata=_min(0))
+    exact_match: bool = False
+    max_new_tokens: int = field(default=32, metadata=_min(1))
 
 
 @dataclass
@@ -125,6 +143,8 @@ class OutputSpec:
     dir: str = field(default="", metadata={"required": True})
     merged: bool = False
     peft: bool = False
+    best: bool = False
+    trackers: list[Literal[TRACKERS]] = field(default_factory=list)  # type: ignore[valid-type]
 
 
 @dataclass
@@ -155,6 +175,11 @@ class Recipe:
         if self.eval.metric != "auto":
             return self.eval.metric
         return "loss" if self.task == "causal_lm" else "accuracy"
+
+    @property
+    def instruction_data(self) -> bool:
+        """Whether the data are prompts and responses or conversations (known before reading only if set)."""
+        return self.data.format in ("prompt_response", "messages")
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -269,7 +294,7 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             raise RecipeError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
     if origin is list:
-        if isinstance(value, (str, int, float)) and args[0] is str:
+        if isinstance(value, (str, int, float)) and (args[0] is str or typing.get_origin(args[0]) is Literal):
             value = [value]
         if not isinstance(value, list):
             raise RecipeError(f"{name} must be a list, got {value!r}")
@@ -338,10 +363,30 @@ def _check(recipe: Recipe, check_data: bool) -> None:
         raise RecipeError("set schedule.warmup_steps or schedule.warmup_ratio, not both")
     if recipe.schedule.warmup_ratio >= 1.0:
         raise RecipeError(f"schedule.warmup_ratio must be below 1, got {recipe.schedule.warmup_ratio}")
-    if recipe.task == "causal_lm" and recipe.eval.metric == "accuracy":
-        raise RecipeError("eval.metric: accuracy needs a classification task; for causal_lm use loss (or auto)")
-    if (recipe.eval.every or recipe.eval.before) and recipe.data.eval is None:
-        raise RecipeError("eval.every / eval.before need data.eval")
+    if recipe.task == "causal_lm" and recipe.eval.metric in ("accuracy", "f1_macro"):
+        raise RecipeError(
+            f"eval.metric: {recipe.eval.metric} needs a classification task; for causal_lm use loss, exact_match or auto"
+        )
+    if recipe.task != "causal_lm" and recipe.eval.metric == "exact_match":
+        raise RecipeError("eval.metric: exact_match needs task causal_lm with prompt/response or messages data")
+    if recipe.eval.metric == "exact_match" and not recipe.eval.exact_match:
+        raise RecipeError("eval.metric: exact_match needs eval.exact_match=true")
+    if recipe.task != "causal_lm" and (recipe.instruction_data or recipe.data.packing):
+        raise RecipeError(f"data.format {recipe.data.format} and data.packing need task causal_lm, not {recipe.task}")
+    if recipe.task != "causal_lm" and (recipe.eval.generate or recipe.eval.exact_match):
+        raise RecipeError("eval.generate / eval.exact_match need task causal_lm")
+    asked = {"eval.every": recipe.eval.every, "eval.before": recipe.eval.before, "eval.patience": recipe.eval.patience,
+             "eval.generate": recipe.eval.generate, "eval.exact_match": recipe.eval.exact_match,
+             "output.best": recipe.output.best}
+    needing_eval = [name for name, value in asked.items() if value]
+    if needing_eval and recipe.data.eval is None:
+        raise RecipeError(f"{needing_eval[0]} needs data.eval")
+    if recipe.eval.patience and not recipe.eval.every:
+        raise RecipeError("eval.patience counts evaluations during training: set eval.every too")
+    if recipe.model.quantization != "none" and recipe.model.path is None:
+        raise RecipeError(
+            "model.quantization needs model.path: bitsandbytes quantizes a model as from_pretrained loads it"
+        )
     resume = recipe.checkpoint.resume
     if resume not in ("never", "auto") and not Path(resume).is_dir():
         raise RecipeError(f"checkpoint.resume must be never, auto or a checkpoint directory; {resume!r} is none of these")

@@ -94,6 +94,17 @@ def _byte_tokenizer() -> Any:
     return ByT5Tokenizer(extra_ids=0)
 
 
+#: The instruction that turns an SMS message into a prompt of ``sms_spam_instruct``.
+SMS_PROMPT = "Is this SMS message spam or ham?\n{text}"
+
+
+def _sms_instructions(split: str, limit: int | None) -> list[dict[str, Any]]:
+    """``sms_spam`` as prompt/response rows: the message in :data:`SMS_PROMPT`, answered "spam" or "ham"."""
+    names = data.TEXT_DATASETS["sms_spam"]
+    rows = data.load_text_dataset("sms_spam", split, limit)
+    return [{"prompt": SMS_PROMPT.format(text=r["text"]), "response": names[r["label"]]} for r in rows]
+
+
 def _image_rows(name: str, split: str, limit: int | None) -> list[dict[str, Any]]:
     images, labels = data.load_image_dataset(name, split)
     n = len(labels) if limit is None else min(limit, len(labels))
@@ -107,5 +118,6 @@ for _alias in data.MINILM_ALIASES:
 register_tokenizer("bytes", _byte_tokenizer)
 for _name, _labels in data.TEXT_DATASETS.items():
     register_dataset(_name, BuiltinDataset(partial(data.load_text_dataset, _name), "text", data.SPLITS, _labels))
+register_dataset("sms_spam_instruct", BuiltinDataset(_sms_instructions, "text", data.SPLITS))
 for _name, _labels in data.IMAGE_DATASETS.items():
     register_dataset(_name, BuiltinDataset(partial(_image_rows, _name), "image", data.SPLITS, _labels))

@@ -31,6 +31,7 @@ from torch import nn
 from .config import RepLoRAConfig
 from .lora import DTYPES, inject_low_rank
 from .methods import register_method
+from .targeting import DEFAULT_TARGET_MODULES
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
@@ -147,7 +148,9 @@ class RepLoRAFactors(nn.Module):
         return super().train(mode)
 
 
-@register_method("replora")
+@register_method(
+    "replora", families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False
+)
 def inject_replora(model, name: str, config: RepLoRAConfig) -> None:
     inject_low_rank(
         model, name, config, lambda layer: RepLoRAFactors(layer.in_features, layer.out_features, config)

@@ -17,25 +17,34 @@ from transformers.pytorch_utils import Conv1D
 
 from .layers import AdapterLayer
 
-# Attention projections that LoRA targets by default (PEFT's choices, which
-# follow the LoRA paper: query and value).
+# Attention projections that LoRA targets by default: PEFT's choices
+# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), which follow the LoRA
+# paper: query and value, or the fused layer that makes both. Where PEFT has
+# no entry (qwen2_moe, olmo2, phi3, the ViT family under transformers 5's
+# q_proj/k_proj/v_proj names) the same choice is made by hand.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "olmo2": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "falcon": ["query_key_value"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "t5": ["q", "v"],
-    # transformers 5 renamed the ViT family's projections to q_proj/k_proj/v_proj.
     "vit": ["q_proj", "v_proj"],
     "deit": ["q_proj", "v_proj"],
     "dinov2": ["q_proj", "v_proj"],
+    "dinov2_with_registers": ["q_proj", "v_proj"],
 }
 
 # Output heads are never picked by "all-linear": adapting the vocabulary

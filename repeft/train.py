@@ -1,10 +1,10 @@
 """``repeft train``: run a recipe on 1 or N processes through ``accelerate``.
 
-One entry point, :func:`train`, reads top to bottom: build the data, the base
-model and the adapter; hand model, optimizer and loaders to an
-``accelerate.Accelerator`` (DDP, mixed precision, gradient accumulation);
-then the loop, with a progress bar on the main process, JSONL metrics,
-evaluation and atomic checkpoints; then the exports.
+One entry point, :func:`train`, reads as its steps: read the data; build the
+base model and the adapter; hand model, optimizer and loaders to an
+``accelerate.Accelerator`` (DDP, mixed precision, gradient accumulation) in a
+``_Run``; resume; then the loop, whose per-step hooks (``_Run._after_step``)
+log JSONL metrics, evaluate and write atomic checkpoints; then the exports.
 
 Exact resume rests on three things: the train loader shuffles with accelerate's
 seedable sampler (order = f(seed, epoch), the same on every process count),
@@ -18,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 import os
+import shlex
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +32,20 @@ import torch.nn.functional as F
 import transformers
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import registry
+from . import instruct, registry
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
-from .dataio import build_examples, collator, label_names, read_rows
+from .dataio import build_examples, collator, conversations, data_format, label_names, read_rows
+from .export import export_merged
 from .files import read_adapter_dir
+from .metrics import classification_scores, improves
 from .model import AdapterModel, wrap
 from .peft_interop import export_peft
+from .quantization import prepare_quantized_model
 from .recipe import Recipe, RecipeError
 
 TASK_MODEL_CLASSES = {
@@ -48,6 +55,8 @@ TASK_MODEL_CLASSES = {
 }
 # Recipe fields that may change between a run and its resumption without changing what is trained.
 RESUME_MAY_CHANGE = ("checkpoint", "output", "eval", "train.log_every")
+# The best evaluation's adapter, kept in each checkpoint when output.best is on.
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
 
 
 @dataclass
@@ -68,6 +77,9 @@ class TrainResult:
     eval_after: dict[str, float] | None = None
     best: dict[str, Any] | None = None
     resumed_from: str | None = None
+    best_dir: str | None = None
+    stopped_early: bool = False
+    data_notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +89,7 @@ class _State:
     step: int = 0
     best: dict[str, Any] | None = None
     eval_before: dict[str, float] | None = None
+    evals_without_improvement: int = 0
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -90,29 +103,83 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator = make_accelerator(recipe)
     if not accelerator.is_main_process:
         transformers.logging.set_verbosity_error()
+    recipe, data = _read_data(recipe)
+    resume_dir = _resume_dir(recipe, Path(recipe.output.dir))
+    tokenizer, model = _build_model_and_adapter(recipe, data.labels, accelerator)
+    run = _prepare(recipe, accelerator, model, tokenizer, data)
+    run.start(resume_dir)
+    run.loop()
+    return run.finish(started, resume_dir)
 
-    # Data, tokenizer, base model, adapter.
-    text = recipe.task != "image_classification"
+
+# -- the steps of a run ----------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """The rows a run trains and evaluates on, and the class names (empty for causal LM)."""
+
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]] | None
+    labels: list[str]
+
+
+def _read_data(recipe: Recipe) -> tuple[Recipe, _Data]:
+    """Read the rows; return the recipe with its label names filled in, and the data."""
     train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
     eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
     labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
     # The run directory records the label order, so exports can rebuild the same head.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
-    run_dir = Path(recipe.output.dir)
-    resume_dir = _resume_dir(recipe, run_dir)
+    return recipe, _Data(train_rows, eval_rows, labels)
+
+
+def _build_model_and_adapter(recipe: Recipe, labels: list[str], accelerator: Accelerator) -> tuple[Any, AdapterModel]:
+    """The tokenizer (None for images) and the base model wrapped with the recipe's adapter."""
+    text = recipe.task != "image_classification"
     with accelerator.main_process_first():  # the first process unpacks packaged models for the others
         tokenizer = load_tokenizer(recipe) if text else None
         base = build_model(recipe, labels)
     if tokenizer is not None:
         _fit_tokenizer(base, tokenizer)
-    model = wrap(base, recipe.adapter)
-    trainable, total = model.trainable_parameters()
-    train_examples = build_examples(recipe, train_rows, "data.train", tokenizer, labels, base.config)
-    eval_examples = build_examples(recipe, eval_rows, "data.eval", tokenizer, labels, base.config) if eval_rows else None
-    if text and eval_examples:
+    _prepare_base(recipe, base)
+    return tokenizer, wrap(base, recipe.adapter)
+
+
+def _prepare_base(recipe: Recipe, base: transformers.PreTrainedModel) -> None:
+    """QLoRA's set-up for a quantized base; gradient checkpointing if asked."""
+    # Non-reentrant checkpointing needs no grad on the inputs and works under DDP.
+    checkpointing = {"use_reentrant": False}
+    if recipe.model.quantization != "none":
+        prepare_quantized_model(base, recipe.train.gradient_checkpointing, checkpointing)
+    elif recipe.train.gradient_checkpointing:
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable(checkpointing)
+
+
+def _loaders(
+    recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data, notes: list[str]
+) -> tuple[DataLoader, DataLoader | None]:
+    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data).
+
+    What truncation and packing did is added to ``notes``.
+    """
+    config = model.base_model.config
+    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
+    eval_examples = (
+        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config, notes)
+        if data.eval_rows
+        else None
+    )
+    if recipe.data.packing:
+        packed = instruct.pack(train_examples, recipe.data.max_length)
+        instruct.check_packing(model, packed)
+        notes.append(f"data.train: {len(train_examples)} examples packed into {len(packed)} rows of up to "
+                     f"{recipe.data.max_length} tokens")
+        train_examples = packed
+    if tokenizer is not None and eval_examples:
         # Order does not change the metrics; batches of similar length waste less compute on padding.
         eval_examples.sort(key=lambda e: len(e["input_ids"]))
-
     collate = collator(recipe.task, tokenizer.pad_token_id if tokenizer is not None else 0)
     train_loader = DataLoader(
         train_examples, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
@@ -120,6 +187,15 @@ def train(recipe: Recipe) -> TrainResult:
     eval_loader = (
         DataLoader(eval_examples, batch_size=recipe.eval.batch_size, collate_fn=collate) if eval_examples else None
     )
+    return train_loader, eval_loader
+
+
+def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: _Data) -> _Run:
+    """Loaders, optimizer and schedule, handed to ``accelerate``; the run's length in optimizer steps."""
+    trainable, total = model.trainable_parameters()
+    notes: list[str] = []
+    train_loader, eval_loader = _loaders(recipe, model, tokenizer, data, notes)
+    n_examples = len(train_loader.dataset)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -137,7 +213,7 @@ def train(recipe: Recipe) -> TrainResult:
     if batches_per_epoch == 0:
         global_batch = recipe.train.batch_size * accelerator.num_processes
         raise RecipeError(
-            f"data.train has {len(train_examples)} examples, fewer than one global batch "
+            f"data.train has {n_examples} examples, fewer than one global batch "
             f"(train.batch_size {recipe.train.batch_size} x {accelerator.num_processes} processes = {global_batch})"
         )
     steps_per_epoch = math.ceil(batches_per_epoch / recipe.train.grad_accum)
@@ -148,130 +224,364 @@ def train(recipe: Recipe) -> TrainResult:
     scheduler = transformers.get_scheduler(recipe.schedule.name, optimizer, warmup, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     _checkpoint_adapter_only(accelerator, model)
-
-    state = _State()
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        state = _State(**read_state(resume_dir))
-        accelerator.print(f"resumed from {resume_dir} at step {state.step}")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    log = _MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until=state.step if resume_dir else None)
-    accelerator.print(
-        f"training {recipe.adapter.method} on {recipe.task}: {len(train_examples)} examples, "
-        f"{accelerator.num_processes} process(es), global batch "
-        f"{recipe.train.batch_size * accelerator.num_processes * recipe.train.grad_accum}, {total_steps} steps; "
-        f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    return _Run(
+        recipe=recipe,
+        accelerator=accelerator,
+        model=model,
+        ddp_model=ddp_model,
+        tokenizer=tokenizer,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        n_examples=n_examples,
+        trainable=trainable,
+        total=total,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        labels=data.labels,
+        answers=_answer_prompts(recipe, tokenizer, data),
+        notes=notes,
     )
 
-    def run_eval(when: str) -> dict[str, float]:
-        metrics = evaluate(ddp_model, eval_loader, recipe.task, accelerator)
-        log.write({"type": "eval", "step": state.step, "when": when, **metrics})
-        value = metrics[recipe.metric]
-        if when != "before" and (
-            state.best is None or (value > state.best["value"] if recipe.metric == "accuracy" else value < state.best["value"])
-        ):
-            state.best = {"metric": recipe.metric, "value": value, "step": state.step}
-        accelerator.print(f"eval ({when}, step {state.step}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+def _answer_prompts(recipe: Recipe, tokenizer: Any, data: _Data) -> list[tuple[list[int], str]]:
+    """(prompt, expected answer) of each eval example, when evaluation generates answers."""
+    if not (recipe.eval.generate or recipe.eval.exact_match):
+        return []
+    if not data.eval_rows or data_format(recipe, data.eval_rows) == "text":
+        raise RecipeError(
+            "eval.generate / eval.exact_match need prompt/response or messages eval data (data.format), "
+            "so that each eval example has a prompt and an answer"
+        )
+    return instruct.answer_prompts(
+        conversations(recipe, data.eval_rows, "data.eval"), tokenizer, recipe.data.chat_template, recipe.data.max_length
+    )
+
+
+@dataclass
+class _Run:
+    """A prepared run: the objects the loop uses and its progress (``state``).
+
+    The loop calls ``_after_step`` once per optimizer step; logging, evaluation
+    and checkpointing are its hooks, each a method of its own.
+    """
+
+    recipe: Recipe
+    accelerator: Accelerator
+    model: AdapterModel  # the adapter model itself, for saving
+    ddp_model: torch.nn.Module  # what accelerate prepared (DDP-wrapped on N processes), for forward passes
+    tokenizer: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    n_examples: int
+    trainable: int
+    total: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    labels: list[str]  # class names (classification)
+    answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
+    notes: list[str]  # what truncation and packing did to the data
+    state: _State = field(default_factory=_State)
+    best_adapter: dict[str, torch.Tensor] | None = None  # with output.best: the best evaluation's adapter (on CPU)
+    stopped_early: bool = False
+    log: _MetricsLog = field(init=False)
+    # Set by loop(): the epoch, the progress bar, and the log window (loss sum, micro-batches,
+    # samples, tokens since the last log) with its start time.
+    epoch: int = field(init=False)
+    bar: tqdm = field(init=False)
+    window: torch.Tensor = field(init=False)
+    window_started: float = field(init=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.recipe.output.dir)
+
+    @property
+    def text(self) -> bool:
+        return self.recipe.task != "image_classification"
+
+    def start(self, resume_dir: Path | None) -> None:
+        """Restore a checkpoint if resuming, open the run directory and its log, evaluate before if asked."""
+        accelerator, recipe = self.accelerator, self.recipe
+        if recipe.output.best:
+            self._keep_best_in_checkpoints()
+        if resume_dir is not None:
+            accelerator.load_state(str(resume_dir))
+            self.state = _State(**read_state(resume_dir))
+            accelerator.print(f"resumed from {resume_dir} at step {self.state.step}")
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if recipe.output.trackers:
+            accelerator.init_trackers(self.run_dir.name, config=_flat(recipe.to_dict()))
+        self.log = _MetricsLog(
+            self.run_dir / "metrics.jsonl",
+            accelerator.is_main_process,
+            keep_until=self.state.step if resume_dir else None,
+            trackers=accelerator.log if recipe.output.trackers else None,
+        )
+        for note in self.notes:
+            accelerator.print(note)
+        accelerator.print(
+            f"training {recipe.adapter.method} on {recipe.task}: {self.n_examples} examples, "
+            f"{accelerator.num_processes} process(es), global batch "
+            f"{recipe.train.batch_size * accelerator.num_processes * recipe.train.grad_accum}, {self.total_steps} steps; "
+            f"trainable params {self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.3f}%)"
+        )
+        if recipe.eval.before and self.state.step == 0:
+            self.state.eval_before = self.evaluate("before")
+
+    def loop(self) -> None:
+        """Optimizer steps until ``total_steps``, resuming mid-epoch where the checkpoint left off."""
+        recipe, accelerator, state = self.recipe, self.accelerator, self.state
+        seed, ga, process = recipe.train.seed, recipe.train.grad_accum, accelerator.process_index
+        self.epoch, done_in_epoch = divmod(state.step, self.steps_per_epoch)
+        skip = done_in_epoch * ga  # batches of this epoch that the checkpoint already trained on
+        micro = self.epoch * self.batches_per_epoch + skip
+        self.window = torch.zeros(4, device=accelerator.device)
+        self.window_started = time.perf_counter()
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not accelerator.is_main_process,
+            file=_LineTrackingStream(sys.stderr),
+        )
+        self.ddp_model.train()
+        while state.step < self.total_steps and not self.stopped_early:
+            self.train_loader.set_epoch(self.epoch)
+            batches = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            skip = 0
+            for batch in batches:
+                torch.manual_seed(_micro_seed(seed, micro, process))
+                micro += 1
+                self._micro_step(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                if not accelerator.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                state.step += 1
+                self.bar.update(1)
+                self._after_step()
+                if state.step >= self.total_steps or self.stopped_early:
+                    break
+            self.epoch += 1
+        self.bar.close()
+
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Forward and backward one micro-batch; the optimizer steps on the last of each accumulation."""
+        accelerator, max_norm = self.accelerator, self.recipe.optim.max_grad_norm
+        with accelerator.accumulate(self.ddp_model):
+            loss = self.ddp_model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_norm:
+                accelerator.clip_grad_norm_(self.params, max_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.window[0] += loss.detach().float()
+        self.window[1] += 1
+        self.window[2] += len(batch["labels"])
+        if "attention_mask" in batch:
+            self.window[3] += batch["attention_mask"].sum()
+        elif "position_ids" in batch:  # packed rows: every position holds a token (the little padding counts)
+            self.window[3] += batch["input_ids"].numel()
+
+    def _after_step(self) -> None:
+        """The hooks that run after each optimizer step."""
+        recipe, step = self.recipe, self.state.step
+        if step % recipe.train.log_every == 0 or step == self.total_steps:
+            self._log_train()
+        if recipe.eval.every and step % recipe.eval.every == 0 and step < self.total_steps:
+            self.evaluate("during")
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+            save_checkpoint(self.accelerator, self.run_dir, asdict(self.state), recipe.checkpoint.keep)
+
+    def _log_train(self) -> None:
+        """Write the mean loss and throughput since the last log, over all processes."""
+        loss_sum, micro_batches, samples, n_tokens = self.accelerator.reduce(self.window, "sum").tolist()
+        elapsed = time.perf_counter() - self.window_started
+        record = {
+            "type": "train",
+            "step": self.state.step,
+            "epoch": self.epoch,
+            "loss": loss_sum / micro_batches,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": samples / elapsed,
+        }
+        if self.text:
+            record["tokens_per_s"] = n_tokens / elapsed
+        self.log.write(record)
+        rate = f"{record['tokens_per_s']:.0f} tok/s" if self.text else f"{record['samples_per_s']:.1f} samples/s"
+        self.bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, {rate}", refresh=True)
+        self.window.zero_()
+        self.window_started = time.perf_counter()
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """Evaluate on ``data.eval``, log it, and track the best result (``when``: before, during, after)."""
+        recipe, state = self.recipe, self.state
+        metrics = evaluate(self.ddp_model, self.eval_loader, recipe.task, self.accelerator, self.labels)
+        metrics.update(self._generate(when))
+        self.log.write({"type": "eval", "step": state.step, "when": when, **metrics})
+        self._say(format_eval(when, state.step, metrics))
+        if when != "before":
+            self._track_best(metrics[recipe.metric], when)
         return metrics
 
-    if recipe.eval.before and state.step == 0:
-        state.eval_before = run_eval("before")
+    def _track_best(self, value: float, when: str) -> None:
+        """Keep the best result (and its adapter, with output.best); stop early after eval.patience evals without gain."""
+        recipe, state, metric = self.recipe, self.state, self.recipe.metric
+        best = state.best["value"] if state.best is not None else None
+        if improves(value, best, metric, recipe.eval.min_delta):
+            state.evals_without_improvement = 0
+        elif when == "during":
+            state.evals_without_improvement += 1
+        if improves(value, best, metric):
+            state.best = {"metric": metric, "value": value, "step": state.step}
+            if recipe.output.best:
+                self.best_adapter = {k: v.detach().to("cpu", copy=True) for k, v in self.model.adapter_state_dict().items()}
+        patience = recipe.eval.patience
+        if when == "during" and patience and state.evals_without_improvement >= patience:
+            self.stopped_early = True
+            self._say(
+                f"early stop at step {state.step}: eval {metric} has not improved by more than {recipe.eval.min_delta} "
+                f"in {patience} evaluation(s); best {state.best['value']:.4f} at step {state.best['step']}"
+            )
 
-    # The loop.
-    seed, ga, process = recipe.train.seed, recipe.train.grad_accum, accelerator.process_index
-    epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
-    skip = done_in_epoch * ga  # batches of this epoch that the checkpoint already trained on
-    micro = epoch * batches_per_epoch + skip
-    window = torch.zeros(4, device=accelerator.device)  # loss sum, micro-batches, samples, tokens since last log
-    window_started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process)
-    ddp_model.train()
-    while state.step < total_steps:
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        skip = 0
-        for batch in batches:
-            torch.manual_seed(_micro_seed(seed, micro, process))
-            micro += 1
-            with accelerator.accumulate(ddp_model):
-                loss = ddp_model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window[0] += loss.detach().float()
-            window[1] += 1
-            window[2] += len(batch["labels"])
-            if "attention_mask" in batch:
-                window[3] += batch["attention_mask"].sum()
-            if not accelerator.sync_gradients:
-                continue
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            state.step += 1
-            bar.update(1)
+    def _generate(self, when: str) -> dict[str, float]:
+        """Greedy answers to eval prompts: the first ``eval.generate`` logged, exact match over all if asked."""
+        spec, accelerator, tokenizer = self.recipe.eval, self.accelerator, self.tokenizer
+        if not self.answers:
+            return {}
+        prompts = self.answers if spec.exact_match else self.answers[: spec.generate]
+        mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+        with accelerator.autocast():
+            texts = instruct.generate_answers(
+                self.model, tokenizer, [prompts[i][0] for i in mine], spec.max_new_tokens, spec.batch_size
+            )
+        answers = [text for _, text in sorted(gather_object(list(zip(mine, texts))))]
+        for (prompt, expected), answer in list(zip(prompts, answers))[: spec.generate]:
+            prompt_text = tokenizer.decode(prompt)
+            record = {"type": "generation", "step": self.state.step, "when": when, "prompt": prompt_text,
+                      "expected": expected, "answer": answer}
+            self.log.write(record)
+            self._say(f"generation (step {self.state.step}): {prompt_text[-60:]!r} -> {answer!r} (expected {expected!r})")
+        if not spec.exact_match:
+            return {}
+        return {"exact_match": instruct.exact_match(answers, [expected for _, expected in prompts])}
 
-            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
-                loss_sum, micro_batches, samples, n_tokens = accelerator.reduce(window, "sum").tolist()
-                elapsed = time.perf_counter() - window_started
-                record = {
-                    "type": "train",
-                    "step": state.step,
-                    "epoch": epoch,
-                    "loss": loss_sum / micro_batches,
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": samples / elapsed,
-                }
-                if text:
-                    record["tokens_per_s"] = n_tokens / elapsed
-                log.write(record)
-                rate = f"{record['tokens_per_s']:.0f} tok/s" if text else f"{record['samples_per_s']:.1f} samples/s"
-                bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, {rate}", refresh=True)
-                window.zero_()
-                window_started = time.perf_counter()
-            if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total_steps:
-                run_eval("during")
-            if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0:
-                save_checkpoint(accelerator, run_dir, asdict(state), recipe.checkpoint.keep)
-            if state.step >= total_steps:
-                break
-        epoch += 1
-    bar.close()
+    def _keep_best_in_checkpoints(self) -> None:
+        """Save the best adapter in each checkpoint and restore it on resume, so output.best survives a restart."""
 
-    eval_after = run_eval("after") if eval_loader is not None else None
-    adapter_dir, merged_dir, peft_dir = _write_outputs(recipe, accelerator, model, tokenizer, run_dir)
-    result = TrainResult(
-        output_dir=str(run_dir),
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
-        peft_dir=peft_dir,
-        metrics_path=str(log.path),
-        steps=state.step,
-        trainable_params=trainable,
-        total_params=total,
-        wall_time_s=time.perf_counter() - started,
-        metric=recipe.metric,
-        eval_before=state.eval_before,
-        eval_after=eval_after,
-        best=state.best,
-        resumed_from=str(resume_dir) if resume_dir else None,
-    )
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        print(format_summary(result))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+        def save(models: list, weights: list, output_dir: str) -> None:
+            if self.accelerator.is_main_process and self.best_adapter is not None:
+                save_file(self.best_adapter, str(Path(output_dir) / BEST_ADAPTER_FILE))
+
+        def load(models: list, input_dir: str) -> None:
+            path = Path(input_dir) / BEST_ADAPTER_FILE
+            if path.is_file():
+                self.best_adapter = load_file(str(path))
+
+        self.accelerator.register_save_state_pre_hook(save)
+        self.accelerator.register_load_state_pre_hook(load)
+
+    def _say(self, line: str) -> None:
+        """Print a line of its own on the main process, never glued to the progress bar.
+
+        On a terminal tqdm clears the bar and redraws it under the line; in a
+        redirected log the bar's last state ends its line first.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        bar = getattr(self, "bar", None)
+        if bar is not None and not bar.disable:
+            if bar.fp.isatty():
+                bar.write(line)
+                return
+            if not bar.fp.at_line_start:  # the bar drew since the last line: end its line
+                bar.fp.write("\n")
+                bar.fp.flush()
+        print(line, flush=True)
+
+    def finish(self, started: float, resume_dir: Path | None) -> TrainResult:
+        """Evaluate after training, write the adapter, exports and summary; return what was produced."""
+        accelerator, recipe = self.accelerator, self.recipe
+        eval_after = self.evaluate("after") if self.eval_loader is not None else None
+        adapter_dir, merged_dir, peft_dir = _write_outputs(recipe, accelerator, self.model, self.tokenizer, self.run_dir)
+        best_dir = None
+        if recipe.output.best and self.best_adapter is not None:
+            # The last adapter is written; the model now takes the best one's tensors for its outputs.
+            self.model.load_adapter_tensors(self.model.active_adapter, self.best_adapter, source="the best evaluation")
+            best_dir = str(self.run_dir / "best")
+            _write_outputs(recipe, accelerator, self.model, self.tokenizer, Path(best_dir))
+        result = TrainResult(
+            output_dir=str(self.run_dir),
+            adapter_dir=adapter_dir,
+            merged_dir=merged_dir,
+            peft_dir=peft_dir,
+            metrics_path=str(self.log.path),
+            steps=self.state.step,
+            trainable_params=self.trainable,
+            total_params=self.total,
+            wall_time_s=time.perf_counter() - started,
+            metric=recipe.metric,
+            eval_before=self.state.eval_before,
+            eval_after=eval_after,
+            best=self.state.best,
+            resumed_from=str(resume_dir) if resume_dir else None,
+            best_dir=best_dir,
+            stopped_early=self.stopped_early,
+            data_notes=self.notes,
+        )
+        if accelerator.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+            print(format_summary(result))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
 
 
 # -- setup ---------------------------------------------------------------------------------
 
 
+class LaunchError(RuntimeError):
+    """The processes started are not the ones asked for."""
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but started this one alone.
+
+    ``accelerate launch --num_processes N`` (accelerate 1.15) starts a single
+    process with ``--cpu``, and also without ``--multi_gpu`` on a machine with
+    fewer than two GPUs; only the environment shows it: ``MASTER_ADDR`` is set
+    (for N > 1) but no ``WORLD_SIZE``.
+    """
+    env = os.environ
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = ["-m", spec.name.removesuffix(".__main__")] if spec is not None else [sys.argv[0]]
+    command = shlex.join(["accelerate", "launch", "--multi_gpu", "--num_processes", "N", *program, *sys.argv[1:]])
+    raise LaunchError(
+        "accelerate launch asked for several processes but started this one alone (it does so with --cpu, "
+        "and without --multi_gpu unless there are several GPUs), so it would train alone. "
+        f"For N processes on the CPU, joined with gloo, run:\n  {command}\n"
+        "(on a machine with GPUs, put CUDA_VISIBLE_DEVICES= in front to keep them on the CPU); "
+        "for one process, run the command without accelerate launch."
+    )
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """An ``Accelerator`` for the recipe's precision and accumulation, joined with the other processes."""
+    check_launch()
     precision = recipe.train.mixed_precision
     if precision == "auto":
         # Under `accelerate launch` its flag or config decides; run directly, bf16 where the GPU has it.
@@ -288,11 +598,40 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+        log_with=_trackers(recipe) or None,
+        project_dir=recipe.output.dir if recipe.output.trackers else None,  # where TensorBoard writes
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
+        raise LaunchError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
     return accelerator
+
+
+def _trackers(recipe: Recipe) -> list[str]:
+    """accelerate tracker names for ``output.trackers``; a named one that is not installed is refused."""
+    if not recipe.output.trackers:
+        return []
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    if "all" in recipe.output.trackers:
+        return available
+    missing = [name for name in recipe.output.trackers if name not in available]
+    if missing:
+        hint = "pip install 'repeft[tensorboard]'" if "tensorboard" in missing else f"pip install {missing[0]}"
+        raise RecipeError(f"output.trackers: {', '.join(missing)} is not installed ({hint}); installed: {available}")
+    return list(recipe.output.trackers)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as ``{"section.field": value}`` of the scalar types trackers store (others as text)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def load_tokenizer(recipe: Recipe) -> Any:
@@ -328,7 +667,19 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
         return model.to(dtype)
     # ignore_mismatched_sizes: a checkpoint's head for other classes is replaced, as for the label count.
     extra = {"ignore_mismatched_sizes": True} if labels else {}
+    if spec.quantization != "none":
+        extra["quantization_config"] = _bnb_config(spec.quantization, dtype)
     return cls.from_pretrained(registry.resolve_model(spec.path), dtype=dtype, **label_kwargs, **extra)
+
+
+def _bnb_config(quantization: str, compute_dtype: torch.dtype) -> transformers.BitsAndBytesConfig:
+    """bitsandbytes settings of ``model.quantization``: QLoRA's NF4 (or FP4) with double quantization, or LLM.int8."""
+    if quantization == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def _fit_tokenizer(model: transformers.PreTrainedModel, tokenizer: Any) -> None:
@@ -408,11 +759,20 @@ def _micro_seed(seed: int, micro_batch: int, process: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, task: str, accelerator: Accelerator) -> dict[str, float]:
-    """Mean loss, plus accuracy (classification) or perplexity (causal LM), over all processes."""
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: str,
+    accelerator: Accelerator,
+    class_names: list[str] | None = None,
+) -> dict[str, float]:
+    """Mean loss, plus perplexity (causal LM) or accuracy, precision, recall and F1 (classification), over all processes.
+
+    ``class_names`` names the classes in per-class metrics (``f1/<name>``); default: their ids.
+    """
     was_training = model.training
     model.eval()
-    losses, counts, hits = [], [], []
+    losses, counts, predictions, targets = [], [], [], []
     for batch in loader:
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
@@ -424,26 +784,53 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str, accelerator:
             counts.append(count)
         else:
             loss = F.cross_entropy(logits, labels, reduction="none")
-            loss, hit = accelerator.gather_for_metrics((loss, logits.argmax(-1) == labels))
-            hits.append(hit)
+            loss, prediction, target = accelerator.gather_for_metrics((loss, logits.argmax(-1), labels))
+            predictions.append(prediction)
+            targets.append(target)
         losses.append(loss)
     model.train(was_training)
     total_loss = torch.cat(losses).sum().item()
     if task == "causal_lm":
         tokens = torch.cat(counts).sum().item()
         return {"loss": total_loss / tokens, "perplexity": math.exp(min(total_loss / tokens, 50.0))}
-    hits = torch.cat(hits)
-    return {"loss": total_loss / len(hits), "accuracy": hits.float().mean().item()}
+    targets = torch.cat(targets)
+    names = class_names or [str(i) for i in range(logits.shape[-1])]
+    return {"loss": total_loss / len(targets), **classification_scores(torch.cat(predictions), targets, names)}
+
+
+def format_eval(when: str, step: int, metrics: dict[str, float]) -> str:
+    """The printed eval line: overall metrics, then per-class F1 (the rest of the per-class metrics are in the log)."""
+    overall = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+    per_class = ", ".join(f"{k.removeprefix('f1/')} {v:.4f}" for k, v in metrics.items() if k.startswith("f1/"))
+    return f"eval ({when}, step {step}): {overall}" + (f"; f1 per class: {per_class}" if per_class else "")
 
 
 # -- outputs -----------------------------------------------------------------------------------
 
 
+class _LineTrackingStream:
+    """A text stream that remembers whether its output ends a line (tqdm redraws with ``\\r``, no newline)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class _MetricsLog:
     """JSON lines, one per log step or eval, written by the main process only."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until: int | None) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(
+        self, path: Path, enabled: bool, keep_until: int | None, trackers: Callable[..., None] | None = None
+    ) -> None:
+        # ``trackers`` (accelerate's ``Accelerator.log``) also gets each record's numbers, as "<type>/<name>".
+        self.path, self.enabled, self.trackers = path, enabled, trackers
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -454,6 +841,14 @@ class _MetricsLog:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.trackers is not None:
+            numbers = {
+                f"{record['type']}/{k}": v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            if numbers:
+                self.trackers(numbers, step=record["step"])
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({**record, "time": time.time()}) + "\n")
@@ -472,7 +867,10 @@ def _write_outputs(
         if peft_dir is not None:
             export_peft(model, peft_dir)
         if merged_dir is not None:
-            model.save_pretrained(merged_dir)
+            if recipe.model.quantization != "none":
+                export_merged(model, merged_dir)  # dequantized, merged in fp32: merging into 4/8-bit is refused
+            else:
+                model.save_merged(merged_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(merged_dir)
     accelerator.wait_for_everyone()
@@ -491,10 +889,14 @@ def format_summary(result: TrainResult) -> str:
         before = f"{result.eval_before[result.metric]:.4f} before -> " if result.eval_before else ""
         best = f" (best {result.best['value']:.4f} at step {result.best['step']})" if result.best else ""
         lines.append(f"eval {result.metric}: {before}{result.eval_after[result.metric]:.4f} after{best}")
+    if result.stopped_early:
+        lines.append(f"stopped early at step {result.steps} (eval.patience)")
     lines.append(f"adapter: {result.adapter_dir}")
     if result.merged_dir:
         lines.append(f"merged:  {result.merged_dir}")
     if result.peft_dir:
         lines.append(f"peft:    {result.peft_dir}")
+    if result.best_dir:
+        lines.append(f"best:    {result.best_dir} (step {result.best['step']})")
     lines.append(f"metrics: {result.metrics_path}")
     return "\n".join(lines)

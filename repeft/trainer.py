@@ -1,14 +1,14 @@
 """``AdapterTrainer``: transformers' ``Trainer`` for wrapped models.
 
-The stock Trainer saves a non-``PreTrainedModel`` as its full state dict,
+The stock Trainer trains and evaluates a wrapped model (the wrapper shows the
+base model's forward signature, from which Trainer takes label names and
+dataset columns), but saves a non-``PreTrainedModel`` as its full state dict,
 which fails on tied weights and is as big as the base model. This subclass
 saves and restores only the adapter, so checkpoints are small and
-``resume_from_checkpoint`` works.
+``resume_from_checkpoint`` and ``load_best_model_at_end`` work on any model.
 """
 
 from __future__ import annotations
-
-import inspect
 
 from transformers import Trainer
 
@@ -28,13 +28,6 @@ class AdapterTrainer(Trainer):
         if not isinstance(model, AdapterModel):
             raise TypeError(f"AdapterTrainer needs a model from repeft.wrap, got {type(model).__name__}")
         return model
-
-    def _set_signature_columns_if_needed(self) -> None:
-        # Dataset columns are filtered by the transformers model's forward, not the wrapper's *args.
-        if self._signature_columns is None:
-            forward = self._adapter_model().base_model.forward
-            self._signature_columns = list(inspect.signature(forward).parameters)
-            self._signature_columns += list({"label", "label_ids", *self.label_names})
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

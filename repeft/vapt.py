@@ -26,6 +26,7 @@ from torch import nn
 from .methods import register_method
 from .replora import ACTIVATIONS
 from .visual_prompts import (
+    VIT_FAMILIES,
     PromptTokens,
     StaticPrompts,
     VAPTConfig,
@@ -99,7 +100,7 @@ class AdaptivePrompts(PromptTokens):
         return tokens + self.mlp(tokens)
 
 
-@register_method("vapt")
+@register_method("vapt", families=VIT_FAMILIES, identity_at_init=False, generates_with_cache=False, vision_only=True)
 def inject_vapt(model, adapter_name: str, config: VAPTConfig) -> None:
     _, backbone = vit_backbone(model.base_model)
     c = backbone.config

@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .config import ACTIVATIONS, AdapterConfig, register_config
-from .layers import AdapterLayer
+from .config import ACTIVATIONS, AdapterConfig, option, register_config
+from .layers import AdapterLayer, place_beside
 from .methods import register_method
 from .targeting import TargetError, model_type
 
@@ -52,13 +52,8 @@ CONTAINER = "visual_prompts"
 class VisualPromptConfig(AdapterConfig):
     """Fields shared by VPT and VAPT: ``n_prompt`` tokens per layer, dropout on static prompts."""
 
-    n_prompt: int = 10
-    prompt_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive_int("n_prompt", self.n_prompt, "the number of prompt tokens per layer")
-        _check_probability("prompt_dropout", self.prompt_dropout)
+    n_prompt: int = option(10, minimum=1)
+    prompt_dropout: float = option(0.0, minimum=0.0, below=1.0)
 
 
 @register_config
@@ -99,36 +94,20 @@ class VAPTConfig(VisualPromptConfig):
     method: ClassVar[str] = "vapt"
     saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0}
 
-    kernel_size: int = 3
-    channel_dropout: float = 0.1
-    mlp_hidden: int = 8
-    mlp_dropout: float = 0.1
-    activation: str = "relu"
+    kernel_size: int = option(3, minimum=1)
+    channel_dropout: float = option(0.1, minimum=0.0, below=1.0)
+    mlp_hidden: int = option(8, minimum=1)
+    mlp_dropout: float = option(0.1, minimum=0.0, below=1.0)
+    activation: str = option("relu", choices=ACTIVATIONS)
     image_size: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("kernel_size", self.kernel_size, "the side of the depthwise filter")
-        _check_positive_int("mlp_hidden", self.mlp_hidden, "the hidden width of the feature MLP")
-        _check_probability("channel_dropout", self.channel_dropout)
-        _check_probability("mlp_dropout", self.mlp_dropout)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.image_size is not None:
             size = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
             if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
                 raise ValueError(f"image_size must be a positive int or [height, width], got {self.image_size!r}")
             self.image_size = size if size[0] != size[1] else size[0]
-
-
-def _check_positive_int(name: str, value: Any, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} ({meaning}) must be a positive integer, got {value!r}")
-
-
-def _check_probability(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a dropout probability in [0, 1), got {value!r}")
 
 
 # -- where prompts go in each supported family -----------------------------------------------
@@ -315,10 +294,10 @@ def attach_prompts(model, adapter_name: str, tokens: PromptTokens) -> None:
         container = VisualPrompts(family, backbone).train(backbone.training)
         model.add_module(CONTAINER, container)
     # New modules start in training mode; follow the base model's mode (dropout off in eval) instead.
-    container.adapters[adapter_name] = tokens.to(next(backbone.parameters()).device).train(backbone.training)
+    container.adapters[adapter_name] = place_beside(tokens, backbone).train(backbone.training)
 
 
-@register_method("vpt")
+@register_method("vpt", families=VIT_FAMILIES, identity_at_init=False, generates_with_cache=False, vision_only=True)
 def inject_vpt(model, adapter_name: str, config: VPTConfig) -> None:
     _, backbone = vit_backbone(model.base_model)
     c = backbone.config

@@ -1,8 +1,8 @@
 """Zero-initialized attention (LLaMA-Adapter) with linear and non-linear prompts.
 
 In each of the top L attention layers, n prompt vectors P_l (n x hidden) go
-through the layer's own frozen key and value projections, without rotary
-position or norm: ``K_P = W_k P_l``, ``V_P = W_v P_l``. Every query attends
+through the layer's own frozen key and value projections (and the model's key
+norm, if any), without rotary position: ``K_P = W_k P_l``, ``V_P = W_v P_l``. Every query attends
 to them with a softmax of its own, and the result, gated per head by
 ``tanh(g_{l,h})``, is added to the ordinary attention output before the
 output projection (so W_o's bias is applied once)::
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import AttentionAdapter, AttentionCall, Geometry, add_attention_adapter
+from .attention import FAMILIES, AttentionAdapter, AttentionCall, Geometry, add_attention_adapter
 from .config import ZeroInitConfig
 from .methods import register_method
 from .replora import ACTIVATIONS
@@ -60,11 +60,10 @@ class ZeroInitAdapter(AttentionAdapter):
         if not self.gated:  # vanilla attention: the prompts are extra keys in the tokens' softmax
             return call.base_with_prefix(keys, values)
         out, weights = call.base(call.key, call.value, call.mask)
-        groups = query.shape[1] // keys.shape[0]  # grouped-query attention: one kv head per group of heads
-        keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)
-        scores = call.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
-        # A softmax over the prompts alone: padding and causality concern only the tokens.
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        values = values.repeat_interleave(query.shape[1] // values.shape[0], dim=0)  # grouped-query attention
+        # A softmax over the prompts alone, of logits scored (and soft-capped) as the model scores its keys:
+        # padding, causality and sliding windows concern only the tokens.
+        probs = torch.softmax(call.scores(keys), dim=-1, dtype=torch.float32).to(query.dtype)
         probs = nn.functional.dropout(probs, p=call.dropout, training=call.module.training)
         prompt_out = torch.einsum("bhqn,hnd->bqhd", probs, values)
         gate = torch.tanh(self.gates[index]).to(query.dtype).view(1, 1, -1, 1)
@@ -131,7 +130,7 @@ class HypermodelPrompts(ZeroInitAdapter):
 PROMPTS = {"hypermodel": HypermodelPrompts, "deepshare": DeepSharePrompts}
 
 
-@register_method("zero_init")
+@register_method("zero_init", families=FAMILIES, identity_at_init=True, generates_with_cache=True, vision_only=False)
 def inject_zero_init(model, name: str, config: ZeroInitConfig) -> None:
     prompts = LinearPrompts if config.prompt_type == "linear" else PROMPTS[config.prompt_network]
     add_attention_adapter(model, name, lambda geometry: prompts(geometry, config))

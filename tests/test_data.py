@@ -54,6 +54,48 @@ def test_sms_spam_splits_disjoint_and_deterministic():
     assert data.load_text_dataset("sms_spam", "test", limit=0) == []
 
 
+# WordNet 3.0 has 42 noun.motive, 243 verb.consumption and 81 verb.weather synsets; every other
+# noun/verb class but noun.Tops has well over 300. The build keeps at most 300 per class (20% test).
+WORDNET_TAIL = {"noun.motive": (34, 8), "verb.consumption": (193, 48), "verb.weather": (65, 16)}
+
+
+def test_wordnet_supersenses_classes_and_sizes():
+    names = data.label_names("wordnet_supersenses")
+    assert len(names) == 40 and len(set(names)) == 40
+    assert sum(n.startswith("noun.") for n in names) == 25 and "noun.Tops" not in names
+    assert sum(n.startswith("verb.") for n in names) == 15
+    for split, cap in (("train", 240), ("test", 60)):
+        rows = data.load_text_dataset("wordnet_supersenses", split)
+        counts = [0] * 40
+        for ex in rows:
+            assert set(ex) == {"text", "label"} and isinstance(ex["text"], str) and ex["text"].strip()
+            counts[ex["label"]] += 1
+        expected = [WORDNET_TAIL.get(n, (240, 60))[split == "test"] for n in names]
+        assert counts == expected, f"{split} ({cap} per class except the tail)"
+    assert (len(data.load_text_dataset("wordnet_supersenses", "train")),
+            len(data.load_text_dataset("wordnet_supersenses", "test"))) == (9172, 2292)
+
+
+def test_wordnet_supersenses_are_real_glosses_without_examples():
+    names = data.label_names("wordnet_supersenses")
+    rows = (data.load_text_dataset("wordnet_supersenses", "train")
+            + data.load_text_dataset("wordnet_supersenses", "test"))
+    label_of = {ex["text"]: names[ex["label"]] for ex in rows}
+    # Glosses of rain (v) and pyromania (n); both classes are shipped whole.
+    assert label_of["precipitate as rain"] == "verb.weather"
+    assert label_of["an uncontrollable desire to set fire to things"] == "noun.motive"
+    # The quoted example sentences (which usually contain the lemma) are cut off.
+    assert not any('; "' in t or ': "' in t for t in label_of)
+
+
+def test_wordnet_supersenses_splits_disjoint_and_deterministic():
+    train = data.load_text_dataset("wordnet_supersenses", "train")
+    test = data.load_text_dataset("wordnet_supersenses", "test")
+    texts = [ex["text"] for ex in train + test]
+    assert len(set(texts)) == len(texts)  # no gloss twice, so none in both splits
+    assert data.load_text_dataset("wordnet_supersenses", "test", limit=5) == test[:5]
+
+
 def test_unknown_names_raise():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_text_dataset("imdb", "train")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import random
+import signal
+import stat
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import repeft
-from repeft import files
+from repeft import cli, files
 from tiny_models import tiny_batch, tiny_model
 
 
@@ -96,7 +102,8 @@ def test_failed_load_into_wrapped_model_keeps_its_adapters(saved):
 
 
 def test_pickle_files_are_never_loaded(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "repeft", "format_version": 1}))
+    meta = {"format": "repeft", "format_version": 1, "config": {"method": "lora"}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
     with pytest.raises(repeft.AdapterFileError, match="pickle files are never loaded"):
         repeft.load_adapter(tiny_model("llama"), tmp_path)
@@ -131,7 +138,7 @@ def test_crash_during_merged_export_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model.base_model), "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        model.save_pretrained(tmp_path / "merged")
+        model.save_merged(tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -159,8 +166,8 @@ def test_targets_by_suffix_and_regex():
 def test_unsupported_architecture_without_targets_explains_what_to_pass():
     import transformers as tf
 
-    base = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=50))
-    with pytest.raises(repeft.TargetError, match="no default target_modules for model_type 'gpt_neox'.*query_key_value"):
+    base = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=50))
+    with pytest.raises(repeft.TargetError, match="no default target_modules for model_type 'bloom'.*query_key_value"):
         repeft.wrap(base, repeft.LoRAConfig())
 
 
@@ -179,3 +186,269 @@ def test_wrapping_twice_is_refused():
     model = repeft.wrap(tiny_model("llama"), repeft.LoRAConfig())
     with pytest.raises(TypeError, match="add_adapter"):
         repeft.wrap(model, repeft.LoRAConfig())
+
+
+# -- saving into a directory that holds other files ----------------------------------------------
+
+
+def randomized(model):
+    torch.manual_seed(5)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+SAVES = {
+    "save_adapter": lambda model, out: model.save_adapter(out),
+    "save_pretrained": lambda model, out: model.save_pretrained(out),
+    "save_merged": lambda model, out: model.save_merged(out),
+    "export_peft": lambda model, out: repeft.export_peft(model, out),
+    "export_merged": lambda model, out: repeft.export_merged(model, out),
+}
+
+
+@pytest.mark.parametrize("save", list(SAVES))
+def test_saving_into_a_directory_keeps_files_it_did_not_write(save, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "state.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    SAVES[save](model, out)
+    SAVES[save](model, out)  # and again, over its own files
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint-2" / "state.json").is_file()
+    written = sorted(p.name for p in out.iterdir() if p.name not in ("notes.txt", "checkpoint-2"))
+    if "merged" in save:
+        assert written == ["config.json", "generation_config.json", "model.safetensors"]
+    else:
+        assert written == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_merged_save_replaces_the_weight_files_of_an_earlier_one(tmp_path):
+    # As transformers' save_pretrained does: a stale shard would be loaded beside the new file.
+    out = tmp_path / "merged"
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    model.save_merged(out, max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    model.save_merged(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_follow_the_umask(umask, tmp_path):
+    model = repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4))
+    old = os.umask(umask)
+    try:
+        model.save_adapter(tmp_path / "a" / "adapter")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a", tmp_path / "a" / "adapter"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    for path in (tmp_path / "a" / "adapter").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_save_interrupted_while_moving_files_in_is_finished_by_the_next_load(saved, monkeypatch):
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=2)))
+    moves = []
+
+    def replace_then_die(src, dst):
+        moves.append(dst)
+        if len(moves) == 3:  # the staging folder, then the config: killed before the weights
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_adapter(saved)
+    monkeypatch.undo()
+    assert any(p.name.startswith(files.COMMIT) for p in saved.iterdir())
+    loaded = repeft.load_adapter(tiny_model("llama"), saved)  # the new adapter, whole
+    assert loaded.configs["default"].r == 2
+    assert all(torch.equal(v, model.adapter_state_dict()[k]) for k, v in loaded.adapter_state_dict().items())
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_merged_save_interrupted_between_shards_is_finished_whole(tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    model.save_merged(out)  # an earlier, unsharded save: its model.safetensors must go
+    moves = []
+
+    def replace_then_die(src, dst):
+        moves.append(dst)
+        if len(moves) == 5:  # staging folder, config, generation config, first shard: then killed
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_merged(out, max_shard_size="20KB")
+    monkeypatch.undo()
+    files.recover(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    reloaded = type(model.base_model).from_pretrained(out).eval()
+    batch = tiny_batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_random_kills_while_saving_never_lose_or_mix_the_adapter(tmp_path):
+    # Two adapters of different rank saved in turn by a child process killed at random moments:
+    # every load after a kill gets one of them whole, and no staging folder outlives a load.
+    target = tmp_path / "adapter"
+    versions = [
+        ({"format": "repeft", "format_version": 1, "config": {"method": "lora"}, "rank": r},
+         {"x.lora_A": torch.full((r, 64), float(r)), "x.lora_B": torch.full((64, r), float(r))})
+        for r in (2, 4)
+    ]
+    files.write_adapter_dir(target, *versions[0])
+    rng = random.Random(0)
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:  # the child saves until it is killed
+            try:
+                for i in itertools.count():
+                    files.write_adapter_dir(target, *versions[i % 2])
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.001, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        meta, tensors = files.read_adapter_dir(target)
+        r = meta["rank"]
+        assert tensors.keys() == versions[0][1].keys()
+        assert all(torch.equal(tensors[k], v) for k, v in versions[r // 4][1].items())
+        assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+# -- hostile or broken values ------------------------------------------------------------------
+
+
+def edit_tensors(saved, edit):
+    weights = saved / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights)
+
+
+def edit_config(saved, edit):
+    path = saved / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+KEY = "model.layers.0.self_attn.q_proj.lora_A"
+BAD_TENSORS = {
+    "nan": (lambda t: t[KEY].__setitem__((0, 0), float("nan")), rf"tensor '{KEY}' holds 1 NaN or infinite"),
+    "inf": (lambda t: t[KEY].__setitem__((1, 2), float("inf")), rf"tensor '{KEY}' holds 1 NaN or infinite"),
+    "int64": (lambda t: t.__setitem__(KEY, t[KEY].long()), rf"tensor '{KEY}' is torch.int64 but the model's is torch.float32"),
+    "bool": (lambda t: t.__setitem__(KEY, t[KEY] > 0), rf"tensor '{KEY}' is torch.bool"),
+}
+BAD_CONFIGS = {
+    "lora_alpha NaN": (lambda m: m["config"].update(lora_alpha=float("nan")), "lora_alpha must be a finite number, got nan"),
+    "lora_alpha string": (lambda m: m["config"].update(lora_alpha="16"), "lora_alpha must be a finite number, got '16'"),
+    "use_rslora string": (lambda m: m["config"].update(use_rslora="no"), "use_rslora must be true or false, got 'no'"),
+    "r bool": (lambda m: m["config"].update(r=True), "r must be a positive integer, got True"),
+    # Built on the meta device first: refused by shape, before allocating 2**40 x 32 floats.
+    "huge r": (
+        lambda m: m["config"].update(r=2**40),
+        r"wrong shape, e\.g\. .*lora_A: file \(4, 32\), model \(1099511627776, 32\)",
+    ),
+    "format_version string": (lambda m: m.update(format_version="2"), "format_version must be an integer, got '2'"),
+    "base_model string": (lambda m: m.update(base_model="llama"), "base_model must be a JSON object, got 'llama'"),
+    "config list": (lambda m: m.update(config=[]), "config must be a JSON object"),
+}
+
+
+BROKEN = {
+    **{f"tensor: {name}": (edit_tensors, edit, match) for name, (edit, match) in BAD_TENSORS.items()},
+    **{f"config: {name}": (edit_config, edit, match) for name, (edit, match) in BAD_CONFIGS.items()},
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_bad_values_in_the_files_are_refused_by_name(case, saved):
+    breakage, edit, match = BROKEN[case]
+    breakage(saved, edit)
+    base = tiny_model("llama")
+    with pytest.raises(repeft.AdapterFileError, match=match):
+        repeft.load_adapter(base, saved)
+    assert_untouched(base, tiny_model("llama"))
+
+
+# -- the command line on broken and good adapter directories ----------------------------------
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def run_cli(capsys, *argv):
+    """(exit code, the last line on stderr); a traceback fails the test."""
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err.rstrip("\n").rsplit("\n", 1)[-1]
+
+
+CLI_BREAKAGES = {
+    **{name: (breakage, edit) for name, (breakage, edit, _) in BROKEN.items()},
+    "truncated config": (lambda d, _: (d / "adapter_config.json").write_text('{"format": "repeft", '), None),
+    "truncated weights": (lambda d, _: (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00"), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_BREAKAGES))
+def test_export_of_a_broken_adapter_is_one_line_and_exit_code_2(case, saved, base_dir, tmp_path, capsys):
+    breakage, edit = CLI_BREAKAGES[case]
+    breakage(saved, edit)
+    code, err = run_cli(capsys, "export", saved, "--base", base_dir, "--out", tmp_path / "merged")
+    assert code == 2 and err.startswith("repeft export: error: "), err
+    assert not (tmp_path / "merged").exists()  # no NaN (or any) model written
+
+
+def test_info_on_a_truncated_weights_file_is_one_line_and_exit_code_2(saved, capsys):
+    weights = saved / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    code, err = run_cli(capsys, "info", saved)
+    assert code == 2 and err.startswith("repeft info: error: ") and "corrupt or truncated" in err, err
+
+
+@pytest.mark.parametrize("where", [".", "sub"])
+def test_export_into_its_own_input_is_refused(where, saved, base_dir, capsys):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    code, err = run_cli(capsys, "export", saved, "--format", "peft", "--base", base_dir, "--out", saved / where)
+    assert code == 2 and "inside it" in err
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_export_of_a_bare_classifier_adapter_needs_no_flags_and_keeps_label_names(tmp_path, capsys):
+    import transformers as tf
+
+    # The base checkpoint is a headless encoder (like MiniLM); the adapter was trained on a classifier.
+    tiny_model("bert").bert.save_pretrained(tmp_path / "base")
+    classifier = tf.BertForSequenceClassification.from_pretrained(
+        tmp_path / "base", id2label={0: "ham", 1: "spam"}, label2id={"ham": 0, "spam": 1}
+    ).eval()
+    model = randomized(repeft.wrap(classifier, repeft.LoRAConfig(r=4)))
+    model.save_adapter(tmp_path / "adapter")
+    code, err = run_cli(capsys, "export", tmp_path / "adapter", "--out", tmp_path / "merged")
+    assert code == 0, err
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged) is tf.BertForSequenceClassification
+    assert merged.config.id2label == {0: "ham", 1: "spam"} and merged.config.label2id == {"ham": 0, "spam": 1}
+    batch = {k: v for k, v in tiny_batch("bert").items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_export_onto_a_missing_base_is_one_line_and_exit_code_2(saved, tmp_path, capsys):
+    code, err = run_cli(capsys, "export", saved, "--base", tmp_path / "no-such-model", "--out", tmp_path / "merged")
+    assert code == 2 and err.startswith("repeft export: error: cannot load the base model"), err

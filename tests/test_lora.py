@@ -1,150 +1,49 @@
-"""The design.md section 7 checklist for LoRA and RepLoRA on every core model family."""
+"""LoRA and RepLoRA beyond the conformance suite (test_conformance.py runs PEFT's checklist on every family):
+hand-written formulas, default targets, merged export, mixed adapters, variants, dtypes."""
 
 from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 
 import repeft
-from repeft.layers import AdapterLayer
 from repeft.lora import LoRALinear
-from tiny_models import CORE_FAMILIES, FAMILIES, tiny_batch, tiny_model
+from repeft.targeting import DEFAULT_TARGET_MODULES
+from tiny_models import CORE_FAMILIES, FAMILIES, logits, tiny_batch, tiny_model, train_steps
 
 METHODS = {
     "lora": lambda **kw: repeft.LoRAConfig(r=4, lora_alpha=8, **kw),
     "replora": lambda **kw: repeft.RepLoRAConfig(r=4, lora_alpha=8, mlp_hidden=8, **kw),
 }
-CASES = [(f, m) for f in CORE_FAMILIES for m in METHODS]
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def train_steps(model, batch, steps=3, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
-    model.train()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
-@pytest.fixture(params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
-def case(request):
-    family, method = request.param
-    base = tiny_model(family)
-    reference = copy.deepcopy(base)
-    model = repeft.wrap(base, METHODS[method]())
-    return family, method, model, reference, tiny_batch(family)
-
-
-def test_identity_at_init(case):
-    _, _, model, reference, batch = case
-    assert torch.equal(logits(model, batch), logits(reference, batch))
-
-
-def test_only_adapter_params_get_gradients(case):
-    family, _, model, _, batch = case
-    model(**batch).loss.backward()
-    for name, param in model.named_parameters():
-        is_adapter = ".adapters.default." in name
-        assert param.requires_grad == is_adapter, name
-        if is_adapter:
-            assert param.grad is not None, name
-        else:
-            assert param.grad is None, name
-    if family in ("bert", "vit"):
-        # Task heads start random, so they train with the adapter.
-        assert any("classifier.adapters.default" in n for n, p in model.named_parameters() if p.requires_grad)
-
-
-def test_base_weights_unchanged_by_training(case):
-    _, _, model, reference, batch = case
-    before = {k: v.clone() for k, v in reference.state_dict().items()}
-    train_steps(model, batch)
-    assert not torch.allclose(logits(model, batch), logits(reference, batch))
-    for path, layer in model.adapter_layers():
-        inner = layer.base_layer if isinstance(layer, LoRALinear) else layer.original
-        prefix = path.removeprefix("base_model.")
-        for key, value in inner.state_dict().items():
-            assert torch.equal(value, before[f"{prefix}.{key}"]), f"{prefix}.{key} changed"
-
-
-def test_save_load_round_trip(case, tmp_path):
-    family, _, model, reference, batch = case
-    train_steps(model, batch)
-    expected = logits(model, batch)
-    model.save_adapter(tmp_path / "adapter")
-    loaded = repeft.load_adapter(copy.deepcopy(reference), tmp_path / "adapter")
-    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
-    assert loaded.trainable_parameters()[0] == 0  # loaded for inference unless asked otherwise
-    trainable = repeft.load_adapter(copy.deepcopy(reference), tmp_path / "adapter", trainable=True)
-    assert trainable.trainable_parameters()[0] == model.trainable_parameters()[0]
-
-
-def test_merge_unmerge_and_unload(case, tmp_path):
-    family, _, model, reference, batch = case
-    train_steps(model, batch)
-    expected = logits(model, batch)
-    model.merge()
-    torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
-    model.unmerge()
-    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
-    model.save_pretrained(tmp_path / "merged")
-    reloaded = type(reference).from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)
-    plain = model.merge_and_unload()
-    assert type(plain) is type(reference)
-    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
-    torch.testing.assert_close(logits(plain, batch), expected, atol=1e-4, rtol=0)
-
-
-def test_disable_adapter_gives_base(case):
-    _, _, model, reference, batch = case
-    train_steps(model, batch)
-    adapted = logits(model, batch)
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=0, rtol=0)
-    torch.testing.assert_close(logits(model, batch), adapted, atol=0, rtol=0)
-    model.merge()
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits(model, batch), adapted, atol=1e-4, rtol=0)
-
-
-def test_gradient_checkpointing(case):
-    family, _, model, _, batch = case
-    model.train()
-    plain = {}
-    torch.manual_seed(0)  # same dropout masks in both passes
-    model(**batch).loss.backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            plain[n] = p.grad.clone()
-            p.grad = None
-    # transformers >= 5.2 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    torch.manual_seed(0)
-    model(**batch).loss.backward()
-    for n, g in plain.items():
-        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_targets_per_architecture(family):
     model = repeft.wrap(tiny_model(family), repeft.LoRAConfig(r=2))
-    from repeft.targeting import DEFAULT_TARGET_MODULES
-
     wrapped = {p.rsplit(".", 1)[-1] for p, layer in model.adapter_layers() if isinstance(layer, LoRALinear)}
     assert wrapped == set(DEFAULT_TARGET_MODULES[family])
+
+
+def test_default_targets_are_peft_choices():
+    peft_targets = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    shared = [kind for kind in DEFAULT_TARGET_MODULES if kind in peft_targets]
+    assert len(shared) >= 15
+    assert {kind: DEFAULT_TARGET_MODULES[kind] for kind in shared} == {kind: peft_targets[kind] for kind in shared}
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_save_merged_loads_with_transformers_alone(family, tmp_path):
+    base = tiny_model(family)
+    reference = copy.deepcopy(base)
+    model = repeft.wrap(base, METHODS["replora"]())
+    batch = tiny_batch(family)
+    train_steps(model, batch)
+    model.save_merged(tmp_path / "merged")
+    reloaded = type(reference).from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-4, rtol=0)
 
 
 def test_multi_adapter_add_switch_delete():
@@ -207,18 +106,6 @@ def test_replora_variants_train_and_merge(share_mlp, axis):
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_generate_with_and_without_kv_cache(family):
-    model = repeft.wrap(tiny_model(family), METHODS["replora"]())
-    train_steps(model, tiny_batch(family))
-    prompt = tiny_batch(family, batch=2, seq=5)["input_ids"]
-    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    cached = model.generate(prompt, use_cache=True, output_logits=True, return_dict_in_generate=True, **kw)
-    uncached = model.generate(prompt, use_cache=False, output_logits=True, return_dict_in_generate=True, **kw)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
-
-
 def test_wrapper_behaves_like_the_model():
     model = repeft.wrap(tiny_model("llama"), METHODS["lora"]())
     assert model.config.model_type == "llama"
@@ -241,3 +128,74 @@ def test_trains_under_bf16_autocast(family):
     with torch.no_grad():
         reference = model(**batch).logits
     torch.testing.assert_close(out.logits.float(), reference, atol=0.1, rtol=0.05)
+
+
+def randomize(model, std=0.2):
+    torch.manual_seed(4)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_on_every_family_trains_and_merges(family):
+    # T5 reads `wo.weight.dtype` in its forward: wrapped layers pass weight and bias through.
+    model = repeft.wrap(tiny_model(family), repeft.LoRAConfig(r=2, target_modules="all-linear"))
+    batch = tiny_batch(family)
+    train_steps(model, batch, steps=1)
+    randomize(model, std=0.1)
+    expected = logits(model, batch)
+    layer = next(layer for _, layer in model.adapter_layers() if isinstance(layer, LoRALinear))
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    model.merge()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_lora_on_a_tied_output_head_merges_and_exports_exactly(family, tmp_path):
+    # GPT-2's lm_head *is* its input embedding, T5's is `shared`: a merge must not change the embedding.
+    base = tiny_model(family)
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    assert head.weight is embedding.weight
+    targets = {"gpt2": ["c_attn", "lm_head"], "t5": ["q", "lm_head"]}[family]
+    model = randomize(repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=targets)))
+    batch = tiny_batch(family)
+    expected = logits(model, batch)
+    model.merge()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-4, rtol=0)
+    model.unmerge()
+    assert base.get_output_embeddings().weight is embedding.weight and base.config.tie_word_embeddings
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.save_merged(tmp_path / "merged")
+    repeft.export_merged(model, tmp_path / "exported")
+    for directory in ("merged", "exported"):
+        reloaded = type(base).from_pretrained(tmp_path / directory).eval()
+        torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(logits(plain, batch), expected, atol=1e-4, rtol=0)
+    assert plain.get_output_embeddings().weight is not plain.get_input_embeddings().weight
+
+
+def test_save_pretrained_saves_the_adapter_as_peft_does(tmp_path):
+    model = randomize(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    batch = tiny_batch("llama")
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+    reloaded.load_adapter(tmp_path / "adapter", "second")
+    assert sorted(reloaded.configs) == ["default", "second"]
+
+
+def test_saved_triton_kernel_choice_falls_back_to_torch_without_a_gpu(tmp_path, monkeypatch):
+    model = randomize(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4, kernel="triton")))
+    batch = tiny_batch("llama")
+    expected = logits(model, batch)
+    model.save_adapter(tmp_path / "adapter")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match=r"saved with kernel='triton', which cannot run here .*using kernel='torch'"):
+        reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    assert reloaded.configs["default"].kernel == "torch"
+    torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-5, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -73,3 +74,28 @@ def test_unsupported_peft_options_are_refused(tmp_path):
     with pytest.raises(repeft.AdapterFileError, match="use_dora=True is not supported"):
         repeft.from_peft(fresh, tmp_path / "dora")
     assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_a_repeft_adapter_given_to_from_peft_points_to_load_adapter(tmp_path):
+    repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)).save_adapter(tmp_path / "adapter")
+    with pytest.raises(repeft.AdapterFileError, match=r"is a repeft adapter .* repeft\.load_adapter"):
+        repeft.from_peft(tiny_model("llama"), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("r", None, "has no 'r' field"),
+    ("lora_alpha", float("nan"), "lora_alpha must be a finite number, got nan"),
+    ("use_rslora", "no", "use_rslora must be true or false"),
+])
+def test_broken_peft_config_values_are_refused_by_name(field, value, match, tmp_path):
+    peft_model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    if value is None:
+        del meta[field]
+    else:
+        meta[field] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(repeft.AdapterFileError, match=match):
+        repeft.from_peft(tiny_model("llama"), tmp_path / "peft")

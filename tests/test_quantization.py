@@ -241,7 +241,7 @@ def test_requantized_export_reports_its_error(llama_dir, tmp_path, capsys, targe
 
 def test_in_place_merge_is_refused(llama_dir, tmp_path):
     model = repeft.wrap(load_quantized(llama_dir, "nf4"), METHODS["lora"]())
-    for action in (model.merge, model.merge_and_unload, lambda: model.save_pretrained(tmp_path / "merged")):
+    for action in (model.merge, model.merge_and_unload, lambda: model.save_merged(tmp_path / "merged")):
         with pytest.raises(ValueError, match="export_merged"):
             action()
         assert model.merged_adapter() is None
@@ -390,3 +390,18 @@ def test_gpt2_conv1d_layout_in_export(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(merged, batch), logits(model, batch), atol=1e-4, rtol=0)
 
+
+
+def test_transformers_trainer_trains_an_adapter_on_a_quantized_base(llama_dir, tmp_path):
+    # transformers' Trainer refuses quantized models "without adapters"; a wrapped one has them.
+    from transformers import Trainer, TrainingArguments
+
+    model = repeft.wrap(repeft.prepare_quantized_model(load_quantized(llama_dir, "nf4"), gradient_checkpointing=False),
+                        repeft.LoRAConfig(r=4, target_modules="all-linear"))
+    batch = tiny_batch("llama", batch=4)
+    rows = [{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids in batch["input_ids"]]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    before = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert any(not torch.equal(v, before[k]) for k, v in model.adapter_state_dict().items())

@@ -76,7 +76,15 @@ def test_yaml_file_overrides_and_shorthand(tmp_path):
         ({"model__class": "BertForMaskedLM"}, "does not fit task sequence_classification"),
         ({"model__class": "BertForSequenceClasification"}, "is not a transformers class; close names"),
         ({"model__tokenizer": "null"}, "model.tokenizer is needed when the model is built from model.config"),
-        ({"eval__every": 5}, "eval.every / eval.before need data.eval"),
+        ({"eval__every": 5}, "eval.every needs data.eval"),
+        ({"output__best": "true"}, "output.best needs data.eval"),
+        ({"eval__patience": 2, "data__eval": "train.jsonl"}, "eval.patience counts evaluations during training: set eval.every"),
+        ({"eval__metric": "f1_maro"}, "eval.metric must be one of auto, accuracy, loss, f1_macro, exact_match"),
+        ({"eval__metric": "exact_match"}, "eval.metric: exact_match needs task causal_lm"),
+        ({"data__format": "messages"}, "data.format messages and data.packing need task causal_lm"),
+        ({"data__truncation": "left"}, "data.truncation must be one of cut, drop, error"),
+        ({"output__trackers": "[tensorbord]"}, "output.trackers[0] must be one of all, tensorboard, wandb"),
+        ({"model__quantization": "nf4"}, "model.quantization needs model.path"),
         ({"checkpoint__resume": "sometimes"}, "checkpoint.resume must be never, auto or a checkpoint directory"),
         ({"schedule__warmup_ratio": 1.5}, "schedule.warmup_ratio must be below 1"),
         ({"optim__betas": "[0.9]"}, "optim.betas must be two numbers"),
@@ -135,9 +143,12 @@ def test_label_names_from_data_builtin_and_recipe(tmp_path):
 
 def test_builtin_registry_hooks():
     assert "minilm" in registry.model_names() and "bytes" in registry.tokenizer_names()
-    assert {"sms_spam", "digits", "mnist_5k"} <= set(registry.dataset_names())
+    assert {"sms_spam", "wordnet_supersenses", "digits", "mnist_5k"} <= set(registry.dataset_names())
     rows = read_rows("builtin:sms_spam:test", "train", limit=3)
     assert len(rows) == 3 and set(rows[0]) == {"text", "label"}
+    wordnet = registry.dataset("wordnet_supersenses")
+    assert wordnet.kind == "text" and len(wordnet.labels) == 40 and wordnet.labels[1] == "noun.animal"
+    assert len(read_rows("builtin:wordnet_supersenses", "test")) == 2292
     images = read_rows("builtin:digits", "train", limit=2)
     assert images[0]["pixel_values"].shape == (1, 8, 8)
     assert registry.resolve_model("some/local/dir") == "some/local/dir"

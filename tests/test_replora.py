@@ -9,8 +9,7 @@ import copy
 
 import pytest
 import torch
-from test_lora import logits, train_steps
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import logits, tiny_batch, tiny_model, train_steps
 
 import repeft
 from repeft.replora import RepLoRAFactors

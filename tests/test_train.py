@@ -191,7 +191,7 @@ def test_too_little_data_for_one_global_batch(tmp_path):
 # -- recipes shipped in recipes/ -------------------------------------------------------------------
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml"))
-# The quickstart's real model is swapped for a tiny one (the data stay the real builtin ones).
+# A recipe's real MiniLM is swapped for a tiny one (the data stay the real builtin ones).
 TINY_MODEL = ["model.path=null", f"model.config={json.dumps(TINY_BERT)}", "model.tokenizer=bytes"]
 REDUCED = ["train.max_steps=3", "data.train_limit=48", "train.batch_size=16", "data.eval_limit=16", "checkpoint.every=2", "eval.every=0"]
 
@@ -200,7 +200,7 @@ REDUCED = ["train.max_steps=3", "data.train_limit=48", "train.batch_size=16", "d
 def test_every_shipped_recipe_runs_reduced(tmp_path, monkeypatch, path):
     monkeypatch.chdir(ROOT)
     overrides = [*REDUCED, f"output.dir={tmp_path / 'run'}"]
-    if path.stem == "quickstart":
+    if load_recipe(path).model.path == "minilm":
         overrides += TINY_MODEL
     result = train(load_recipe(path, overrides))
     assert result.steps == 3 and Path(result.adapter_dir, "adapter_config.json").is_file()
@@ -281,14 +281,10 @@ def test_resume_after_kill_gives_the_uninterrupted_adapter(tmp_path):
     assert resumed["eval_after"]["accuracy"] == reference.eval_after["accuracy"]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    # Dropout off: each process draws its own masks, so only the deterministic maths can match.
-    overrides = ["model.config.hidden_dropout_prob=0.0", "model.config.attention_probs_dropout_prob=0.0",
-                 "train.batch_size=4", "train.epochs=1"]
-    # One process: 2 micro-batches of 4 accumulated; two processes: one batch of 4 each. Global batch 8.
-    train(recipe_from_dict(tiny_recipe(tmp_path, *overrides, "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")))
+def train_on_two_processes(raw: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m repeft train` on the recipe: 2 CPU processes (gloo)."""
     recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, *overrides, f"output.dir={tmp_path / 'two'}")))
+    recipe_path.write_text(yaml.safe_dump(raw))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -296,8 +292,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "repeft", "train", str(recipe_path)]
     proc = subprocess.run(command, cwd=tmp_path, check=False, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    # Dropout off: each process draws its own masks, so only the deterministic maths can match.
+    overrides = ["model.config.hidden_dropout_prob=0.0", "model.config.attention_probs_dropout_prob=0.0",
+                 "train.batch_size=4", "train.epochs=1"]
+    # One process: 2 micro-batches of 4 accumulated; two processes: one batch of 4 each. Global batch 8.
+    train(recipe_from_dict(tiny_recipe(tmp_path, *overrides, "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")))
+    proc = train_on_two_processes(tiny_recipe(tmp_path, *overrides, f"output.dir={tmp_path / 'two'}"), tmp_path)
     assert "2 process(es), global batch 8" in proc.stdout
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -308,7 +314,29 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert max_diff(adapter_tensors(one), adapter_tensors(two)) <= 1e-5
 
 
+@pytest.mark.slow
+def test_a_cpu_launch_of_several_processes_that_starts_one_is_refused_with_the_command_that_works(tmp_path):
+    # accelerate 1.15 starts ONE process for `--cpu --num_processes 2`; it must not train alone.
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "repeft", "train", str(recipe_path),
+               "train.seed=1"]
+    proc = subprocess.run(command, cwd=tmp_path, check=False, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]  # repeft exits with 2; accelerate reports that as 1
+    assert "repeft train: error: accelerate launch asked for several processes but started this one alone" in proc.stderr
+    assert f"accelerate launch --multi_gpu --num_processes N -m repeft train {recipe_path} train.seed=1" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # -- the command line ----------------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"repeft {repeft.__version__}\n"
 
 
 def test_cli_help_dry_run_errors_info_and_export(tmp_path, capsys):

@@ -1,4 +1,7 @@
-"""VPT and VAPT on the ViT family: a hand-written reference, the design.md section 7 checklist, errors."""
+"""VPT and VAPT on the ViT family: a hand-written reference, prompt layout, mixed adapters, errors.
+
+PEFT's checklist on every ViT family is in test_conformance.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import VISION_FAMILIES, tiny_images, tiny_model, tiny_vision_model
+from tiny_models import VISION_FAMILIES, logits, tiny_images, tiny_model, tiny_vision_model, train_steps
 
 import repeft
 from repeft.files import AdapterFileError
@@ -20,21 +23,6 @@ CONFIGS = {
     "vapt": lambda **kw: repeft.VAPTConfig(n_prompt=N, kernel_size=2, mlp_hidden=4, **kw),
 }
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3}
-
-
-def logits(model, batch, **kw):
-    with torch.no_grad():
-        return model(**batch, **kw).logits
-
-
-def train_steps(model, batch, steps=3, lr=1e-2, **kw):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**batch, **kw).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 def randomize_(tokens):
@@ -188,35 +176,13 @@ def test_family_layout_gradients_and_disable(family, method, head):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_training_changes_only_the_adapter(method):
-    base = tiny_vision_model("vit")
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = repeft.wrap(base, CONFIGS[method]())
-    batch = tiny_images()
-    start = logits(model, batch)
-    train_steps(model, batch)
-    assert not torch.allclose(logits(model, batch), start)
-    state = model.base_model.state_dict()
-    for key, value in before.items():
-        if not key.startswith("classifier."):
-            assert torch.equal(state[key], value), key
-
-
-@pytest.mark.parametrize("method", list(CONFIGS))
-def test_save_load_round_trip(method, tmp_path):
-    base = tiny_vision_model("deit")
-    reference = copy.deepcopy(base)
-    model = repeft.wrap(base, CONFIGS[method]())
-    batch = tiny_images()
-    train_steps(model, batch)
-    expected = logits(model, batch)
+def test_saved_adapter_names_and_base_model_are_checked(method, tmp_path):
+    # The round trip itself is in test_conformance.py.
+    model = repeft.wrap(tiny_vision_model("deit"), CONFIGS[method]())
     model.save_adapter(tmp_path / "adapter")
-    keys = set(model.adapter_state_dict())
-    assert {k.split(".")[0] for k in keys} == {"visual_prompts", "classifier"}
-    loaded = repeft.load_adapter(copy.deepcopy(reference), tmp_path / "adapter")
+    assert {k.split(".")[0] for k in model.adapter_state_dict()} == {"visual_prompts", "classifier"}
+    loaded = repeft.load_adapter(tiny_vision_model("deit"), tmp_path / "adapter")
     assert isinstance(loaded.configs["default"], type(CONFIGS[method]()))
-    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
-    assert loaded.trainable_parameters()[0] == 0
     with pytest.raises(AdapterFileError, match="another base model"):
         repeft.load_adapter(tiny_vision_model("vit"), tmp_path / "adapter")
 
@@ -314,12 +280,12 @@ def test_config_json_round_trip():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: repeft.VPTConfig(n_prompt=0), "n_prompt .* must be a positive integer, got 0"),
-        (lambda: repeft.VAPTConfig(n_prompt=-2), "n_prompt .* must be a positive integer, got -2"),
+        (lambda: repeft.VPTConfig(n_prompt=0), "n_prompt must be a positive integer, got 0"),
+        (lambda: repeft.VAPTConfig(n_prompt=-2), "n_prompt must be a positive integer, got -2"),
         (lambda: repeft.VPTConfig(n_prompt=2.5), "n_prompt"),
         (lambda: repeft.VAPTConfig(kernel_size=0), "kernel_size"),
-        (lambda: repeft.VAPTConfig(channel_dropout=1.0), r"channel_dropout must be a dropout probability in \[0, 1\)"),
-        (lambda: repeft.VAPTConfig(mlp_dropout=-0.1), r"mlp_dropout must be a dropout probability in \[0, 1\)"),
+        (lambda: repeft.VAPTConfig(channel_dropout=1.0), r"channel_dropout must be a number in \[0, 1\), got 1.0"),
+        (lambda: repeft.VAPTConfig(mlp_dropout=-0.1), r"mlp_dropout must be a number in \[0, 1\), got -0.1"),
         (lambda: repeft.VAPTConfig(image_size=[32, 48, 3]), r"image_size must be a positive int or \[height, width\]"),
         (lambda: repeft.VAPTConfig(activation="swish"), "activation must be one of"),
     ],

@@ -174,8 +174,12 @@ def text_split(tok: Any, name: str, split: str, max_len: int) -> Split:
     from repeft.data import load_text_dataset
 
     rows = load_text_dataset(name, split)
-    # Tokenize once; batches are padded only to their own longest message.
-    ids = [tok(r["text"], truncation=True, max_length=max_len)["input_ids"] for r in rows]
+    return tokenized_split(tok, [r["text"] for r in rows], [r["label"] for r in rows], max_len)
+
+
+def tokenized_split(tok: Any, texts: Sequence[str], labels: Sequence[int], max_len: int) -> Split:
+    """``texts`` tokenized once; batches are padded only to their own longest text."""
+    ids = [tok(text, truncation=True, max_length=max_len)["input_ids"] for text in texts]
     pad = tok.pad_token_id
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
@@ -187,7 +191,7 @@ def text_split(tok: Any, name: str, split: str, max_len: int) -> Split:
             mask[row, : len(ids[i])] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    return Split(labels=torch.tensor([r["label"] for r in rows]), collate=collate, lengths=[len(x) for x in ids])
+    return Split(labels=torch.tensor(list(labels)), collate=collate, lengths=[len(x) for x in ids])
 
 
 def train_batches(indices: Sequence[int], batch_size: int, steps: int, generator: torch.Generator,

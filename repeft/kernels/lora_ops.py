@@ -144,5 +144,16 @@ def lora_linear_triton(
     elif p == 0.0:
         seed = None
     x2d = x.reshape(-1, x.shape[-1])
-    y, _ = _lora_linear_op(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    if _needs_autograd(x, weight, bias, lora_A, lora_B) or torch.compiler.is_compiling():
+        y, _ = _lora_linear_op(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    elif x2d.shape[0] == 0:
+        y = x2d.new_empty(0, weight.shape[0])
+    else:
+        # Inference: call the launcher directly. The custom op's dispatch costs tens of
+        # microseconds of Python per call, as much as a decode step's kernel.
+        y, _ = lora_triton.lora_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

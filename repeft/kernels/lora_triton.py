@@ -1,6 +1,6 @@
 """Triton kernels for the LoRA matmul ``y = x W^T + b + s * dropout(x) A^T B^T``.
 
-Two kernels cover the forward and the backward:
+Three kernels cover the forward and the backward:
 
 ``_skinny_kernel``  ``out = scale * dropout(P) @ Q`` where ``Q`` has only ``r``
     columns. Forward: ``u = s/(1-p) * (mask * x) @ A^T`` (M x r). Backward:
@@ -14,6 +14,10 @@ Two kernels cover the forward and the backward:
     a full-size tensor. Forward: ``y = x @ W^T + u @ B^T + b``. Backward:
     ``dX = dY @ W + mask/(1-p) * (v @ A)``, the mask applied to the low-rank
     part only (it sits on x's side of A).
+
+``_lora_decode_kernel``  the forward for a few tokens (M <= 16, no dropout) in
+    one launch: the K-loop accumulates ``x W^T`` and ``x A^T`` together, then
+    the rank step adds ``u B^T``. At decode the cost is launches, not FLOPs.
 
 The dropout mask is never stored: every kernel that needs it regenerates it from
 ``(seed, m * d_in + k)`` with Philox (``tl.rand``), so the forward and backward
@@ -166,6 +170,59 @@ def _lora_gemm_kernel(
 
 
 @triton.jit
+def _lora_decode_kernel(
+    X, W, A, B, Bias, Out, U,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_om, stride_on, stride_um, stride_ur,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The whole layer for a few tokens (M <= BLOCK_M) in one launch: ``Out = X W^T + (s X A^T) B^T + b``.
+
+    Each program owns a column tile of Out and all rows. Its K-loop reads X
+    once and accumulates both ``X W^T`` and the shrink ``u = X A^T`` (A is
+    small, so every program recomputing u costs L2 reads, not HBM ones). The
+    first program also writes u, which the backward needs.
+    """
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x_tile = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = tl.load(W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a_tile = tl.load(A + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _dot(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST)
+        u = _dot(x_tile, a_tile, u, INPUT_PRECISION, UPCAST)
+
+    # u is rounded to the input dtype, as the two-kernel path and the torch reference store it.
+    u = (u * scale).to(U.dtype.element_ty)
+    if pid_n == 0:
+        tl.store(U + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
+    b_tile = tl.load(B + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    acc = _dot(u, b_tile, acc, INPUT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _keep_mask_kernel(Out, seed_ptr, M, K, p, BLOCK: tl.constexpr):
     """Write the keep mask the other kernels use for an ``M x K`` input (for tests and debugging)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -209,6 +266,30 @@ def _gemm_config(M: int, N: int, dtype: torch.dtype, device: torch.device, has_d
     if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+# Up to this many tokens the forward is one launch (``_lora_decode_kernel``).
+DECODE_MAX_TOKENS = 16
+
+
+def rank_tile_steps(rank_block: int, dtype: torch.dtype, longest: int) -> int:
+    """The K step (at most ``longest``) that keeps an A^T tile (K step x rank) within 32 KiB.
+
+    Pipelined several stages deep next to the other operand's tile, a larger one
+    overflows the 227 KiB of shared memory an H100/H200 SM has (fp32 at rank 256
+    did, in benchmarks/kernels_sm90_check.py).
+    """
+    block = longest
+    while block > 32 and block * rank_block * dtype.itemsize > 32768:
+        block //= 2
+    return block
+
+
+def _decode_config(rank_block: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tiles for the one-launch few-token forward: narrow column tiles (memory bound on W), long K steps."""
+    if device.type != "cuda":
+        return dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=32, BLOCK_K=rank_tile_steps(rank_block, dtype, 128), num_warps=4, num_stages=4)
 
 
 def _dot_options(dtype: torch.dtype, device: torch.device) -> dict:
@@ -341,10 +422,39 @@ def lora_forward(
     ``x`` is 2-D (M x d_in). ``u`` already carries the scaling, so the backward
     gets ``dB = dY^T u`` from it directly.
     """
+    if seed is None and x.shape[0] <= DECODE_MAX_TOKENS:
+        return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
     u = skinny_matmul(x, lora_A.t(), x.dtype, scaling * _keep_scale(dropout_p), dropout_p, seed,
                       mask_strides=(x.shape[1], 1))
     y = lora_gemm(x, weight.t(), u, lora_B.t(), bias, 0.0, None)
     return y, u
+
+
+def lora_decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_forward`` without dropout for at most ``DECODE_MAX_TOKENS`` rows, in one launch."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    u = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    rank_block = _rank_block(R)
+    cfg = _decode_config(rank_block, x.dtype, x.device)
+    _lora_decode_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x, weight, lora_A, lora_B, bias if bias is not None else x, out, u,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1), u.stride(0), u.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, BLOCK_M=DECODE_MAX_TOKENS, BLOCK_R=rank_block,
+        **_dot_options(x.dtype, x.device), **cfg,
+    )
+    return out, u
 
 
 def lora_backward_dx(

@@ -1,28 +1,31 @@
 """Time and memory of one LoRA linear layer: plain matmul vs PEFT vs repeft's kernels.
 
-For every (d, r, tokens) the layer is d x d without bias (Llama projections),
-bf16, frozen base. Variants:
+For every (d, r) the layer is d x d without bias (Llama projections), bf16,
+frozen base. Variants:
 
     plain          x W^T (the frozen base alone: the floor)
     peft           peft.tuners.lora.Linear around nn.Linear, eager
-    peft_compile   torch.compile of that layer
+    peft_compile   torch.compile of that layer (only at --compile-at D R: it compiles per shape)
     repeft_torch   repeft.kernels.lora_linear(backend="torch")
     repeft_triton  repeft.kernels.lora_linear(backend="triton")
+    repeft_auto    repeft.kernels.lora_linear(backend="auto"): what the dispatcher picks (in the JSON)
 
-Modes: ``fwd`` (inference, under no_grad) and ``fwd_bwd`` (training step of the
-layer: forward, then backward from a fixed dY into x and the adapter; W frozen).
+Modes: ``fwd`` (inference at --tokens, under no_grad), ``fwd_bwd`` (training
+step of the layer at --tokens: forward, then backward from a fixed dY into x
+and the adapter; W frozen) and ``decode`` (inference at --decode-tokens).
 Times are medians from triton.testing.do_bench (warmup, L2 flushed between
 runs); memory is the peak allocated during one call above what was allocated
 before it. ``--smoke`` runs tiny sizes on CPU (Triton through its interpreter)
 to check the script itself; its numbers mean nothing.
 
-    python benchmarks/kernels.py --out results/kernels          # GPU: full grid
-    python benchmarks/kernels.py --smoke --out /tmp/kernels     # CPU sanity
+    python benchmarks/lora_kernels.py --out results/kernels          # GPU: full grid
+    python benchmarks/lora_kernels.py --smoke --out /tmp/kernels     # CPU sanity
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,10 +39,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (repeft imports it lazily)
 
-from repeft.kernels import lora_linear  # noqa: E402
+from repeft.kernels import kernel_report, lora_linear  # noqa: E402
 
-VARIANTS = ("plain", "peft", "peft_compile", "repeft_torch", "repeft_triton")
-MODES = ("fwd", "fwd_bwd")
+VARIANTS = ("plain", "peft", "peft_compile", "repeft_torch", "repeft_triton", "repeft_auto")
+MODES = ("fwd", "fwd_bwd", "decode")
 
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -98,10 +101,11 @@ def peak_mib(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(layer: Layer, trainable: list[torch.Tensor], d: int, tokens: int, dtype: torch.dtype,
-            device: str) -> dict[str, dict]:
-    """``{mode: {"ms": ..., "peak_mib": ...}}`` for one layer at one token count."""
+def measure(layer: Layer, trainable: list[torch.Tensor], d: int, tokens: int, decode_tokens: int,
+            dtype: torch.dtype, device: str) -> dict[str, dict]:
+    """``{mode: {"ms": ..., "peak_mib": ..., "tokens": ...}}`` for one layer."""
     x = torch.randn(tokens, d, device=device, dtype=dtype)
+    x_decode = torch.randn(decode_tokens, d, device=device, dtype=dtype)
     x_grad = x.clone().requires_grad_()
     grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
 
@@ -109,18 +113,23 @@ def measure(layer: Layer, trainable: list[torch.Tensor], d: int, tokens: int, dt
         with torch.no_grad():
             return layer(x)
 
+    def decode():
+        with torch.no_grad():
+            return layer(x_decode)
+
     def fwd_bwd():
         layer(x_grad).backward(grad_out)
 
     results = {}
-    for mode, fn, grads in (("fwd", fwd, []), ("fwd_bwd", fwd_bwd, [x_grad, *trainable])):
-        fn()  # compile / first-call costs stay out of both numbers
+    for mode, fn, grads, n in (("fwd", fwd, [], tokens), ("fwd_bwd", fwd_bwd, [x_grad, *trainable], tokens),
+                               ("decode", decode, [], decode_tokens)):
+        fn()  # compile / first-call / dispatcher-check costs stay out of the numbers
         for t in grads:
             t.grad = None
         mem = peak_mib(fn, device)
         for t in grads:
             t.grad = None
-        results[mode] = dict(ms=bench_ms(fn, grads, device), peak_mib=mem)
+        results[mode] = dict(ms=bench_ms(fn, grads, device), peak_mib=mem, tokens=n)
     return results
 
 
@@ -136,9 +145,9 @@ def add_ratios(rows: list[dict]) -> None:
 def markdown(rows: list[dict], variants: list[str], meta: dict) -> str:
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, peft {meta['peft']}; "
              f"dtype {meta['dtype']}. Cells: median ms (x plain). Memory: peak MiB above inputs (x plain).", ""]
-    cell = {(x["variant"], x["mode"], x["d"], x["r"], x["tokens"]): x for x in rows}
-    shapes = sorted({(x["d"], x["r"], x["tokens"]) for x in rows})
+    cell = {(x["variant"], x["mode"], x["d"], x["r"]): x for x in rows}
     for mode in MODES:
+        shapes = sorted({(x["d"], x["r"], x["tokens"]) for x in rows if x["mode"] == mode})
         for what, key, ratio in (("time", "ms", "time_vs_plain"), ("peak memory", "peak_mib", "mem_vs_plain")):
             if key == "peak_mib" and all(x["peak_mib"] is None for x in rows):
                 continue
@@ -147,7 +156,7 @@ def markdown(rows: list[dict], variants: list[str], meta: dict) -> str:
             for d, r, tokens in shapes:
                 cells = []
                 for v in variants:
-                    x = cell.get((v, mode, d, r, tokens))
+                    x = cell.get((v, mode, d, r))
                     if x is None or x[key] is None:
                         cells.append("")
                     elif v == "plain" or x[ratio] is None:
@@ -156,6 +165,12 @@ def markdown(rows: list[dict], variants: list[str], meta: dict) -> str:
                         cells.append(f"{x[key]:.3f} ({x[ratio]:.2f}x)")
                 lines.append(f"| {d} | {r} | {tokens} | " + " | ".join(cells) + " |")
             lines.append("")
+    auto = meta.get("auto_decisions", [])
+    if auto:
+        lines += ["### what backend='auto' chose", ""]
+        lines += [f"- {d['backend']}: {', '.join(f'{k}={v}' for k, v in d['bucket'].items() if v not in (False, [], None))}"
+                  f" ({d['reason']})" for d in auto]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -171,46 +186,63 @@ def versions() -> dict:
     return dict(torch=torch.__version__, triton=triton_version, peft=peft.__version__, python=platform.python_version())
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output path prefix: writes <out>.json and <out>.md")
-    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--dims", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512, 8192])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens of the fwd and fwd_bwd modes")
+    parser.add_argument("--decode-tokens", type=int, default=1, help="tokens of the decode mode")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--compile-at", type=int, nargs=2, default=[4096, 16], metavar=("D", "R"),
+                        help="the one (d, r) where peft_compile runs (each shape and mode compiles anew)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check the script runs")
-    args = parser.parse_args()
+    return parser
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the grid ``args`` describes; return ``{"meta": ..., "results": rows}``."""
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16
     if args.smoke:
-        args.dims, args.ranks, args.tokens = [48], [8], [1, 20]
+        args.dims, args.ranks, args.tokens, args.decode_tokens, args.compile_at = [48], [8], 20, 1, [48, 8]
     elif device != "cuda":
-        parser.error("the benchmark needs a CUDA GPU (use --smoke on CPU)")
+        raise SystemExit("the kernel benchmark needs a CUDA GPU (use --smoke on CPU)")
     # One compiled PEFT layer per shape: more entries than dynamo keeps by default.
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
 
-    meta = dict(versions(), dtype=str(dtype).removeprefix("torch."),
+    meta = dict(versions(), dtype=str(dtype).removeprefix("torch."), tokens=args.tokens,
+                decode_tokens=args.decode_tokens,
                 device=torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke: numbers meaningless)")
     rows = []
     for d in args.dims:
         for r in args.ranks:
             for variant in args.variants:
+                if variant == "peft_compile" and [d, r] != list(args.compile_at):
+                    continue
                 torch.manual_seed(0)
                 layer, trainable = make_layer(variant, d, r, dtype, device)
-                for tokens in args.tokens:
-                    result = measure(layer, trainable, d, tokens, dtype, device)
-                    rows += [dict(variant=variant, mode=m, d=d, r=r, tokens=tokens, **v) for m, v in result.items()]
-                    print(f"d={d} r={r} tokens={tokens} {variant:14s} fwd {result['fwd']['ms']:.3f} ms  "
-                          f"fwd_bwd {result['fwd_bwd']['ms']:.3f} ms", flush=True)
+                result = measure(layer, trainable, d, args.tokens, args.decode_tokens, dtype, device)
+                rows += [dict(variant=variant, mode=m, d=d, r=r, **v) for m, v in result.items()]
+                print(f"d={d} r={r} {variant:14s} " + "  ".join(f"{m} {v['ms']:.3f} ms" for m, v in result.items()),
+                      flush=True)
                 del layer, trainable
     add_ratios(rows)
-    out = Path(args.out)
+    meta["auto_decisions"] = [dataclasses.asdict(x) for x in kernel_report()]
+    return dict(meta=meta, results=rows)
+
+
+def write(result: dict, out: Path, variants: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, args.variants, meta))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result["results"], variants, result["meta"]))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    write(run(args), Path(args.out), args.variants)
 
 
 if __name__ == "__main__":
