@@ -186,7 +186,7 @@ def main() -> None:
     else:
         plot(result, out_png)
         print(markdown_table(result["summary"], METRICS, n_train=n_train))
-    print(f"\nwall time {result['wall_seconds']:.0f} s; wrote {out_json} and {out_png}")
+    print(f"\nwall time {result['wall_seconds']:.0f} s; wrote {out_json}" + ("" if args.sweep_lrs else f" and {out_png}"))
 
 
 if __name__ == "__main__":
