@@ -126,17 +126,17 @@ class RepLoRAFactors(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B); in eval mode without gradients, computed once and reused until a parameter changes."""
-        params = list(self.parameters())
-        if (
-            self.training
-            or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        ):
+        if self.training or torch.compiler.is_compiling():
+            return self._compute()
+        # The seeds and the MLPs' Linears, one level down: parameters() walks the module tree and
+        # would cost more than the lookup it guards (a decode loop calls this for every token).
+        params = [p for m in (self, *self._modules.values()) for p in m._parameters.values() if p is not None]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._compute()
         # Every in-place write (optimizer step, copy_, load_state_dict, load_adapter_tensors) bumps
         # a tensor's version; .to() and .data = ... give it new storage. Writes through .data are
         # invisible here: call train() (or eval() after it) to drop the cache after those.
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._cache is None or self._cache[0] != key:
             # Plain tensors even inside torch.inference_mode(): a later autograd pass may save them.
             with torch.inference_mode(False), torch.no_grad():

@@ -190,7 +190,8 @@ def test_eval_mode_computes_factors_once(eval_model):
     assert counter.calls == 1
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "copy_", "load_adapter_tensors", "train()", "to(float64)"])
+@pytest.mark.parametrize("change", ["optimizer step", "copy_", "load_adapter_tensors", "load_state_dict(assign=True)",
+                                    "train()", "to(float64)"])
 def test_eval_cache_is_dropped_when_the_factors_may_change(eval_model, change):
     model, f, counter = eval_model
     batch = tiny_batch("llama")
@@ -206,6 +207,8 @@ def test_eval_cache_is_dropped_when_the_factors_may_change(eval_model, change):
     elif change == "load_adapter_tensors":
         state = {k: torch.randn_like(v) for k, v in model.adapter_state_dict().items()}
         model.load_adapter_tensors("default", state)
+    elif change == "load_state_dict(assign=True)":  # new Parameter objects, not new values in the old ones
+        f.load_state_dict({k: torch.randn_like(v) for k, v in f.state_dict().items()}, assign=True)
     elif change == "train()":
         model.train()
         model.eval()
