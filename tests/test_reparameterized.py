@@ -44,7 +44,8 @@ def test_first_step_follows_the_gradient_as_closely_as_the_plain_counterparts(ta
 def test_learns_as_well_as_the_plain_counterpart_at_its_rates(task, method, factor):
     """KL to the teacher after 200 steps at the plain method's default rate and 3x it: within 1.1x of plain's."""
     lr = factor * conditioning.PLAIN_LR
-    reparameterized, plain = (conditioning.distill(model, task, lr, steps=200)
-                              for model in conditioning.build_pair(task, *PAIRS[method]))
-    assert plain < 0.9 * conditioning.held_out_kl(task.base, task)  # the plain method learns at this rate
+    models = conditioning.build_pair(task, *PAIRS[method])
+    start = conditioning.held_out_kl(models[1], task)  # both start here: same tensors
+    reparameterized, plain = (conditioning.distill(model, task, lr, steps=200) for model in models)
+    assert plain < 0.95 * start  # the plain method learns at this rate, so the comparison means something
     assert reparameterized <= 1.1 * plain
