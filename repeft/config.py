@@ -19,6 +19,7 @@ _CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {}
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
+NORGA_ACTIVATIONS = ("sigmoid", "tanh", "gelu")
 
 
 def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -65,6 +66,9 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    # Fields added after adapters were first saved, with the value those older files meant:
+    # a saved config that lacks the field was written when this was the only behaviour.
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     modules_to_save: list[str] | None = None
     inference_mode: bool = False
@@ -111,6 +115,22 @@ class AdapterConfig:
     def from_json(text: str) -> AdapterConfig:
         return AdapterConfig.from_dict(json.loads(text))
 
+    @staticmethod
+    def from_saved(data: dict[str, Any]) -> AdapterConfig:
+        """``from_dict`` for a config read back from an adapter file, old files included.
+
+        A field the file predates takes the value it had when the file was written
+        (``saved_before``), not today's default: a RepLoRA adapter saved before
+        ``form`` existed loads as ``form="mlp"``, the only form there was.
+
+        >>> AdapterConfig.from_saved({"method": "replora", "r": 4}).form
+        'mlp'
+        """
+        method = data.get("method") if isinstance(data, dict) else None
+        cls = _CONFIG_CLASSES.get(method) if isinstance(method, str) else None
+        # Anything else (not a mapping, no or an unknown method) is from_dict's to explain.
+        return AdapterConfig.from_dict({**cls.saved_before, **data} if cls else data)
+
 
 @register_config
 @dataclass
@@ -154,23 +174,34 @@ class LoRAConfig(AdapterConfig):
 class RepLoRAConfig(LoRAConfig):
     """RepLoRA: A and B are produced by small MLPs from trainable seeds.
 
-    ``A = g_A(A_seed)`` and ``B = g_B(B_seed)`` with ``g(M) = W2 act(W1 M + b1) + b2``
-    applied along ``axis``: ``"rank"`` (each column of A, each row of B is a
-    length-r vector; cost independent of model width) or ``"feature"`` (each
-    row of A / column of B is transformed; W1 is ``mlp_hidden x d``).
-    ``share_mlp`` shares the hidden layer (W1, b1) between A and B; each keeps
-    its own output layer so that g_B's can start at zero, making B = 0 at init.
+    ``A = g_A(A_seed)`` and ``B = g_B(B_seed)``, with g applied to every vector
+    along ``axis``: ``"rank"`` (each column of A, each row of B is a length-r
+    vector; cost independent of model width) or ``"feature"`` (each row of A /
+    column of B is transformed; W1 is ``mlp_hidden x d``). ``form`` picks g:
 
-    >>> RepLoRAConfig(r=8, mlp_hidden=32, activation="gelu").axis
-    'rank'
+    - ``"residual"`` (default): ``g(M) = M + (s_M / h) W2 act(W1 M / s_M)``, s_M the RMS
+      of the seed M, h = ``mlp_hidden``, no biases, W2 = 0 and the seeds initialised
+      as LoRA's A and B. It is exactly LoRA at init, gradients included, and trains
+      at LoRA's rates.
+    - ``"mlp"``: ``g(M) = W2 act(W1 M + b1) + b2`` with unit-normal seeds and g_B's
+      output layer zero. Trains worse than LoRA (poorly conditioned under Adam);
+      kept for adapters saved before ``form`` existed and for comparisons.
+
+    ``share_mlp`` shares the hidden layer W1 (and b1) between g_A and g_B; each
+    keeps its own output layer, the one that starts at zero.
+
+    >>> RepLoRAConfig(r=8, mlp_hidden=32).form
+    'residual'
     """
 
     method: ClassVar[str] = "replora"
+    saved_before: ClassVar[dict[str, Any]] = {"form": "mlp"}
 
     mlp_hidden: int = option(32, minimum=1)
-    activation: str = option("gelu", choices=ACTIVATIONS)
+    activation: str = option("tanh", choices=ACTIVATIONS)
     share_mlp: bool = False
     axis: str = option("rank", choices=("rank", "feature"))
+    form: str = option("residual", choices=("residual", "mlp"))
 
 
 @register_config
@@ -182,12 +213,14 @@ class PrefixConfig(AdapterConfig):
     and values of layer l two halves of one MLP output,
     ``K_l, V_l = split(W2 tanh(W1 E_l + b1) + b2)``, from a learned embedding
     ``E_l`` (``n_prefix x embed_dim``, ``embed_dim=None``: the model's hidden
-    size); the MLP (``mlp_hidden`` wide) is shared by all layers unless
-    ``mlp_per_layer``. ``structure="independent"`` learns K_l and V_l directly:
-    the non-shared baseline, and the form ``repeft.fold_prefix`` exports.
-    ``norga=True`` adds the NoRGa gate on prefix scores,
-    ``s -> s + alpha * sigmoid(tau * s)``, with learnable per-layer alpha and tau
-    starting at ``norga_alpha`` and ``norga_tau``.
+    size). ``mlp_per_layer=True`` (default) gives each layer its own MLP,
+    ``mlp_hidden`` (48) wide, as the paper's code does; ``False`` is repeft's
+    own variant, one MLP for all layers. ``structure="independent"`` learns K_l
+    and V_l directly: the non-shared baseline, and the form
+    ``repeft.fold_prefix`` exports. ``norga=True`` adds the NoRGa gate on prefix
+    scores, ``s -> s + alpha * act(tau * s)`` with ``norga_activation`` sigmoid
+    (default), tanh or gelu, and learnable per-layer alpha and tau starting at
+    ``norga_alpha`` and ``norga_tau``.
 
     >>> PrefixConfig(n_prefix=8, norga=True).structure
     'shared'
@@ -198,11 +231,12 @@ class PrefixConfig(AdapterConfig):
     n_prefix: int = option(16, minimum=1)
     structure: str = option("shared", choices=("shared", "independent"))
     embed_dim: int | None = option(None, minimum=1)
-    mlp_hidden: int = option(512, minimum=1)
-    mlp_per_layer: bool = False
+    mlp_hidden: int = option(48, minimum=1)
+    mlp_per_layer: bool = True
     norga: bool = False
     norga_alpha: float = 1.0
     norga_tau: float = 1.0
+    norga_activation: str = option("sigmoid", choices=NORGA_ACTIVATIONS)
 
 
 @register_config
@@ -215,24 +249,36 @@ class ZeroInitConfig(AdapterConfig):
     rotary); each query attends to them with a separate softmax whose output is
     scaled by ``tanh(g_{l,h})`` per layer and head, ``g = 0`` at init, and added
     to the ordinary attention output. ``prompt_type="linear"``: P_l is a free
-    parameter. ``"nonlinear"``: ``P_l = W2 act(W1 e_l + b1) + b2``, one network
-    (``mlp_hidden`` wide) shared by all layers over per-layer codes e_l
-    (``n_prompt x code_dim``). ``gating="none"``: the baseline the paper calls
-    vanilla attention, no gate and the prompts joined into the tokens' own
-    softmax (not the base model at init).
+    parameter. ``"nonlinear"``: a network (``mlp_hidden`` wide, ``activation``)
+    shared by all layers makes the prompts, as one of the paper's code's two
+    variants (``prompt_network``):
 
-    >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").activation
-    'gelu'
+    - ``"hypermodel"`` (default, the paper's non-linear script): one code e_l
+      (``code_dim``) per layer, ``vec(P_l) = W2 act(W1 e_l + b1) + b2`` gives all
+      n_prompt prompts at once; W2 starts tiny, so the prompts start near zero.
+    - ``"deepshare"``: one code per prompt, ``P_l = W2 act(W1 E_l + b1) + b2`` row by
+      row (E_l is ``n_prompt x code_dim``), W2 scaled so the prompts start at unit
+      spread like linear prompts.
+
+    ``gating="none"``: the baseline the paper calls vanilla attention, no gate
+    and the prompts joined into the tokens' own softmax (not the base model at
+    init).
+
+    >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").prompt_network
+    'hypermodel'
     """
 
     method: ClassVar[str] = "zero_init"
+    # Non-linear prompts saved before prompt_network existed were deepshare ones (GELU, 128 wide).
+    saved_before: ClassVar[dict[str, Any]] = {"prompt_network": "deepshare"}
 
     n_prompt: int = option(10, minimum=1)
     n_layers: int | None = option(None, minimum=1)
     prompt_type: str = option("linear", choices=("linear", "nonlinear"))
+    prompt_network: str = option("hypermodel", choices=("hypermodel", "deepshare"))
     code_dim: int = option(64, minimum=1)
-    mlp_hidden: int = option(128, minimum=1)
-    activation: str = option("gelu", choices=ACTIVATIONS)
+    mlp_hidden: int = option(64, minimum=1)
+    activation: str = option("relu", choices=ACTIVATIONS)
     gating: str = option("zero_init", choices=("zero_init", "none"))
 
 

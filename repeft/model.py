@@ -239,6 +239,11 @@ class AdapterModel(nn.Module):
         try:
             self._add_modules_to_save(adapter_name, config.modules_to_save or [])
             method(config.method).inject(self, adapter_name, config)
+            # New adapter modules take the base model's mode: one loaded for inference (eval) must
+            # not run adapter dropout, nor RepLoRA skip its eval-mode factor cache.
+            for _, layer in self.adapter_layers():
+                if adapter_name in layer.adapters:
+                    layer.train(self.base_model.training)
         except BaseException:
             self._remove_adapter_entries(adapter_name)
             raise
@@ -597,7 +602,7 @@ class AdapterModel(nn.Module):
         meta, tensors = read_adapter_dir(path)
         self._check_architecture(path, meta.get("base_model", {}).get("architecture", {}))
         try:
-            config = AdapterConfig.from_dict(meta["config"])
+            config = AdapterConfig.from_saved(meta["config"])
         except (TypeError, ValueError) as exc:
             raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: bad adapter config: {exc}") from None
         config.inference_mode = not trainable

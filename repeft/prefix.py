@@ -16,9 +16,9 @@ baseline learns K_l and V_l independently; it is also what ``fold_prefix``
 turns a trained shared adapter into for export.
 
 NoRGa (non-linear residual gate): prefix scores become
-``s_P + alpha_l * sigmoid(tau_l * s_P)``. The extra term is passed as an
-additive mask on the prefix columns, so the model's own sdpa or eager
-attention still does one softmax over all keys.
+``s_P + alpha_l * act(tau_l * s_P)``, act sigmoid (default), tanh or GELU.
+The extra term is passed as an additive mask on the prefix columns, so the
+model's own sdpa or eager attention still does one softmax over all keys.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from .attention import FAMILIES, AttentionAdapter, AttentionCall, Geometry, add_
 from .config import PrefixConfig
 from .methods import register_method
 
+# The gate activations the NoRGa reference code offers (--gate_act).
+NORGA_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": nn.functional.gelu}
+
 
 class PrefixAdapter(AttentionAdapter):
     """Prefix keys/values for every attention layer; subclasses say where they come from."""
@@ -44,6 +47,7 @@ class PrefixAdapter(AttentionAdapter):
         if config.norga:
             self.norga_alpha = nn.Parameter(torch.full((geometry.n_layers,), float(config.norga_alpha)))
             self.norga_tau = nn.Parameter(torch.full((geometry.n_layers,), float(config.norga_tau)))
+            self.norga_activation = NORGA_ACTIVATIONS[config.norga_activation]
 
     def flat_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s keys and values, each ``(n_prefix, kv_heads * head_dim)``."""
@@ -59,8 +63,8 @@ class PrefixAdapter(AttentionAdapter):
         return call.base_with_prefix(keys, values, self._norga_bias(call, keys) if self.config.norga else None)
 
     def _norga_bias(self, call: AttentionCall, keys: torch.Tensor) -> torch.Tensor:
-        """NoRGa's extra term on the prefix scores, ``alpha * sigmoid(tau * s_P)``, s_P as the model scores keys."""
-        return self.norga_alpha[call.layer] * torch.sigmoid(self.norga_tau[call.layer] * call.scores(keys))
+        """NoRGa's extra term on the prefix scores, ``alpha * act(tau * s_P)``, s_P as the model scores keys."""
+        return self.norga_alpha[call.layer] * self.norga_activation(self.norga_tau[call.layer] * call.scores(keys))
 
 
 class SharedPrefix(PrefixAdapter):

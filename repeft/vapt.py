@@ -7,8 +7,9 @@ For layer l >= 1 with input patch tokens X (N = H x W of them, width d)::
                                          H' = H-K+1, W' = W-K+1), then channel dropout
     T = A_l C + b_l                      token-wise map from the H'W' grid positions to
                                          n_prompt tokens; A_l (n_prompt x H'W'), b_l zero at init
-    P_l = T + W2 act(W1 T)               feature MLP (d -> mlp_hidden -> d, no biases) shared
-                                         by every token and every layer, with a residual
+    P_l = T + W2 drop(act(W1 T))         feature MLP (d -> mlp_hidden -> d, no biases, dropout on
+                                         the hidden units) shared by every token and every layer,
+                                         with a residual
 
 so P_l = 0 at init. Layer 0 has no earlier layer to read from and uses static
 prompts, as VPT does. Parameters per layer: 2d (LN) + K^2 + (H'W' + 1) n_prompt,
@@ -17,8 +18,6 @@ computes the first three lines as one map over the grid (see there).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +53,8 @@ class PatchesToTokens(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         # A single filter for all channels: the paper's channel-wise convolution, K^2 parameters.
-        self.kernel = nn.Parameter(torch.empty(1, 1, kernel_size, kernel_size))
-        nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))  # nn.Conv2d's own init
+        # N(0, 1), as the reference code's ChannelWiseConv2d (torch.randn), not nn.Conv2d's 1/K-sized init.
+        self.kernel = nn.Parameter(torch.randn(1, 1, kernel_size, kernel_size))
         # Zeroes whole channels of (batch, d, n_prompt), as Dropout2d would on (batch, d, H', W').
         self.channel_dropout = nn.Dropout1d(channel_dropout)
         self.filtered_grid = (grid[0] - kernel_size + 1, grid[1] - kernel_size + 1)
@@ -88,7 +87,8 @@ class AdaptivePrompts(PromptTokens):
         })
         self.mlp = nn.Sequential(
             nn.Linear(d, config.mlp_hidden, bias=False),
-            ACTIVATIONS[config.activation](),
+            # One slot for activation and dropout keeps the saved names (mlp.0, mlp.2) of older adapters.
+            nn.Sequential(ACTIVATIONS[config.activation](), nn.Dropout(config.mlp_dropout)),
             nn.Linear(config.mlp_hidden, d, bias=False),
         )
 

@@ -78,22 +78,26 @@ class VPTConfig(VisualPromptConfig):
 class VAPTConfig(VisualPromptConfig):
     """VAPT (Le et al., 2025): prompts of layer l >= 1 computed from that layer's patch tokens.
 
-    ``P_l = T + W2 act(W1 T)`` with ``T = A_l · dropout(k_l * LN_l(X_l)) + b_l``, where X_l
-    is the layer input's patch grid, ``k_l * ·`` a ``kernel_size`` x ``kernel_size``
-    filter applied to every channel, and A_l a zero-initialised map from grid positions
-    to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all layers. Layer 0
-    uses static prompts as in VPT. ``image_size`` (int or [height, width]) fixes the
-    patch grid A_l is built for; ``None`` takes the model config's ``image_size``.
+    ``P_l = T + W2 dropout(act(W1 T))`` with ``T = A_l · dropout(k_l * LN_l(X_l)) + b_l``, where
+    X_l is the layer input's patch grid, ``k_l * ·`` a ``kernel_size`` x ``kernel_size``
+    filter applied to every channel (N(0, 1) at init), and A_l a zero-initialised map from
+    grid positions to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all
+    layers. ``channel_dropout`` and ``mlp_dropout`` are the reference code's two dropouts
+    (0.1 each). Layer 0 uses static prompts as in VPT. ``image_size`` (int or [height,
+    width]) fixes the patch grid A_l is built for; ``None`` takes the model config's
+    ``image_size``.
 
     >>> VAPTConfig(n_prompt=10, kernel_size=3, mlp_hidden=8).channel_dropout
     0.1
     """
 
     method: ClassVar[str] = "vapt"
+    saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0}
 
     kernel_size: int = option(3, minimum=1)
     channel_dropout: float = option(0.1, minimum=0.0, below=1.0)
     mlp_hidden: int = option(8, minimum=1)
+    mlp_dropout: float = option(0.1, minimum=0.0, below=1.0)
     activation: str = option("relu", choices=ACTIVATIONS)
     image_size: int | list[int] | None = None
 

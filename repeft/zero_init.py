@@ -10,9 +10,10 @@ output projection (so W_o's bias is applied once)::
     out = attn(q, K_X, V_X) + tanh(g_l) * softmax(scaling * q K_P^T) V_P
 
 ``g = 0`` at init, so the wrapped model computes exactly the base model.
-Linear prompts: P_l is a free parameter. Non-linear prompts:
-``P_l = W2 act(W1 e_l + b1) + b2``, one small network shared by all layers
-over per-layer codes e_l.
+Linear prompts: P_l is a free parameter. Non-linear prompts come out of one
+small network shared by all layers, in one of the paper's code's two variants:
+"hypermodel" (one code per layer, all its prompts at once, starting near zero)
+or "deepshare" (one code per prompt, row by row).
 
 ``gating="none"`` is the paper's baseline, vanilla attention: no gate, the
 prompt keys join the tokens' keys in one softmax (prompt tuning through the
@@ -20,6 +21,8 @@ frozen projections), so the model differs from the base model from the start.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -78,8 +81,12 @@ class LinearPrompts(ZeroInitAdapter):
         return self.prompts[index]
 
 
-class NonlinearPrompts(ZeroInitAdapter):
-    """``P_l = W2 act(W1 e_l + b1) + b2``: a network shared by all layers over per-layer codes e_l."""
+class DeepSharePrompts(ZeroInitAdapter):
+    """``P_l = W2 act(W1 E_l + b1) + b2`` row by row: one network for all layers over per-prompt codes.
+
+    The paper's code's "deepshare" variant. W2 is rescaled once so the initial
+    prompts have unit spread, as linear prompts have.
+    """
 
     def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
         super().__init__(geometry, config)
@@ -88,7 +95,6 @@ class NonlinearPrompts(ZeroInitAdapter):
         self.act = ACTIVATIONS[config.activation]()
         self.out = nn.Linear(config.mlp_hidden, geometry.hidden_size)
         with torch.no_grad():
-            # Start with prompts of unit spread, as linear prompts have, so both see the same scale.
             nn.init.zeros_(self.out.bias)
             spread = torch.stack([self.layer_prompts(i) for i in range(self.n_layers)]).std()
             self.out.weight.div_(spread.clamp_min(1e-12))
@@ -97,7 +103,34 @@ class NonlinearPrompts(ZeroInitAdapter):
         return self.out(self.act(self.hidden(self.codes[index])))
 
 
+class HypermodelPrompts(ZeroInitAdapter):
+    """``vec(P_l) = W2 act(W1 e_l + b1) + b2``: one code per layer, one network makes all its prompts.
+
+    The paper's code's "hypermodel" variant (its non-linear script: ReLU, 64-wide
+    codes and hidden layer). W2 (``mlp_hidden x n_prompt * hidden``) starts at
+    the reference's hyperfan-in scale times 1e-3, b2 at zero: prompts start near
+    zero and the zero gate opens onto them.
+    """
+
+    def __init__(self, geometry: Geometry, config: ZeroInitConfig) -> None:
+        super().__init__(geometry, config)
+        self.n_prompt, self.width = config.n_prompt, geometry.hidden_size
+        self.codes = nn.Parameter(torch.randn(self.n_layers, config.code_dim))  # nn.Embedding's N(0, 1)
+        self.hidden = nn.Linear(config.code_dim, config.mlp_hidden)
+        self.act = ACTIVATIONS[config.activation]()
+        self.out = nn.Linear(config.mlp_hidden, config.n_prompt * geometry.hidden_size)
+        bound = 1e-3 * math.sqrt(3 / (config.mlp_hidden * geometry.hidden_size))
+        nn.init.uniform_(self.out.weight, -bound, bound)
+        nn.init.zeros_(self.out.bias)
+
+    def layer_prompts(self, index: int) -> torch.Tensor:
+        return self.out(self.act(self.hidden(self.codes[index]))).view(self.n_prompt, self.width)
+
+
+PROMPTS = {"hypermodel": HypermodelPrompts, "deepshare": DeepSharePrompts}
+
+
 @register_method("zero_init", families=FAMILIES, identity_at_init=True, generates_with_cache=True, vision_only=False)
 def inject_zero_init(model, name: str, config: ZeroInitConfig) -> None:
-    prompts = LinearPrompts if config.prompt_type == "linear" else NonlinearPrompts
+    prompts = LinearPrompts if config.prompt_type == "linear" else PROMPTS[config.prompt_network]
     add_attention_adapter(model, name, lambda geometry: prompts(geometry, config))

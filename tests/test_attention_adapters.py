@@ -120,7 +120,7 @@ def hand_written_attention(family, config, layer, attn, x, rotary, padding,
                            prefix=None, norga=None, prompts=None, gate=None):
     """One attention layer of ``family`` with prefix keys/values or prompts, from its weights.
 
-    prefix: (keys, values), (kv_heads, n, head_dim) each; norga: (alpha, tau);
+    prefix: (keys, values), (kv_heads, n, head_dim) each; norga: (alpha, tau, activation);
     prompts: (n, hidden) projected by this layer's key/value projections (key
     norm, no rotary), in a softmax of their own scaled by tanh(gate), gate:
     (heads,); with gate=None (vanilla attention) they join the tokens' softmax.
@@ -157,8 +157,8 @@ def hand_written_attention(family, config, layer, attn, x, rotary, padding,
     if prefix is not None:
         prefix_scores = logits_of(prefix[0])
         if norga is not None:
-            alpha, tau = norga
-            prefix_scores = prefix_scores + alpha * torch.sigmoid(tau * prefix_scores)
+            alpha, tau, act = norga
+            prefix_scores = prefix_scores + alpha * act(tau * prefix_scores)
         scores = torch.cat([prefix_scores, scores], dim=-1)
         v = torch.cat([group(prefix[1]).expand(x.shape[0], -1, -1, -1), v], dim=-2)
     out = torch.softmax(scores, dim=-1) @ v
@@ -187,8 +187,10 @@ def captured_attention(model, inputs):
 VARIANTS = {
     "prefix": lambda: METHODS["prefix"](),
     "prefix-mlp-per-layer-norga": lambda: METHODS["prefix"](mlp_per_layer=True, norga=True, norga_alpha=0.7, norga_tau=1.3),
+    "prefix-one-mlp-norga-tanh": lambda: METHODS["prefix"](mlp_per_layer=False, norga=True, norga_activation="tanh"),
     "zero_init-linear": lambda: repeft.ZeroInitConfig(n_prompt=3),
     "zero_init-nonlinear": METHODS["zero_init"],
+    "zero_init-deepshare": lambda: METHODS["zero_init"](prompt_network="deepshare", activation="gelu"),
     "vanilla-linear": METHODS["vanilla"],
     "vanilla-nonlinear-top-1": lambda: METHODS["zero_init"](gating="none", n_layers=1),
 }
@@ -235,7 +237,8 @@ def test_matches_hand_written_attention(family, variant, implementation):
     for layer, (attn, x, rotary, out) in enumerate(captured_attention(model, inputs)):
         args = (family, text, layer, attn, x, rotary, mask)
         if variant.startswith("prefix"):
-            norga = (adapter.norga_alpha[layer], adapter.norga_tau[layer]) if config.norga else None
+            act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}[config.norga_activation]
+            norga = (adapter.norga_alpha[layer], adapter.norga_tau[layer], act) if config.norga else None
             expected = hand_written_attention(*args, prefix=adapter.prefix(layer), norga=norga)
         elif layer < adapter.first_layer:
             expected = hand_written_attention(*args)
@@ -266,17 +269,35 @@ def test_gemma2_soft_capping_and_sliding_window_bite_in_the_reference_cases():
 def test_shared_prefix_mlp_and_nonlinear_prompts_match_their_formulas():
     model, _ = wrap("llama", METHODS["prefix"]())
     a = model.attention_adapters.adapters["default"]
-    flat = torch.tanh(a.embedding[1] @ a.w1[0] + a.b1[0]) @ a.w2[0] + a.b2[0]  # split(W2 tanh(W1 E_l + b1) + b2)
+    flat = torch.tanh(a.embedding[1] @ a.w1[1] + a.b1[1]) @ a.w2[1] + a.b2[1]  # split(W2_l tanh(W1_l E_l + b1_l) + b2_l)
     keys, values = a.prefix(1)
     torch.testing.assert_close(keys, flat[:, :16].view(3, 2, 8).transpose(0, 1))
     torch.testing.assert_close(values, flat[:, 16:].view(3, 2, 8).transpose(0, 1))
-    assert a.w1.shape[0] == 1 and a.embedding.shape == (2, 3, 32)  # one MLP for both layers, E_l per layer
+    assert a.w1.shape == (2, 32, 16) and a.embedding.shape == (2, 3, 32)  # an MLP and an E_l per layer
+    one, _ = wrap("llama", METHODS["prefix"](mlp_per_layer=False))
+    assert one.attention_adapters.adapters["default"].w1.shape == (1, 32, 16)  # repeft's own: one MLP for all
 
-    model, _ = wrap("llama", METHODS["zero_init"](activation="tanh"))
+    model, _ = wrap("llama", METHODS["zero_init"](prompt_network="deepshare", activation="tanh"))
     z = model.attention_adapters.adapters["default"]
     prompts = z.out.weight @ torch.tanh(z.hidden.weight @ z.codes[1].T + z.hidden.bias[:, None]) + z.out.bias[:, None]
-    torch.testing.assert_close(z.layer_prompts(1), prompts.T)  # P_l = W2 act(W1 e_l + b1) + b2
+    torch.testing.assert_close(z.layer_prompts(1), prompts.T)  # P_l = W2 act(W1 E_l + b1) + b2, row by row
     assert abs(torch.stack([z.layer_prompts(i) for i in range(2)]).std().item() - 1) < 1e-4
+
+    model, _ = wrap("llama", METHODS["zero_init"]())  # hypermodel: one code per layer makes all its prompts
+    h = model.attention_adapters.adapters["default"]
+    assert h.codes.shape == (2, 8)
+    with torch.no_grad():
+        h.out.weight.normal_()  # off its near-zero init
+    flat = h.out.weight @ torch.relu(h.hidden.weight @ h.codes[1] + h.hidden.bias) + h.out.bias
+    torch.testing.assert_close(h.layer_prompts(1), flat.view(3, 32))  # vec(P_l) = W2 relu(W1 e_l + b1) + b2
+
+
+def test_hypermodel_prompts_start_near_zero():
+    model, _ = wrap("llama", repeft.ZeroInitConfig(n_prompt=10, prompt_type="nonlinear"))
+    h = model.attention_adapters.adapters["default"]
+    prompts = torch.stack([h.layer_prompts(i) for i in range(2)])
+    assert prompts.abs().max() < 1e-3 and prompts.abs().max() > 0
+    assert (h.hidden.in_features, h.hidden.out_features, type(h.act).__name__) == (64, 64, "ReLU")  # the paper's script
 
 
 def test_eager_and_sdpa_agree():
@@ -373,10 +394,12 @@ def test_user_cache_is_used_and_holds_only_real_tokens(method):
 
 @pytest.mark.parametrize("config", [
     repeft.PrefixConfig(n_prefix=3, structure="independent"),
-    repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, mlp_per_layer=True, embed_dim=8),
+    repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, mlp_per_layer=False, embed_dim=8),
+    repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, norga=True, norga_activation="gelu"),
     repeft.ZeroInitConfig(n_prompt=3, prompt_type="linear", n_layers=1),
+    repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", prompt_network="deepshare", code_dim=8, mlp_hidden=16),
     repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", n_layers=1, gating="none"),
-], ids=["independent", "mlp-per-layer", "zero-init-top-1", "vanilla-nonlinear-top-1"])
+], ids=["independent", "one-mlp", "norga-gelu", "zero-init-top-1", "deepshare", "vanilla-nonlinear-top-1"])
 def test_variants_train_and_round_trip(config, tmp_path):
     model, reference = wrap("llama", config)
     batch = tiny_batch("llama")
@@ -487,6 +510,7 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused():
     ({"n_prefix": 0}, "n_prefix must be a positive integer"),
     ({"structure": "mixed"}, "structure must be 'shared' or 'independent'"),
     ({"embed_dim": -1}, "embed_dim must be a positive integer"),
+    ({"norga_activation": "relu"}, "norga_activation must be one of"),
 ])
 def test_bad_prefix_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -496,6 +520,7 @@ def test_bad_prefix_config(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_prompt": True}, "n_prompt must be a positive integer"),
     ({"prompt_type": "deep"}, "prompt_type must be 'linear' or 'nonlinear'"),
+    ({"prompt_network": "hyper"}, "prompt_network must be 'hypermodel' or 'deepshare'"),
     ({"activation": "swish"}, "activation must be one of"),
     ({"gating": "vanilla"}, "gating must be 'zero_init' or 'none'"),
 ])

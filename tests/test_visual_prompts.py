@@ -245,6 +245,32 @@ def test_parameter_counts_follow_the_formulas():
     assert vapt.trainable_parameters()[0] == n * d + (L - 1) * (2 * d + K * K + (positions + 1) * n) + 2 * d * h
 
 
+def test_vapt_filters_start_standard_normal_like_the_reference():
+    # The reference ChannelWiseConv2d draws its filter with torch.randn; nn.Conv2d's init would give std 1/(K sqrt 3).
+    from repeft.vapt import PatchesToTokens
+
+    torch.manual_seed(0)
+    kernels = torch.cat([PatchesToTokens(8, (4, 4), 3, 2, 0.0, 1e-6).kernel.flatten() for _ in range(200)])
+    assert abs(kernels.mean().item()) < 0.1 and 0.9 < kernels.std().item() < 1.1
+
+
+def test_vapt_feature_mlp_drops_hidden_units_in_training_only():
+    model = repeft.wrap(tiny_vision_model("vit"), CONFIGS["vapt"](channel_dropout=0.0, mlp_dropout=0.5))
+    tokens = model.visual_prompts.adapters["default"]
+    assert model.configs["default"].mlp_dropout == 0.5 and repeft.VAPTConfig().mlp_dropout == 0.1
+    with torch.no_grad():
+        t = torch.randn(2, N, 32)
+        tokens.eval()
+        torch.testing.assert_close(tokens.mlp(t), torch.relu(t @ tokens.mlp[0].weight.T) @ tokens.mlp[2].weight.T)
+        tokens.train()
+        hidden = []
+        handle = tokens.mlp[1].register_forward_hook(lambda m, args, out: hidden.append(out))
+        tokens.mlp(t)
+        handle.remove()
+    active = torch.relu(t @ tokens.mlp[0].weight.T) != 0
+    assert 0.3 < ((hidden[0] == 0) & active).sum() / active.sum() < 0.7  # about half the active units dropped
+
+
 def test_config_json_round_trip():
     for config in (repeft.VPTConfig(n_prompt=4, deep=False), repeft.VAPTConfig(image_size=[32, 48], channel_dropout=0.0)):
         assert repeft.AdapterConfig.from_json(config.to_json()) == config
@@ -259,6 +285,7 @@ def test_config_json_round_trip():
         (lambda: repeft.VPTConfig(n_prompt=2.5), "n_prompt"),
         (lambda: repeft.VAPTConfig(kernel_size=0), "kernel_size"),
         (lambda: repeft.VAPTConfig(channel_dropout=1.0), r"channel_dropout must be a number in \[0, 1\), got 1.0"),
+        (lambda: repeft.VAPTConfig(mlp_dropout=-0.1), r"mlp_dropout must be a number in \[0, 1\), got -0.1"),
         (lambda: repeft.VAPTConfig(image_size=[32, 48, 3]), r"image_size must be a positive int or \[height, width\]"),
         (lambda: repeft.VAPTConfig(activation="swish"), "activation must be one of"),
     ],

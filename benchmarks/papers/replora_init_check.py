@@ -1,13 +1,14 @@
-"""How spread out is the adapter's A at initialisation? LoRA vs RepLoRA (axis "rank" and "feature").
+"""How spread out is the adapter's A at initialisation? LoRA vs RepLoRA's forms (axis "rank" and "feature").
 
 A diagnostic for the RepLoRA vs LoRA result (docs/results.md): it prints, for a
 layer of MiniLM's width (d=384, r=8), the singular values of the materialised
 A relative to the largest one, and the share of A's energy in its row means
 (the part of each row that is constant across input features, so only sees
-``sum(x)``). A LoRA A is full rank with flat singular values; a RepLoRA A
-with ``axis="rank"`` comes out nearly rank one and nearly constant along the
-input axis, so at the start of training the adapter sees mostly one direction
-of the input. Takes a second; no data or model needed.
+``sum(x)``). A LoRA A is full rank with flat singular values, and so is the
+residual form's (it is LoRA's A). The first ``form="mlp"`` initialisation, with
+seeds at LoRA's scale, made A nearly rank one and nearly constant along the
+input axis; the unit-normal seeds ``form="mlp"`` has now fixed that. Takes a
+second; no data or model needed.
 
     python benchmarks/papers/replora_init_check.py [--d 384] [--r 8] [--seeds 0 1 2]
 """
@@ -43,12 +44,14 @@ def main() -> None:
     for seed in args.seeds:
         torch.manual_seed(seed)
         rows = {"LoRA": LoRAFactors(args.d, args.d, repeft.LoRAConfig(r=args.r)).factors()[0]}
-        for axis in ("rank", "feature"):
-            cfg = repeft.RepLoRAConfig(r=args.r, mlp_hidden=args.mlp_hidden, axis=axis)
-            rows[f"RepLoRA axis={axis}"] = RepLoRAFactors(args.d, args.d, cfg).factors()[0]
+        for form in ("residual", "mlp"):
+            for axis in ("rank", "feature"):
+                cfg = repeft.RepLoRAConfig(r=args.r, mlp_hidden=args.mlp_hidden, axis=axis, form=form,
+                                           activation="tanh" if form == "residual" else "gelu")
+                rows[f"RepLoRA {form} axis={axis}"] = RepLoRAFactors(args.d, args.d, cfg).factors()[0]
         out[seed] = {name: spread(a) for name, a in rows.items()}
         for name, s in out[seed].items():
-            print(f"seed {seed} {name:22s} eff. rank {s['effective_rank']:5.2f} / {args.r}, row-mean share "
+            print(f"seed {seed} {name:31s} eff. rank {s['effective_rank']:5.2f} / {args.r}, row-mean share "
                   f"{s['row_mean_energy_share']:.4f}, std {s['std']:.4f}, sv/max {s['singular_values_rel']}")
 
 

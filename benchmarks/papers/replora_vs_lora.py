@@ -15,8 +15,11 @@ both are evaluated on the whole test set.
     python benchmarks/papers/replora_vs_lora.py              # default: ~10 min on 2 CPU cores
     python benchmarks/papers/replora_vs_lora.py --full       # GPU-sized: 5 seeds, 6 fractions, more steps
     python benchmarks/papers/replora_vs_lora.py --lr 2e-3 --tag lr2e-3   # one lr for both
+    python benchmarks/papers/replora_vs_lora.py --sweep-lrs 1e-4 3e-4 1e-3 3e-3 1e-2 --validation \
+        --methods LoRA RepLoRA RepLoRA-mlp --seeds 0 --fractions 0.1 --tag lr_sweep   # ~15 min of CPU
 
-Writes results/replora_vs_lora[_TAG].json and .png (metrics vs data fraction).
+Writes results/replora_vs_lora[_TAG].json and .png (metrics vs data fraction);
+with ``--sweep-lrs`` a table of validation metrics by learning rate instead of the plot.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from common import (
     PlotSpec,
     TrainConfig,
     environment,
+    holdout,
     jsonable,
     make_parser,
     markdown_table,
@@ -61,9 +65,10 @@ from repeft.data import minilm_path
 DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 16, "fractions": [0.03, 0.1, 0.3, 1.0]}
 FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 600, "batch_size": 32,
         "fractions": [0.01, 0.03, 0.1, 0.3, 0.5, 1.0]}
-# Peak lr per method: each one's best in a check at 10% of the data (docs/results.md). RepLoRA only
-# learns within 100 steps in a narrow window (2e-3..3e-3); the feature-axis variant was not tuned.
-METHOD_LR = {"LoRA": 2e-3, "RepLoRA": 3e-3, "RepLoRA-feature": 3e-3}
+# Peak lr per method: each one's best in a check at 10% of the data (docs/results.md). RepLoRA's residual
+# form is LoRA at init and takes LoRA's rate; the earlier form="mlp" learns within 100 steps only in a
+# narrow window (2e-3..3e-3); the feature-axis variant was not tuned.
+METHOD_LR = {"LoRA": 2e-3, "RepLoRA": 2e-3, "RepLoRA-mlp": 3e-3, "RepLoRA-feature": 2e-3}
 METRICS = ["accuracy", "loss", "f1_pos"]
 
 
@@ -83,13 +88,34 @@ def plot(result: dict, path: Path) -> None:
     )
 
 
+def sweep_table(records: list[dict], methods: list[str], lrs: list[float]) -> str:
+    """Rows: learning rates; columns: methods; cells: accuracy / loss (mean over seeds and fractions)."""
+    present = [m for m in methods if any(r["condition"].startswith(f"{m} lr=") for r in records)]
+    lines = ["| lr | " + " | ".join(f"{m} acc / loss" for m in present) + " |", "|---|" + "---|" * len(present)]
+    for lr in lrs:
+        cells = []
+        for m in present:
+            rs = [r for r in records if r["condition"] == f"{m} lr={lr:g}"]
+            acc, loss = (sum(r[k] for r in rs) / len(rs) for k in ("accuracy", "loss"))
+            cells.append(f"{acc:.3f} / {loss:.3f}")
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--mlp-hidden", type=int, default=32, help="RepLoRA MLP width (library default 32)")
-    parser.add_argument("--methods", nargs="+", default=["LoRA", "RepLoRA"], choices=["LoRA", "RepLoRA", "RepLoRA-feature"],
-                        help="RepLoRA-feature: RepLoRA with axis='feature' (MLPs along the model width), a variant")
+    parser.add_argument("--methods", nargs="+", default=["LoRA", "RepLoRA"],
+                        choices=["LoRA", "RepLoRA", "RepLoRA-mlp", "RepLoRA-feature"],
+                        help="RepLoRA-mlp: the form before issue 15 (form='mlp', GELU); RepLoRA-feature: RepLoRA with "
+                             "axis='feature' (MLPs along the model width)")
+    parser.add_argument("--sweep-lrs", type=float, nargs="+",
+                        help="run every method at each of these peak rates and print a table by rate")
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on a stratified 20%% of the training split held out (for choosing lr), "
+                             "not on the test set; fractions are then of the other 80%%")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the PNG (and print the table) from the JSON an earlier run wrote")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per message (default 64, 128 with --full)")
@@ -107,23 +133,31 @@ def main() -> None:
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     train_split = text_split(tok, "sms_spam", "train", args.max_len)
-    test_split = text_split(tok, "sms_spam", "test", args.max_len)
+    if args.validation:
+        train_split, test_split = holdout(train_split, 0.2, seed=1234)
+    else:
+        test_split = text_split(tok, "sms_spam", "test", args.max_len)
 
     # Same r, alpha, targets (architecture default for BERT: query, value) and head for both.
     available = {
         "LoRA": repeft.LoRAConfig(r=args.rank, lora_alpha=args.alpha),
         "RepLoRA": repeft.RepLoRAConfig(r=args.rank, lora_alpha=args.alpha, mlp_hidden=args.mlp_hidden),
+        "RepLoRA-mlp": repeft.RepLoRAConfig(r=args.rank, lora_alpha=args.alpha, mlp_hidden=args.mlp_hidden, form="mlp",
+                                            activation="gelu"),
         "RepLoRA-feature": repeft.RepLoRAConfig(r=args.rank, lora_alpha=args.alpha, mlp_hidden=args.mlp_hidden,
                                                 axis="feature"),
     }
     conditions = {name: available[name] for name in args.methods}
+    lr_of = {name: args.lr or METHOD_LR[name] for name in conditions}
+    if args.sweep_lrs:
+        lr_of = {f"{name} lr={lr:g}": lr for name in conditions for lr in args.sweep_lrs}
+        conditions = {label: conditions[label.partition(" lr=")[0]] for label in lr_of}
 
     def build(config: repeft.AdapterConfig) -> torch.nn.Module:
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         return repeft.wrap(base, config)
 
-    cfgs = {name: TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or METHOD_LR[name])
-            for name in conditions}
+    cfgs = {name: TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr_of[name]) for name in conditions}
     n_train = {f"{f:g}": len(stratified_subsample(train_split.labels, f, 0)) for f in args.fractions}
     t_start = time.perf_counter()
 
@@ -133,6 +167,7 @@ def main() -> None:
             "claim": "RepLoRA beats LoRA with limited data and matches LoRA's full-data score with ~30% of the data",
             "model": "sentence-transformers/all-MiniLM-L6-v2 (BertForSequenceClassification, new 2-way head)",
             "data": {"name": "sms_spam", "train": len(train_split), "test": len(test_split),
+                     "eval_on": "validation" if args.validation else "test",
                      "test_spam_fraction": test_split.labels.float().mean().item(), "max_len": args.max_len,
                      "n_train_per_fraction": n_train},
             "conditions": conditions, "train_config": cfgs, "device": args.device, "seeds": args.seeds,
@@ -145,10 +180,13 @@ def main() -> None:
                        on_record=lambda recs: write_json(out_json, payload(recs, False)))
     result = jsonable(payload(records, True))  # plain dicts, as --replot reads them back
     write_json(out_json, result)
-    plot(result, out_png)
     print()
-    print(markdown_table(result["summary"], METRICS, n_train=n_train))
-    print(f"\nwall time {result['wall_seconds']:.0f} s; wrote {out_json} and {out_png}")
+    if args.sweep_lrs:
+        print(sweep_table(records, list(available), args.sweep_lrs))
+    else:
+        plot(result, out_png)
+        print(markdown_table(result["summary"], METRICS, n_train=n_train))
+    print(f"\nwall time {result['wall_seconds']:.0f} s; wrote {out_json}" + ("" if args.sweep_lrs else f" and {out_png}"))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the PNG (and print the table) from the JSON an earlier run wrote")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per message (default 64, 128 with --full)")
+    parser.add_argument("--prompt-network", choices=["deepshare", "hypermodel"], default="deepshare",
+                        help="non-linear prompts' network: 'deepshare' (GELU, 128 wide: the committed runs) or "
+                             "'hypermodel' (the paper's non-linear script; the library default since issue 15)")
     args = parser.parse_args()
     args = resolve_args(args, {**DEFAULT, "max_len": 64}, {**FULL, "max_len": 128})
     transformers.logging.set_verbosity_error()  # the "classifier newly initialised" report, once per run
@@ -122,9 +125,12 @@ def main() -> None:
     train_split = text_split(tok, "sms_spam", "train", args.max_len)
     test_split = text_split(tok, "sms_spam", "test", args.max_len)
 
+    network = {"deepshare": {"prompt_network": "deepshare", "mlp_hidden": 128, "activation": "gelu"},
+               "hypermodel": {"prompt_network": "hypermodel"}}[args.prompt_network]
+
     def zero_init(prompt_type: str, gating: str) -> repeft.ZeroInitConfig:
         return repeft.ZeroInitConfig(n_prompt=args.n_prompt, n_layers=args.n_layers, prompt_type=prompt_type,
-                                     gating=gating)
+                                     gating=gating, **network)
 
     available = {
         "vanilla": zero_init("linear", "none"),
