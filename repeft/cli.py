@@ -308,18 +308,20 @@ def _info_kernels(args: argparse.Namespace) -> int:
 
 def describe(path: Path) -> dict[str, Any]:
     """What ``repeft info`` reports about a directory, as plain data."""
-    import yaml
-
     from .checkpoint import list_checkpoints, read_state
+    from .recipe import RecipeError, load_recipe
 
     if (path / "recipe.yaml").is_file():
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+        try:
+            recipe = load_recipe(path / "recipe.yaml", check_data=False)
+        except RecipeError as exc:
+            raise RecipeError(f"{path} looks like a run, but its recipe.yaml is damaged: {exc}") from None
         info: dict[str, Any] = {
             "kind": "run",
             "path": str(path),
-            "task": recipe["task"],
-            "model": recipe["model"]["path"] or f"built from config ({recipe['model']['config'].get('model_type')})",
-            "method": recipe["adapter"]["method"],
+            "task": recipe.task,
+            "model": recipe.model.path or f"built from config ({(recipe.model.config or {}).get('model_type')})",
+            "method": recipe.adapter.method,
             "checkpoints": [p.name for p in list_checkpoints(path)],
         }
         if (path / "summary.json").is_file():

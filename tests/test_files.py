@@ -421,6 +421,15 @@ def test_info_on_a_truncated_weights_file_is_one_line_and_exit_code_2(saved, cap
     assert code == 2 and err.startswith("repeft info: error: ") and "corrupt or truncated" in err, err
 
 
+@pytest.mark.parametrize("damage", ["model: [\n", "task: causal_lm\nmodel: {path: x}\nadapter: {method: nope}\n"])
+def test_info_on_a_run_with_a_damaged_recipe_is_one_line_and_exit_code_2(tmp_path, capsys, damage):
+    (tmp_path / "recipe.yaml").write_text(damage)
+    code = cli.main(["info", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"repeft info: error: {tmp_path} looks like a run, but its recipe.yaml is damaged: "), err
+
+
 @pytest.mark.parametrize("where", [".", "sub"])
 def test_export_into_its_own_input_is_refused(where, saved, base_dir, capsys):
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
