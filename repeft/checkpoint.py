@@ -6,7 +6,9 @@ writing, so a directory with the final name is always complete; a crash
 mid-write leaves only a ``.tmp-`` directory, which resume ignores and the next
 save replaces. Inside: accelerate's optimizer, scheduler, RNG and step state,
 ``adapter/`` (a normal adapter directory, so any checkpoint can be exported)
-and ``trainer_state.json``. A checkpoint found damaged when resuming is moved
+and ``trainer_state.json``. A sharded (FSDP) run's checkpoint holds the same
+with its optimizer state gathered whole (``fsdp.GATHERED_OPTIMIZER_NAME``),
+never the sharded base. A checkpoint found damaged when resuming is moved
 aside to ``step-00000050.damaged`` (see :func:`set_aside`).
 
 The run's own small files (``recipe.yaml``, ``summary.json``, a rewritten
@@ -21,6 +23,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .fsdp import state_without_model
 
 if TYPE_CHECKING:  # `repeft info` reads checkpoints without importing accelerate
     from accelerate import Accelerator
@@ -96,7 +100,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, state:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with state_without_model(accelerator):  # under FSDP: the adapter and its optimizer state only
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_text_atomic(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")

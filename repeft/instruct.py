@@ -272,9 +272,14 @@ def answer_prompts(
 
 @torch.no_grad()
 def generate_answers(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+    synced: bool = False,
 ) -> list[str]:
-    """Greedy answers to tokenized prompts (left-padded in batches), decoded without special tokens."""
+    """Greedy answers to tokenized prompts (left-padded in batches), decoded without special tokens.
+
+    ``synced``: keep decoding until every process is done (``generate``'s ``synced_gpus``), as a
+    sharded model needs.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -290,6 +295,7 @@ def generate_answers(
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
         )
         answers += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     model.train(was_training)

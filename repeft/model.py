@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .config import AdapterConfig
 from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, staged_write, write_adapter_dir
+from .fsdp import copy_whole_into, gathered, refuse_sharded
 from .kernels import triton_unavailable_reason
 from .layers import AdapterLayer, ModulesToSave
 from .lora import LoRALinear
@@ -411,6 +412,7 @@ class AdapterModel(nn.Module):
                 f"adapter {adapter_name!r} ({config.method}) changes activations, not weights, so it cannot be "
                 "merged; save it with save_adapter and load it with repeft.load_adapter"
             )
+        refuse_sharded(self, "merging")
 
     def merge(self, adapter_name: str | None = None) -> None:
         """Fold the adapter into the base weights (faster inference; ``unmerge`` undoes it)."""
@@ -483,7 +485,9 @@ class AdapterModel(nn.Module):
                     state.update({f"{path}.{k}": v.detach().clone() for k, v in unloaded.state_dict().items()})
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, is_main_process: bool = True
+    ) -> None:
         """Save the adapter, as PEFT's ``save_pretrained`` does: the same as ``save_adapter``.
 
         ``repeft.load_adapter(base, save_directory)`` (or ``model.load_adapter``)
@@ -491,7 +495,7 @@ class AdapterModel(nn.Module):
 
         >>> model.save_pretrained("out/adapter")  # doctest: +SKIP
         """
-        self.save_adapter(save_directory, adapter_name)
+        self.save_adapter(save_directory, adapter_name, is_main_process)
 
     def save_merged(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save the base model with the active adapter merged, as a plain transformers checkpoint.
@@ -533,7 +537,11 @@ class AdapterModel(nn.Module):
     # -- files --------------------------------------------------------------------------
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed by base-model module path, without the adapter name."""
+        """The adapter's tensors keyed by base-model module path, without the adapter name.
+
+        They are the parameters themselves: on a sharded (FSDP) model each is a
+        ``DTensor`` holding this process's slice (``save_adapter`` gathers them).
+        """
         adapter_name = adapter_name or self.active_adapter
         self._check_known(adapter_name)
         state = {}
@@ -544,13 +552,24 @@ class AdapterModel(nn.Module):
                     state[f"{prefix}.{key}"] = value
         return state
 
-    def save_adapter(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    def save_adapter(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, is_main_process: bool = True
+    ) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
 
+        On several processes every one calls it and only the one with
+        ``is_main_process=True`` writes, as with transformers' and PEFT's
+        ``save_pretrained``. A sharded (FSDP) adapter is gathered whole first,
+        a step every process must join.
+
         >>> model.save_adapter("out/adapter")  # doctest: +SKIP
+        >>> model.save_adapter("out/adapter", is_main_process=accelerator.is_main_process)  # doctest: +SKIP
         """
         adapter_name = adapter_name or self.active_adapter
         self._check_known(adapter_name)
+        tensors = {k: gathered(v) for k, v in self.adapter_state_dict(adapter_name).items()}
+        if not is_main_process:
+            return
         config = self.configs[adapter_name]
         meta = {
             "format": FORMAT,
@@ -561,7 +580,7 @@ class AdapterModel(nn.Module):
             "base_model": self._base_model_record(),
             "adapted_modules": sorted({p.removeprefix("base_model.") for p, l in self.adapter_layers() if adapter_name in l.adapters}),
         }
-        write_adapter_dir(save_directory, meta, self.adapter_state_dict(adapter_name))
+        write_adapter_dir(save_directory, meta, tensors)
 
     def _base_model_record(self) -> dict[str, Any]:
         """What ``adapter_config.json`` says of the base: where it came from, its class, shapes and label names."""
@@ -625,12 +644,15 @@ class AdapterModel(nn.Module):
             raise AdapterFileError(f"{path} was made for another base model: {details}")
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "tensors") -> None:
-        """Copy ``tensors`` into the adapter's parameters after checking names, shapes and dtypes."""
+        """Copy ``tensors`` into the adapter's parameters after checking names, shapes and dtypes.
+
+        On a sharded (FSDP) model every process passes the whole tensors and keeps its slice.
+        """
         expected = self.adapter_state_dict(adapter_name)
         _check_tensors_fit(expected, tensors, source)
         with torch.no_grad():
             for key, value in expected.items():
-                value.copy_(tensors[key])
+                copy_whole_into(value, tensors[key])
 
 
 def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:

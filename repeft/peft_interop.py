@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, recover, write_adapter_dir
+from .fsdp import refuse_sharded
 from .layers import ModulesToSave
 from .lora import LoRAConfig, LoRALinear
 from .model import AdapterModel, _restore_grads_on_failure
@@ -46,6 +47,7 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
     config = model.configs[adapter_name]
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"only LoRA-family adapters export to PEFT; {adapter_name!r} is {config.method}")
+    refuse_sharded(model, "export_peft")
     tensors: dict[str, torch.Tensor] = {}
     targets, fan_in_fan_out, saved = [], set(), []
     for path, layer in model.adapter_layers():

@@ -2,9 +2,13 @@
 
 One entry point, :func:`train`, reads as its steps: read the data; build the
 base model and the adapter; hand model, optimizer and loaders to an
-``accelerate.Accelerator`` (DDP, mixed precision, gradient accumulation) in a
-``_Run``; resume; then the loop, whose per-step hooks (``_Run._after_step``)
-log JSONL metrics, evaluate and write atomic checkpoints; then the exports.
+``accelerate.Accelerator`` (DDP or FSDP2, mixed precision, gradient
+accumulation) in a ``_Run``; resume; then the loop, whose per-step hooks
+(``_Run._after_step``) log JSONL metrics, evaluate and write atomic
+checkpoints; then the exports. Under FSDP2 (see ``fsdp.py``) checkpoints and
+outputs stay adapter-only: the adapter and its optimizer state are gathered
+and written by the main process, and the exports merge into the base as
+training built it, loaded on the main process's CPU.
 
 Exact resume rests on three things: the train loader shuffles with accelerate's
 seedable sampler (order = f(seed, epoch), the same on every process count),
@@ -37,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import instruct, registry
+from . import fsdp, instruct, registry
 from .checkpoint import (
     STATE_NAME,
     CheckpointError,
@@ -61,7 +65,7 @@ from .dataio import (
 from .export import export_merged
 from .files import read_adapter_dir
 from .metrics import classification_scores, improves
-from .model import AdapterModel, wrap
+from .model import AdapterModel, load_adapter, wrap
 from .peft_interop import export_peft
 from .quantization import prepare_quantized_model
 from .recipe import Recipe, RecipeError
@@ -185,14 +189,20 @@ def _build_model_and_adapter(recipe: Recipe, data: _Data, accelerator: Accelerat
         tokenizer = load_tokenizer(recipe) if text else None
         if tokenizer is not None:
             check_tokenizer(recipe, tokenizer, sample_texts(recipe, data.train_rows))
-        base = build_model(recipe, data.labels)
-    if tokenizer is not None and getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+        base = _base_model(recipe, data.labels, tokenizer)
     _prepare_base(recipe, base)
     try:
         return tokenizer, wrap(base, recipe.adapter)
     except (TargetError, ValueError) as exc:  # the adapter does not fit this model (targets, architecture)
         raise RecipeError(f"adapter: {exc}") from None
+
+
+def _base_model(recipe: Recipe, labels: list[str], tokenizer: Any) -> transformers.PreTrainedModel:
+    """``build_model``, with the tokenizer's padding id where the model's config has none."""
+    base = build_model(recipe, labels)
+    if tokenizer is not None and getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+    return base
 
 
 def _prepare_base(recipe: Recipe, base: transformers.PreTrainedModel) -> None:
@@ -254,6 +264,8 @@ def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, toke
         weight_decay=recipe.optim.weight_decay,
     )
     ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # FSDP replaces each parameter by a sharded one (and the optimizer's with it).
+    params = [p for p in model.parameters() if p.requires_grad]
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
@@ -273,6 +285,12 @@ def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, toke
     scheduler = transformers.get_scheduler(recipe.schedule.name, optimizer, warmup, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     _checkpoint_adapter_only(accelerator, model)
+    if fsdp.uses_fsdp(accelerator):
+        fsdp.checkpoint_optimizer(accelerator, ddp_model, optimizer)
+        fsdp.register_generate(model)
+        warning = fsdp.coarse_unit_warning(model)
+        if warning:
+            accelerator.print(f"warning: {warning}", file=sys.stderr)
     return _Run(
         recipe=recipe,
         accelerator=accelerator,
@@ -321,7 +339,7 @@ class _Run:
     recipe: Recipe
     accelerator: Accelerator
     model: AdapterModel  # the adapter model itself, for saving
-    ddp_model: torch.nn.Module  # what accelerate prepared (DDP-wrapped on N processes), for forward passes
+    ddp_model: torch.nn.Module  # what accelerate prepared (DDP-wrapped, or sharded in place), for forward passes
     tokenizer: Any
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -358,6 +376,10 @@ class _Run:
     def text(self) -> bool:
         return self.recipe.task != "image_classification"
 
+    @property
+    def sharded(self) -> bool:
+        return fsdp.uses_fsdp(self.accelerator)
+
     def start(self, candidates: list[Path]) -> None:
         """Resume from the newest loadable candidate, open the run directory and its log, evaluate before if asked."""
         accelerator, recipe = self.accelerator, self.recipe
@@ -381,7 +403,7 @@ class _Run:
             accelerator.print(note)
         accelerator.print(
             f"training {recipe.adapter.method} on {recipe.task}: {self.n_examples} examples, "
-            f"{accelerator.num_processes} process(es), global batch "
+            f"{accelerator.num_processes} process(es){' sharded with FSDP2' if self.sharded else ''}, global batch "
             f"{recipe.train.batch_size * accelerator.num_processes * recipe.train.grad_accum}, {self.total_steps} steps; "
             f"trainable params {self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.3f}%)"
         )
@@ -392,6 +414,7 @@ class _Run:
         """Load the newest candidate that loads; newer damaged ones are set aside, each with a message."""
         accelerator, failures = self.accelerator, []
         for checkpoint in candidates:
+            self._check_sharding(checkpoint)
             error = self._load(checkpoint)
             if error is None:
                 break
@@ -406,13 +429,27 @@ class _Run:
         self.resumed_from = checkpoint
         accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
 
+    def _check_sharding(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint of a run sharded otherwise (FSDP or not): the two keep the optimizer in other files."""
+        try:
+            sharded = read_state(checkpoint).get("sharded", False)
+        except CheckpointError:
+            return  # damaged: _load says so
+        if sharded != self.sharded:
+            how = "under FSDP (accelerate launch --config_file <an FSDP config>)" if sharded else "without FSDP"
+            raise LaunchError(
+                f"{checkpoint} was written by a run {'sharded with' if sharded else 'not sharded with'} FSDP; "
+                f"resume it as it was launched, {how}: the two keep the optimizer state in different files"
+            )
+
     def _load(self, checkpoint: Path) -> str | None:
         """Load ``checkpoint`` on every process; None if all succeeded, else what went wrong."""
         error = None
         self.best_adapter = None  # not one from a newer checkpoint that failed half-way
         try:
             state = _State.read(checkpoint)
-            self.accelerator.load_state(str(checkpoint))
+            with fsdp.state_without_model(self.accelerator):
+                self.accelerator.load_state(str(checkpoint))
         except Exception as exc:  # a damaged file fails in many ways (JSON, pickle, torch, safetensors)
             error = f"{type(exc).__name__}: {exc}"
         failed = torch.tensor(float(error is not None), device=self.accelerator.device)
@@ -490,7 +527,8 @@ class _Run:
         if evaluate:
             self.evaluate("during")
         if checkpoint:
-            save_checkpoint(self.accelerator, self.run_dir, asdict(self.state), recipe.checkpoint.keep)
+            state = {**asdict(self.state), "sharded": self.sharded}
+            save_checkpoint(self.accelerator, self.run_dir, state, recipe.checkpoint.keep)
 
     def _check_finite(self) -> None:
         """Stop with ``TrainingDiverged`` if a loss since the last log, or a trainable parameter, is NaN or infinite.
@@ -498,7 +536,8 @@ class _Run:
         Runs before anything is logged, evaluated or saved (the last step always
         logs), so no checkpoint, log record or output holds a diverged adapter.
         """
-        flags = [~torch.isfinite(self.window[0])] + [~torch.isfinite(p).all() for p in self.params]
+        # Each process checks its own slice of a sharded parameter; the sum below covers them all.
+        flags = [~torch.isfinite(self.window[0])] + [~torch.isfinite(fsdp.local(p)).all() for p in self.params]
         diverged = self.accelerator.reduce(torch.stack(flags).any().float(), "sum").item()
         if diverged:
             latest = latest_checkpoint(self.run_dir)
@@ -554,8 +593,10 @@ class _Run:
             state.evals_without_improvement += 1
         if improves(value, best, metric):
             state.best = {"metric": metric, "value": value, "step": state.step}
-            if recipe.output.best:
-                self.best_adapter = {k: v.detach().to("cpu", copy=True) for k, v in self.model.adapter_state_dict().items()}
+            if recipe.output.best:  # every process keeps the whole adapter (gathered when sharded)
+                self.best_adapter = {
+                    k: fsdp.gathered(v).detach().to("cpu", copy=True) for k, v in self.model.adapter_state_dict().items()
+                }
         patience = recipe.eval.patience
         if when == "during" and patience and state.evals_without_improvement >= patience:
             self.stopped_early = True
@@ -571,9 +612,14 @@ class _Run:
             return {}
         prompts = self.answers if spec.exact_match else self.answers[: spec.generate]
         mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+        inputs = [prompts[i][0] for i in mine]
+        if self.sharded:
+            # Each forward pass gathers weights from every process, so all must decode as many prompts
+            # (the first one fills in; its answer is dropped below), each for as many steps (synced).
+            inputs += [prompts[0][0]] * (math.ceil(len(prompts) / accelerator.num_processes) - len(mine))
         with accelerator.autocast():
             texts = instruct.generate_answers(
-                self.model, tokenizer, [prompts[i][0] for i in mine], spec.max_new_tokens, spec.batch_size
+                self.model, tokenizer, inputs, spec.max_new_tokens, spec.batch_size, synced=self.sharded
             )
         answers = [text for _, text in sorted(gather_object(list(zip(mine, texts))))]
         for (prompt, expected), answer in list(zip(prompts, answers))[: spec.generate]:
@@ -689,8 +735,17 @@ def check_launch() -> None:
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
-    """An ``Accelerator`` for the recipe's precision and accumulation, joined with the other processes."""
+    """An ``Accelerator`` for the recipe's precision and accumulation, joined with the other processes.
+
+    Under an FSDP launch it shards with FSDP2, on CPU processes too (``fsdp.shard_cpu_processes``).
+    """
     check_launch()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise LaunchError(
+            "repeft train does not run under DeepSpeed: its adapter-only checkpoints and exports are made for "
+            "DDP and FSDP2, and were never tested with DeepSpeed's partitioned weights. To shard a base that does "
+            "not fit one device, launch with FSDP2: accelerate launch --config_file recipes/accelerate/fsdp2.yaml"
+        )
     precision = recipe.train.mixed_precision
     if precision == "auto":
         # Under `accelerate launch` its flag or config decides; run directly, bf16 where the GPU has it.
@@ -713,7 +768,27 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world:
         raise LaunchError(f"{world} processes were launched but accelerate joined {accelerator.num_processes}")
+    fsdp.shard_cpu_processes(accelerator)
+    if fsdp.uses_fsdp(accelerator):
+        _check_fsdp(recipe, accelerator)
+        fsdp.reduce_in_float32(accelerator)
     return accelerator
+
+
+def _check_fsdp(recipe: Recipe, accelerator: Accelerator) -> None:
+    """Refuse what repeft does not shard: FSDP1, and quantized bases."""
+    version = accelerator.state.fsdp_plugin.fsdp_version
+    if version != 2:
+        raise LaunchError(
+            f"repeft train shards with FSDP2 only; the accelerate config asks for fsdp_version {version}. "
+            "Set fsdp_version: 2 (see recipes/accelerate/fsdp2.yaml)"
+        )
+    if recipe.model.quantization != "none":
+        raise RecipeError(
+            f"model.quantization {recipe.model.quantization} under FSDP is not supported: repeft shards float "
+            "bases only. Train a quantized base without FSDP (each process holds the whole 4/8-bit base), "
+            "or set model.quantization: none and model.dtype: bfloat16 to shard it"
+        )
 
 
 def _trackers(recipe: Recipe) -> list[str]:
@@ -906,8 +981,7 @@ def _checkpoint_adapter_only(accelerator: Accelerator, model: AdapterModel) -> N
 
     def save(models: list, weights: list, output_dir: str) -> None:
         weights.clear()
-        if accelerator.is_main_process:
-            model.save_adapter(Path(output_dir) / "adapter")
+        model.save_adapter(Path(output_dir) / "adapter", is_main_process=accelerator.is_main_process)
 
     def load(models: list, input_dir: str) -> None:
         models.clear()
@@ -1042,8 +1116,12 @@ def _write_outputs(
     merged_dir = run_dir / "merged" if recipe.output.merged else None
     peft_dir = run_dir / "peft" if recipe.output.peft else None
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model.save_adapter(adapter_dir)
+    model.save_adapter(adapter_dir, is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process and (peft_dir or merged_dir):
+        if fsdp.is_sharded_model(model):
+            # The sharded base is never gathered whole: the exports merge into the base as
+            # training built it (its weights are frozen), loaded on this process's CPU.
+            model = load_adapter(_base_model(recipe, recipe.data.labels or [], tokenizer), adapter_dir)
         if peft_dir is not None:
             export_peft(model, peft_dir)
         if merged_dir is not None:
