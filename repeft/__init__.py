@@ -16,17 +16,21 @@ from . import lora as _lora  # noqa: F401,E402
 from . import replora as _replora  # noqa: F401,E402
 from . import prefix as _prefix  # noqa: F401,E402
 from . import zero_init as _zero_init  # noqa: F401,E402
-from . import visual_prompts as _visual_prompts  # noqa: F401,E402  (VPT)
+from . import vpt as _vpt  # noqa: F401,E402
 from . import vapt as _vapt  # noqa: F401,E402
-from .config import AdapterConfig, LoRAConfig, PrefixConfig, RepLoRAConfig, ZeroInitConfig  # noqa: E402
+from .config import AdapterConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
+from .lora import LoRAConfig  # noqa: E402
 from .model import AdapterModel, get_peft_model, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft  # noqa: E402
-from .prefix import fold_prefix  # noqa: E402
+from .prefix import PrefixConfig, fold_prefix  # noqa: E402
+from .replora import RepLoRAConfig  # noqa: E402
 from .export import MergedExport, export_merged  # noqa: E402
 from .quantization import prepare_quantized_model  # noqa: E402
 from .targeting import TargetError  # noqa: E402
-from .visual_prompts import VAPTConfig, VPTConfig  # noqa: E402
+from .vapt import VAPTConfig  # noqa: E402
+from .vpt import VPTConfig  # noqa: E402
+from .zero_init import ZeroInitConfig  # noqa: E402
 
 __all__ = [
     "AdapterConfig",

@@ -10,18 +10,56 @@ PEFT export) only sees A and B.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import LoRAConfig
-from .kernels import add_lora, add_lora_mixed, lora_linear
+from .config import AdapterConfig, as_name_list, option
+from .kernels import BACKENDS, add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
 from .methods import register_method
 from .targeting import DEFAULT_TARGET_MODULES, resolve_targets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: ``h = W x + (alpha / r) * B A x`` with A random and B zero at init.
+
+    ``target_modules`` is a list of module names or dotted suffixes
+    (``["q_proj", "v_proj"]``), a regex string matched against full module
+    names, ``"all-linear"``, or ``None`` for the architecture's default.
+    ``kernel`` is a preference: an adapter saved with ``"triton"`` loads with
+    ``"torch"`` (and a warning) where Triton cannot run.
+
+    >>> cfg = LoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    >>> cfg.scaling
+    2.0
+    """
+
+    method: ClassVar[str] = "lora"
+    mergeable: ClassVar[bool] = True
+
+    r: int = option(8, minimum=1)
+    lora_alpha: float = 16.0
+    lora_dropout: float = option(0.0, minimum=0.0, below=1.0)
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    kernel: str = option("auto", choices=BACKENDS)
+    dtype: str = option("float32", choices=tuple(DTYPES))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = as_name_list("target_modules", self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
 class LoRAFactors(nn.Module):
@@ -180,7 +218,8 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
 
 
 @register_method(
-    "lora", families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False
+    LoRAConfig, families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False,
+    example={"r": 4, "lora_alpha": 8},
 )
 def inject_lora(model, name: str, config: LoRAConfig) -> None:
     inject_low_rank(model, name, config, lambda layer: LoRAFactors(layer.in_features, layer.out_features, config))

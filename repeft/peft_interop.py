@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoRAConfig
 from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, recover, write_adapter_dir
 from .fsdp import refuse_sharded
 from .layers import ModulesToSave
-from .lora import LoRALinear
+from .lora import LoRAConfig, LoRALinear
 from .model import AdapterModel, _restore_grads_on_failure
 
 PEFT_PREFIX = "base_model.model."

@@ -25,16 +25,51 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .attention import FAMILIES, AttentionAdapter, AttentionCall, Geometry, add_attention_adapter, attention_adapters
-from .config import PrefixConfig
+from .config import AdapterConfig, option
 from .methods import register_method
 
 # The gate activations the NoRGa reference code offers (--gate_act).
 NORGA_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": nn.functional.gelu}
+
+
+@dataclasses.dataclass
+class PrefixConfig(AdapterConfig):
+    """Prefix tuning: ``n_prefix`` extra key/value vectors in every attention layer.
+
+    ``structure="shared"`` (the shared-structure reparameterization) makes keys
+    and values of layer l two halves of one MLP output,
+    ``K_l, V_l = split(W2 tanh(W1 E_l + b1) + b2)``, from a learned embedding
+    ``E_l`` (``n_prefix x embed_dim``, ``embed_dim=None``: the model's hidden
+    size). ``mlp_per_layer=True`` (default) gives each layer its own MLP,
+    ``mlp_hidden`` (48) wide, as the paper's code does; ``False`` is repeft's
+    own variant, one MLP for all layers. ``structure="independent"`` learns K_l
+    and V_l directly: the non-shared baseline, and the form
+    ``repeft.fold_prefix`` exports. ``norga=True`` adds the NoRGa gate on prefix
+    scores, ``s -> s + alpha * act(tau * s)`` with ``norga_activation`` sigmoid
+    (default), tanh or gelu, and learnable per-layer alpha and tau starting at
+    ``norga_alpha`` and ``norga_tau``.
+
+    >>> PrefixConfig(n_prefix=8, norga=True).structure
+    'shared'
+    """
+
+    method: ClassVar[str] = "prefix"
+
+    n_prefix: int = option(16, minimum=1)
+    structure: str = option("shared", choices=("shared", "independent"))
+    embed_dim: int | None = option(None, minimum=1)
+    mlp_hidden: int = option(48, minimum=1)
+    mlp_per_layer: bool = True
+    norga: bool = False
+    norga_alpha: float = 1.0
+    norga_tau: float = 1.0
+    norga_activation: str = option("sigmoid", choices=tuple(NORGA_ACTIVATIONS))
 
 
 class PrefixAdapter(AttentionAdapter):
@@ -132,7 +167,10 @@ def build_prefix(geometry: Geometry, config: PrefixConfig) -> PrefixAdapter:
     return shared if config.structure == "shared" else shared.folded()
 
 
-@register_method("prefix", families=FAMILIES, identity_at_init=False, generates_with_cache=True, vision_only=False)
+@register_method(
+    PrefixConfig, families=FAMILIES, identity_at_init=False, generates_with_cache=True, vision_only=False,
+    example={"n_prefix": 3, "mlp_hidden": 16, "norga": True},
+)
 def inject_prefix(model, name: str, config: PrefixConfig) -> None:
     add_attention_adapter(model, name, lambda geometry: build_prefix(geometry, config))
 

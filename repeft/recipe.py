@@ -24,7 +24,8 @@ from typing import Any, Literal
 import yaml
 
 from . import registry
-from .config import AdapterConfig, LoRAConfig
+from .config import AdapterConfig
+from .lora import LoRAConfig
 
 TASKS = ("causal_lm", "sequence_classification", "image_classification")
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")

@@ -24,16 +24,52 @@ called, so inference costs what LoRA's does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .config import RepLoRAConfig
-from .lora import DTYPES, inject_low_rank
+from .config import option
+from .lora import DTYPES, LoRAConfig, inject_low_rank
 from .methods import register_method
 from .targeting import DEFAULT_TARGET_MODULES
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
+
+
+@dataclass
+class RepLoRAConfig(LoRAConfig):
+    """RepLoRA: A and B are produced by small MLPs from trainable seeds.
+
+    ``A = g_A(A_seed)`` and ``B = g_B(B_seed)``, with g applied to every vector
+    along ``axis``: ``"rank"`` (each column of A, each row of B is a length-r
+    vector; cost independent of model width) or ``"feature"`` (each row of A /
+    column of B is transformed; W1 is ``mlp_hidden x d``). ``form`` picks g:
+
+    - ``"residual"`` (default): ``g(M) = M + (s_M / h) W2 act(W1 M / s_M)``, s_M the RMS
+      of the seed M, h = ``mlp_hidden``, no biases, W2 = 0 and the seeds initialised
+      as LoRA's A and B. It is exactly LoRA at init, gradients included, and trains
+      at LoRA's rates.
+    - ``"mlp"``: ``g(M) = W2 act(W1 M + b1) + b2`` with unit-normal seeds and g_B's
+      output layer zero. Trains worse than LoRA (poorly conditioned under Adam);
+      kept for adapters saved before ``form`` existed and for comparisons.
+
+    ``share_mlp`` shares the hidden layer W1 (and b1) between g_A and g_B; each
+    keeps its own output layer, the one that starts at zero.
+
+    >>> RepLoRAConfig(r=8, mlp_hidden=32).form
+    'residual'
+    """
+
+    method: ClassVar[str] = "replora"
+    saved_before: ClassVar[dict[str, Any]] = {"form": "mlp"}
+
+    mlp_hidden: int = option(32, minimum=1)
+    activation: str = option("tanh", choices=tuple(ACTIVATIONS))
+    share_mlp: bool = False
+    axis: str = option("rank", choices=("rank", "feature"))
+    form: str = option("residual", choices=("residual", "mlp"))
 
 
 class RepLoRAFactors(nn.Module):
@@ -149,7 +185,8 @@ class RepLoRAFactors(nn.Module):
 
 
 @register_method(
-    "replora", families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False
+    RepLoRAConfig, families=DEFAULT_TARGET_MODULES, identity_at_init=True, generates_with_cache=True, vision_only=False,
+    example={"r": 4, "lora_alpha": 8, "mlp_hidden": 8},
 )
 def inject_replora(model, name: str, config: RepLoRAConfig) -> None:
     inject_low_rank(

@@ -19,22 +19,62 @@ computes the first three lines as one map over the grid (see there).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import option
 from .methods import register_method
 from .replora import ACTIVATIONS
 from .visual_prompts import (
     VIT_FAMILIES,
     PromptTokens,
     StaticPrompts,
-    VAPTConfig,
+    VisualPromptConfig,
     attach_prompts,
     patch_fan_in,
     patch_grid,
     vit_backbone,
 )
+
+
+@dataclass
+class VAPTConfig(VisualPromptConfig):
+    """VAPT (Le et al., 2025): prompts of layer l >= 1 computed from that layer's patch tokens.
+
+    ``P_l = T + W2 dropout(act(W1 T))`` with ``T = A_l · dropout(k_l * LN_l(X_l)) + b_l``, where
+    X_l is the layer input's patch grid, ``k_l * ·`` a ``kernel_size`` x ``kernel_size``
+    filter applied to every channel (N(0, 1) at init), and A_l a zero-initialised map from
+    grid positions to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all
+    layers. ``channel_dropout`` and ``mlp_dropout`` are the reference code's two dropouts
+    (0.1 each). Layer 0 uses static prompts as in VPT. ``image_size`` (int or [height,
+    width]) fixes the patch grid A_l is built for; ``None`` takes the model config's
+    ``image_size``.
+
+    >>> VAPTConfig(n_prompt=10, kernel_size=3, mlp_hidden=8).channel_dropout
+    0.1
+    """
+
+    method: ClassVar[str] = "vapt"
+    saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0}
+
+    kernel_size: int = option(3, minimum=1)
+    channel_dropout: float = option(0.1, minimum=0.0, below=1.0)
+    mlp_hidden: int = option(8, minimum=1)
+    mlp_dropout: float = option(0.1, minimum=0.0, below=1.0)
+    activation: str = option("relu", choices=tuple(ACTIVATIONS))
+    image_size: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size is not None:
+            size = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
+            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+                raise ValueError(f"image_size must be a positive int or [height, width], got {self.image_size!r}")
+            self.image_size = size if size[0] != size[1] else size[0]
 
 
 class PatchesToTokens(nn.Module):
@@ -100,7 +140,10 @@ class AdaptivePrompts(PromptTokens):
         return tokens + self.mlp(tokens)
 
 
-@register_method("vapt", families=VIT_FAMILIES, identity_at_init=False, generates_with_cache=False, vision_only=True)
+@register_method(
+    VAPTConfig, families=VIT_FAMILIES, identity_at_init=False, generates_with_cache=False, vision_only=True,
+    example={"n_prompt": 3, "kernel_size": 2, "mlp_hidden": 4},
+)
 def inject_vapt(model, adapter_name: str, config: VAPTConfig) -> None:
     _, backbone = vit_backbone(model.base_model)
     c = backbone.config

@@ -1,4 +1,4 @@
-"""Visual prompts for ViT-family encoders: VPT, and the hooks that splice prompt tokens in.
+"""Visual prompts for ViT-family encoders: the hooks that splice prompt tokens in.
 
 While a visual-prompt adapter is active, the encoder runs on the sequence::
 
@@ -20,8 +20,9 @@ correct under activation checkpointing whether transformers checkpoints a
 layer's ``forward`` (5.x: hooks run once, outside) or its ``__call__`` (hooks
 recomputed in backward, dropout replayed from the saved RNG state).
 
-VAPT's input-dependent prompts live in ``vapt.py``; they plug into the same
-hooks through the ``PromptTokens`` interface.
+The methods live in their own modules and plug into these hooks through the
+``PromptTokens`` interface: VPT's static prompts in ``vpt.py``, VAPT's
+input-dependent ones in ``vapt.py``.
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import ACTIVATIONS, AdapterConfig, option, register_config
+from .config import AdapterConfig, option
 from .layers import AdapterLayer, place_beside
-from .methods import register_method
 from .targeting import TargetError, model_type
 
 # Attribute of the AdapterModel that holds every visual-prompt adapter; saved
@@ -45,7 +45,7 @@ from .targeting import TargetError, model_type
 CONTAINER = "visual_prompts"
 
 
-# -- configs --------------------------------------------------------------------------------
+# -- the config fields VPT and VAPT share ----------------------------------------------------
 
 
 @dataclass
@@ -54,60 +54,6 @@ class VisualPromptConfig(AdapterConfig):
 
     n_prompt: int = option(10, minimum=1)
     prompt_dropout: float = option(0.0, minimum=0.0, below=1.0)
-
-
-@register_config
-@dataclass
-class VPTConfig(VisualPromptConfig):
-    """VPT (Jia et al., 2022): free prompt tokens P_l (n_prompt x d) inserted after the class token.
-
-    ``deep=True`` (VPT-deep) gives every encoder layer its own P_l; ``deep=False``
-    (VPT-shallow) inserts P_0 before layer 0 only and lets the layers carry it.
-
-    >>> VPTConfig(n_prompt=10).deep
-    True
-    """
-
-    method: ClassVar[str] = "vpt"
-
-    deep: bool = True
-
-
-@register_config
-@dataclass
-class VAPTConfig(VisualPromptConfig):
-    """VAPT (Le et al., 2025): prompts of layer l >= 1 computed from that layer's patch tokens.
-
-    ``P_l = T + W2 dropout(act(W1 T))`` with ``T = A_l · dropout(k_l * LN_l(X_l)) + b_l``, where
-    X_l is the layer input's patch grid, ``k_l * ·`` a ``kernel_size`` x ``kernel_size``
-    filter applied to every channel (N(0, 1) at init), and A_l a zero-initialised map from
-    grid positions to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all
-    layers. ``channel_dropout`` and ``mlp_dropout`` are the reference code's two dropouts
-    (0.1 each). Layer 0 uses static prompts as in VPT. ``image_size`` (int or [height,
-    width]) fixes the patch grid A_l is built for; ``None`` takes the model config's
-    ``image_size``.
-
-    >>> VAPTConfig(n_prompt=10, kernel_size=3, mlp_hidden=8).channel_dropout
-    0.1
-    """
-
-    method: ClassVar[str] = "vapt"
-    saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0}
-
-    kernel_size: int = option(3, minimum=1)
-    channel_dropout: float = option(0.1, minimum=0.0, below=1.0)
-    mlp_hidden: int = option(8, minimum=1)
-    mlp_dropout: float = option(0.1, minimum=0.0, below=1.0)
-    activation: str = option("relu", choices=ACTIVATIONS)
-    image_size: int | list[int] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.image_size is not None:
-            size = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
-            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-                raise ValueError(f"image_size must be a positive int or [height, width], got {self.image_size!r}")
-            self.image_size = size if size[0] != size[1] else size[0]
 
 
 # -- where prompts go in each supported family -----------------------------------------------
@@ -295,13 +241,3 @@ def attach_prompts(model, adapter_name: str, tokens: PromptTokens) -> None:
         model.add_module(CONTAINER, container)
     # New modules start in training mode; follow the base model's mode (dropout off in eval) instead.
     container.adapters[adapter_name] = place_beside(tokens, backbone).train(backbone.training)
-
-
-@register_method("vpt", families=VIT_FAMILIES, identity_at_init=False, generates_with_cache=False, vision_only=True)
-def inject_vpt(model, adapter_name: str, config: VPTConfig) -> None:
-    _, backbone = vit_backbone(model.base_model)
-    c = backbone.config
-    depth = c.num_hidden_layers if config.deep else 1
-    attach_prompts(
-        model, adapter_name, StaticPrompts(depth, config.n_prompt, c.hidden_size, patch_fan_in(c), config.prompt_dropout)
-    )

@@ -23,14 +23,58 @@ frozen projections), so the model differs from the base model from the start.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .attention import FAMILIES, AttentionAdapter, AttentionCall, Geometry, add_attention_adapter
-from .config import ZeroInitConfig
+from .config import AdapterConfig, option
 from .methods import register_method
 from .replora import ACTIVATIONS
+
+
+@dataclass
+class ZeroInitConfig(AdapterConfig):
+    """Zero-initialized attention (LLaMA-Adapter) with linear or non-linear prompts.
+
+    In the top ``n_layers`` attention layers (``None``: all), ``n_prompt`` prompt
+    vectors P_l are projected by the layer's frozen key/value projections (no
+    rotary); each query attends to them with a separate softmax whose output is
+    scaled by ``tanh(g_{l,h})`` per layer and head, ``g = 0`` at init, and added
+    to the ordinary attention output. ``prompt_type="linear"``: P_l is a free
+    parameter. ``"nonlinear"``: a network (``mlp_hidden`` wide, ``activation``)
+    shared by all layers makes the prompts, as one of the paper's code's two
+    variants (``prompt_network``):
+
+    - ``"hypermodel"`` (default, the paper's non-linear script): one code e_l
+      (``code_dim``) per layer, ``vec(P_l) = W2 act(W1 e_l + b1) + b2`` gives all
+      n_prompt prompts at once; W2 starts tiny, so the prompts start near zero.
+    - ``"deepshare"``: one code per prompt, ``P_l = W2 act(W1 E_l + b1) + b2`` row by
+      row (E_l is ``n_prompt x code_dim``), W2 scaled so the prompts start at unit
+      spread like linear prompts.
+
+    ``gating="none"``: the baseline the paper calls vanilla attention, no gate
+    and the prompts joined into the tokens' own softmax (not the base model at
+    init).
+
+    >>> ZeroInitConfig(n_prompt=10, n_layers=2, prompt_type="nonlinear").prompt_network
+    'hypermodel'
+    """
+
+    method: ClassVar[str] = "zero_init"
+    # Non-linear prompts saved before prompt_network existed were deepshare ones (GELU, 128 wide).
+    saved_before: ClassVar[dict[str, Any]] = {"prompt_network": "deepshare"}
+
+    n_prompt: int = option(10, minimum=1)
+    n_layers: int | None = option(None, minimum=1)
+    prompt_type: str = option("linear", choices=("linear", "nonlinear"))
+    prompt_network: str = option("hypermodel", choices=("hypermodel", "deepshare"))
+    code_dim: int = option(64, minimum=1)
+    mlp_hidden: int = option(64, minimum=1)
+    activation: str = option("relu", choices=tuple(ACTIVATIONS))
+    gating: str = option("zero_init", choices=("zero_init", "none"))
 
 
 class ZeroInitAdapter(AttentionAdapter):
@@ -130,7 +174,10 @@ class HypermodelPrompts(ZeroInitAdapter):
 PROMPTS = {"hypermodel": HypermodelPrompts, "deepshare": DeepSharePrompts}
 
 
-@register_method("zero_init", families=FAMILIES, identity_at_init=True, generates_with_cache=True, vision_only=False)
+@register_method(
+    ZeroInitConfig, families=FAMILIES, identity_at_init=True, generates_with_cache=True, vision_only=False,
+    example={"n_prompt": 3, "prompt_type": "nonlinear", "code_dim": 8, "mlp_hidden": 16},
+)
 def inject_zero_init(model, name: str, config: ZeroInitConfig) -> None:
     prompts = LinearPrompts if config.prompt_type == "linear" else PROMPTS[config.prompt_network]
     add_attention_adapter(model, name, lambda geometry: prompts(geometry, config))

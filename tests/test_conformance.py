@@ -1,10 +1,12 @@
 """One conformance suite: PEFT's checklist on every (method, family) pair the support table claims.
 
 The table is the method registry (``repeft.methods``): each method's
-registration states the model families it supports and what it promises
-(identity at init, mergeable, generate with cache, vision only). Every claimed
-pair of the model zoo in ``tiny_models`` runs the checklist below, every other
-pair must be refused by name, and ``docs/support.md`` must show the table.
+registration states the model families it supports, what it promises
+(identity at init, mergeable, generate with cache, vision only) and a small
+example config for tiny models. Every claimed pair of the model zoo in
+``tiny_models`` runs the checklist below with that config, every other pair
+must be refused by name, and ``docs/support.md`` must show the table. A new
+method is picked up from its registration; nothing here names the methods.
 
 Each family's tiny model is built once and each pair is wrapped and trained
 once (``pair``); the tests share it and put back whatever they change.
@@ -17,6 +19,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -24,18 +27,9 @@ import torch
 import repeft
 from repeft.attention import SITE
 from repeft.layers import AdapterLayer
-from repeft.methods import Method, methods
+from repeft.methods import Method, methods, register_method
 from tiny_models import FAMILIES, GENERATIVE_FAMILIES, VISION_FAMILIES, logits, tiny_batch, tiny_model, train_steps
 
-# A small config of every registered method, with the options that change its maths switched on.
-CONFIGS = {
-    "lora": lambda: repeft.LoRAConfig(r=4, lora_alpha=8),
-    "replora": lambda: repeft.RepLoRAConfig(r=4, lora_alpha=8, mlp_hidden=8),
-    "prefix": lambda: repeft.PrefixConfig(n_prefix=3, mlp_hidden=16, norga=True),
-    "zero_init": lambda: repeft.ZeroInitConfig(n_prompt=3, prompt_type="nonlinear", code_dim=8, mlp_hidden=16),
-    "vpt": lambda: repeft.VPTConfig(n_prompt=3),
-    "vapt": lambda: repeft.VAPTConfig(n_prompt=3, kernel_size=2, mlp_hidden=4),
-}
 TABLE = methods()
 CLAIMED = [(m, f) for m, spec in TABLE.items() for f in FAMILIES if f in spec.families]
 REFUSED = [(m, f) for m, spec in TABLE.items() for f in FAMILIES if f not in spec.families]
@@ -68,7 +62,7 @@ class Pair:
 def pair(method: str, family: str) -> Pair:
     """``method`` on a copy of the family's model: logits at init, then after two training steps."""
     reference = base(family)
-    model = repeft.wrap(copy.deepcopy(reference), CONFIGS[method]())
+    model = repeft.wrap(copy.deepcopy(reference), TABLE[method].example_config())
     batch = tiny_batch(family)
     at_init = logits(model, batch)
     train_steps(model, batch, steps=2)
@@ -97,11 +91,37 @@ def base_weights(model: repeft.AdapterModel) -> dict[str, torch.Tensor]:
 # -- the table itself --------------------------------------------------------------------------
 
 
-def test_every_method_has_a_config_and_every_claimed_family_a_tiny_model():
-    assert set(CONFIGS) == set(TABLE)
+def test_every_method_has_an_example_config_and_every_claimed_family_a_tiny_model():
     for spec in TABLE.values():
+        example = spec.example_config()
+        assert type(example) is spec.config and example.method == spec.name
+        assert repeft.AdapterConfig.from_json(example.to_json()) == example
         assert set(spec.families) <= set(FAMILIES), f"{spec.name}: add a tiny model to tests/tiny_models.py"
         assert spec.families, spec.name
+
+
+def test_one_registration_makes_a_method_loadable_and_a_row_of_the_table(monkeypatch):
+    @dataclass
+    class ScaledConfig(repeft.AdapterConfig):
+        method: ClassVar[str] = "scaled"
+        scale: float = 1.0
+
+    monkeypatch.setattr(repeft.methods, "_METHODS", dict(TABLE))  # the real table comes back afterwards
+
+    @register_method(ScaledConfig, families=["llama"], identity_at_init=True, generates_with_cache=True,
+                     vision_only=False, example={"scale": 0.5})
+    def inject_scaled(model, name, config): ...
+
+    row = methods()["scaled"]
+    assert (row.name, row.config, row.inject, row.families, row.mergeable) == (
+        "scaled", ScaledConfig, inject_scaled, ("llama",), False)
+    assert row.example_config() == ScaledConfig(scale=0.5)
+    assert repeft.AdapterConfig.from_dict({"method": "scaled", "scale": 2.0}) == ScaledConfig(scale=2.0)
+    # A copied module that keeps its original's method name must not replace the original.
+    with pytest.raises(ValueError, match="must name a new method, got 'lora'"):
+        register_method(repeft.LoRAConfig, families=[], identity_at_init=True, generates_with_cache=True,
+                        vision_only=False, example={})
+    assert methods()["lora"] == TABLE["lora"]
 
 
 def test_vision_only_methods_claim_only_image_encoders_and_do_not_generate():
@@ -240,7 +260,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, family):
 def test_several_adapters_switch_and_disable(method, family):
     p = pair(method, family)
     model = p.model
-    model.add_adapter("second", CONFIGS[method]())
+    model.add_adapter("second", TABLE[method].example_config())
     try:
         assert model.active_adapter == "second"
         assert all(q.requires_grad == (".adapters.second." in n) for n, q in model.named_parameters())
@@ -267,7 +287,7 @@ def test_unclaimed_pairs_are_refused_by_name_and_leave_the_model_as_it_was(metho
     model = copy.deepcopy(base(family))
     implementation = model.config._attn_implementation
     with pytest.raises(ValueError, match=re.escape(repr(family))):
-        repeft.wrap(model, CONFIGS[method]())
+        repeft.wrap(model, TABLE[method].example_config())
     assert all(q.requires_grad for q in model.parameters())
     assert model.config._attn_implementation == implementation
     assert not any(hasattr(m, SITE) or m._forward_pre_hooks or m._forward_hooks for m in model.modules())
