@@ -70,13 +70,8 @@ def pair(method: str, family: str) -> Pair:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_free_models():
-    # Tiny models are all per-op overhead: a second intra-op thread only adds synchronisation,
-    # which on a busy 2-core machine made this module ~3x slower in wall time (9x in CPU time).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_free_models(one_thread):
     yield
-    torch.set_num_threads(threads)
     pair.cache_clear()
     base.cache_clear()
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import conditioning  # noqa: E402
 
 PAIRS = conditioning.pairs()
+pytestmark = pytest.mark.usefixtures("one_thread")  # as benchmarks/conditioning.py runs (--threads 1)
 
 
 @pytest.fixture(scope="module")
