@@ -16,6 +16,7 @@ naming the file and the fix.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -92,6 +93,7 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
 def recover(directory: str | os.PathLike) -> None:
     """Finish saves into ``directory`` that were killed after writing, and drop those killed before."""
     target = Path(directory)
+    _restore_legacy_copy(target)
     try:
         entries = list(target.iterdir())
     except OSError:
@@ -104,6 +106,24 @@ def recover(directory: str | os.PathLike) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
         except OSError:
             pass  # a read-only directory, or another process finishing the same save
+
+
+def _restore_legacy_copy(target: Path) -> None:
+    """Bring back a directory that a save from before staged writes left hidden.
+
+    Those saves renamed the old directory to ``.NAME.old-PID`` before renaming
+    the new one in; a kill between the two renames left only the hidden copy.
+    The newest such copy whose writer is gone takes the missing name again.
+    """
+    if target.exists():
+        return
+    copies = [
+        p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
+        if p.is_dir() and not _alive(p.name.rsplit("-", 1)[-1])
+    ]
+    if copies:
+        with contextlib.suppress(OSError):  # another reader restored it first, or a read-only directory
+            os.replace(max(copies, key=lambda p: p.stat().st_mtime), target)
 
 
 def _move_in(ready: Path, target: Path) -> None:
@@ -219,9 +239,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and check an adapter directory written by ``write_adapter_dir``."""
     root = Path(path)
+    recover(root)
     if not root.is_dir():
         raise AdapterFileError(f"adapter directory {root} does not exist")
-    recover(root)
     meta = read_json(root / CONFIG_NAME)
     check_meta(meta, root / CONFIG_NAME)
     return meta, read_tensors(root / WEIGHTS_NAME)

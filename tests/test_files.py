@@ -295,6 +295,22 @@ def test_merged_save_interrupted_between_shards_is_finished_whole(tmp_path, monk
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
 
+def test_an_adapter_left_hidden_by_an_older_save_killed_between_renames_comes_back(saved):
+    # repeft's first saves renamed the old directory to .NAME.old-PID, then the new one in; a kill
+    # between the two left only the hidden copy, and loading said the adapter did not exist.
+    import subprocess
+    import sys
+
+    expected = repeft.load_adapter(tiny_model("llama"), saved).adapter_state_dict()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    hidden = saved.with_name(f".{saved.name}.old-{dead.stdout.strip()}")
+    saved.rename(hidden)
+    model = repeft.load_adapter(tiny_model("llama"), saved)
+    assert saved.is_dir() and not hidden.exists()
+    for key, tensor in model.adapter_state_dict().items():
+        torch.testing.assert_close(tensor, expected[key], atol=0, rtol=0)
+
+
 def test_random_kills_while_saving_never_lose_or_mix_the_adapter(tmp_path):
     # Two adapters of different rank saved in turn by a child process killed at random moments:
     # every load after a kill gets one of them whole, and no staging folder outlives a load.
