@@ -85,6 +85,8 @@ class OptimSpec:
     """AdamW settings."""
 
     lr: float = field(default=1e-3, metadata=_min(0.0))
+    # A new task head (modules_to_save) often wants a larger rate than the adapter; None: ``lr``.
+    head_lr: float | None = field(default=None, metadata=_min(0.0))
     weight_decay: float = field(default=0.0, metadata=_min(0.0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = field(default=1e-8, metadata=_min(0.0))

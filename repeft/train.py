@@ -64,6 +64,7 @@ from .dataio import (
 )
 from .export import export_merged
 from .files import read_adapter_dir
+from .layers import ModulesToSave
 from .metrics import classification_scores, improves
 from .model import AdapterModel, load_adapter, wrap
 from .peft_interop import export_peft
@@ -249,15 +250,27 @@ def _loaders(
     return train_loader, eval_loader
 
 
+def _param_groups(model: AdapterModel, recipe: Recipe) -> list[dict[str, Any]]:
+    """The adapter's parameters at ``optim.lr``, then the trained heads' (``modules_to_save``) at ``optim.head_lr``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optim.head_lr is None:
+        return [{"params": trainable}]
+    heads = {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in heads]},
+              {"params": [p for p in trainable if id(p) in heads], "lr": recipe.optim.head_lr}]
+    if not groups[1]["params"]:
+        raise RecipeError("optim.head_lr is set, but this adapter trains no head (modules_to_save); remove head_lr")
+    return [g for g in groups if g["params"]]
+
+
 def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: _Data) -> _Run:
     """Loaders, optimizer and schedule, handed to ``accelerate``; the run's length in optimizer steps."""
     trainable, total = model.trainable_parameters()
     notes: list[str] = []
     train_loader, eval_loader = _loaders(recipe, model, tokenizer, data, notes)
     n_examples = len(train_loader.dataset)
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params,
+        _param_groups(model, recipe),
         lr=recipe.optim.lr,
         betas=tuple(recipe.optim.betas),
         eps=recipe.optim.eps,

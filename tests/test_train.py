@@ -176,6 +176,26 @@ def test_image_classification_on_builtin_digits(tmp_path):
     assert merged.config.num_labels == 10
 
 
+def test_head_lr_trains_the_head_at_its_own_rate(tmp_path):
+    def run(name: str, *overrides: str) -> tuple[dict, dict]:
+        train(recipe_from_dict(tiny_recipe(tmp_path, "train.max_steps=3", f"output.dir={tmp_path / name}", *overrides)))
+        tensors = adapter_tensors(tmp_path / name)
+        head = {k: v for k, v in tensors.items() if "classifier" in k}
+        assert head and len(head) < len(tensors)
+        return head, {k: v for k, v in tensors.items() if k not in head}
+
+    frozen_head, adapter = run("a", "optim.head_lr=0.0")
+    also_frozen_head, other_adapter = run("b", "optim.head_lr=0.0", "optim.lr=2e-2")
+    trained_head, _ = run("c")  # no head_lr: the head trains at optim.lr
+    assert max_diff(frozen_head, also_frozen_head) == 0  # a rate of 0 leaves the head at its (seeded) start
+    assert max_diff(adapter, other_adapter) > 1e-3  # while the adapter trains at optim.lr
+    assert max_diff(frozen_head, trained_head) > 1e-3
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, "optim.head_lr=1e-2", "adapter.modules_to_save=[]"))
+    with pytest.raises(RecipeError, match="optim.head_lr is set, but this adapter trains no head"):
+        train(recipe)
+
+
 def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     raw = tiny_recipe(tmp_path, "train.epochs=1", "checkpoint.every=4")
     train(recipe_from_dict(raw))
