@@ -19,6 +19,7 @@ computes the first three lines as one map over the grid (see there).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -154,4 +155,24 @@ def inject_vapt(model, adapter_name: str, config: VAPTConfig) -> None:
             f"kernel_size {config.kernel_size} does not fit the {grid[0]}x{grid[1]} patch grid of "
             f"{image_size} images with patch_size {c.patch_size}; use kernel_size <= {min(grid)}"
         )
+    _warn_if_float16_layer_norm_overflows(backbone, config)
     attach_prompts(model, adapter_name, AdaptivePrompts(c, grid, config))
+
+
+def _warn_if_float16_layer_norm_overflows(backbone: nn.Module, config: VAPTConfig) -> None:
+    """VAPT's prompts start at exactly zero; a float16 LayerNorm with a tiny eps has no finite gradient there.
+
+    For a constant token the LayerNorm's 1/sqrt(var + eps) is 1/sqrt(eps): 1e6 for
+    ViT's eps 1e-12, past float16's largest value (65504), so the first backward
+    pass returns NaN gradients (measured on CPU; eps 1e-9 and above are fine).
+    """
+    if config.inference_mode or backbone.dtype != torch.float16:
+        return
+    eps = getattr(backbone.config, "layer_norm_eps", 1e-5)
+    if eps ** -0.5 > torch.finfo(torch.float16).max:
+        warnings.warn(
+            f"training VAPT on a float16 model whose LayerNorm eps is {eps:g}: its prompts start at zero, where "
+            "that LayerNorm's gradient overflows float16 and the first step turns NaN. Load the model in bfloat16, "
+            "or in float32 with fp16 autocast (accelerate's --mixed_precision fp16)",
+            stacklevel=4,
+        )

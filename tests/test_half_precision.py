@@ -7,6 +7,8 @@ merging and saving hand back plain half-precision modules.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -63,3 +65,24 @@ def test_a_head_trains_finite_and_merges_back_into_the_half_precision_model(dtyp
     merged = model.merge_and_unload()
     assert type(merged.classifier) is torch.nn.Linear and merged.classifier.weight.dtype == dtype
     torch.testing.assert_close(logits(merged, batch), expected, atol=2e-2, rtol=0)
+
+
+def test_vapt_on_float16_warns_where_the_layer_norm_gradient_overflows():
+    # VAPT's prompts start at zero; ViT's LayerNorm eps (1e-12) then gives 1/sqrt(eps) = 1e6 > float16's max.
+    base, batch = half_model("vit", torch.float16)
+    assert base.config.layer_norm_eps == 1e-12
+    with pytest.warns(UserWarning, match="LayerNorm eps is 1e-12: its prompts start at zero"):
+        model = repeft.wrap(base, repeft.VAPTConfig(n_prompt=4))
+    model.train()
+    model(**batch).logits.float().logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert not all(torch.isfinite(g).all() for g in grads)  # what the warning is about
+
+    for dtype in (torch.bfloat16, torch.float32):  # the ways out it names
+        base, batch = half_model("vit", dtype) if dtype != torch.float32 else (tiny_vision_model("vit"), tiny_images())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = repeft.wrap(base, repeft.VAPTConfig(n_prompt=4))
+        model.train()
+        model(**batch).logits.float().logsumexp(-1).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
