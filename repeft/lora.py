@@ -94,8 +94,9 @@ class LoRALinear(AdapterLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.merged_adapter: str | None = None
         # Set by AdapterModel for a mixed-adapter batch: this layer's adapters used in the batch,
-        # each row's index into them (-1: none) and their scalings, both on the layer's device.
-        self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
+        # each row's index into them (-1: none) and their scalings, both on the layer's device,
+        # and a cache for their stacked factors that lives as long as the mixed call.
+        self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor, dict] | None = None
         # The shared weight a merge replaced by a merged copy (see ``merge``), put back by ``unmerge``.
         self._tied_weight: list[nn.Parameter] = []
 
@@ -128,7 +129,7 @@ class LoRALinear(AdapterLayer):
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of the batch with its own adapter (index -1: the base layer alone)."""
-        names, index, scaling = self.row_adapters
+        names, index, scaling, stacked = self.row_adapters
         out = self.base_layer(x, *args, **kwargs)
         if not names:
             return out
@@ -138,18 +139,31 @@ class LoRALinear(AdapterLayer):
                 raise ValueError(f"adapter_names has {index.shape[0]} entries but the batch has {x.shape[0]} rows")
             index = index.repeat_interleave(x.shape[0] // index.shape[0])
         adapters = [self.adapters[n] for n in names]
-        factors = [a.factors() for a in adapters]
-        rank = max(A.shape[0] for A, _ in factors)
-        # Stack the factors, lower ranks padded with zeros (they add nothing).
-        lora_A = x.new_zeros(len(names), rank, self.in_features)
-        lora_B = x.new_zeros(len(names), self.out_features, rank)
-        for i, (A, B) in enumerate(factors):
-            lora_A[i, : A.shape[0]] = A
-            lora_B[i, :, : B.shape[1]] = B
+        lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
         backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
         if out._is_view() and not self.fan_in_fan_out:
             out = out.clone()  # as in forward (bitsandbytes' 8-bit output)
         return add_lora_mixed(out, x, lora_A, lora_B, scaling, index, backend=backend)
+
+    def _stacked_factors(self, adapters: list, x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' A and B stacked, lower ranks padded with zeros (they add nothing).
+
+        Without autograd the weights cannot change during one mixed call, so the
+        stack is built once per call, not once per ``generate`` step.
+        """
+        key = (x.dtype, x.device)
+        if key in cache:
+            return cache[key]
+        factors = [a.factors() for a in adapters]
+        rank = max(A.shape[0] for A, _ in factors)
+        lora_A = x.new_zeros(len(adapters), rank, self.in_features)
+        lora_B = x.new_zeros(len(adapters), self.out_features, rank)
+        for i, (A, B) in enumerate(factors):
+            lora_A[i, : A.shape[0]] = A
+            lora_B[i, :, : B.shape[1]] = B
+        if not torch.is_grad_enabled():
+            cache[key] = (lora_A, lora_B)
+        return lora_A, lora_B
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in fp32, laid out like the base layer's weight."""

@@ -166,7 +166,7 @@ class AdapterModel(nn.Module):
                 index = [present.index(n) if n in present else -1 for n in names]
                 scaling = [layer.adapters[n].scaling for n in present]
                 per_layer[key] = (torch.tensor(index, device=device), torch.tensor(scaling, device=device))
-            layer.row_adapters = (present, *per_layer[key])
+            layer.row_adapters = (present, *per_layer[key], {})
         for layer in other_layers:
             layer.disabled = True
         try:

@@ -83,6 +83,25 @@ def test_generate_with_mixed_adapters(beams):
             assert torch.equal(mixed[row * beams : (row + 1) * beams], want)
 
 
+def test_generate_stacks_each_layers_factors_once_per_call(monkeypatch):
+    model = build()
+    calls = []
+    for _, layer in model.adapter_layers():
+        for adapter in layer.adapters.values():
+            factors = adapter.factors
+            monkeypatch.setattr(adapter, "factors", lambda f=factors: calls.append(1) or f())
+    ids = input_ids(rows=3, seq=4)
+    names = ["a", "b", "c"]
+    with torch.no_grad():
+        model.generate(input_ids=ids, adapter_names=names, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                       pad_token_id=0)
+    once = sum(len([n for n in names if n in layer.adapters]) for _, layer in model.adapter_layers())
+    assert len(calls) == once  # not once per generated token
+    calls.clear()
+    model(input_ids=ids, adapter_names=names).logits.sum().backward()  # with autograd: built in the graph
+    assert len(calls) == once and any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_layers_are_restored_after_the_call():
     model = build()
     ids = input_ids(rows=2)
