@@ -35,6 +35,7 @@ def half_model(family: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[s
     return tiny_model(family).to(dtype), tiny_batch(family)
 
 
+@pytest.mark.filterwarnings("ignore:training VAPT on a float16 model")  # its own test below
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainable_parameters_are_float32_and_outputs_keep_the_model_dtype(case, dtype):
