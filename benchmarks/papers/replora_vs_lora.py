@@ -33,29 +33,11 @@ import os
 # little on an idle machine. It must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    PlotSpec,
-    TrainConfig,
-    environment,
-    grid_results,
-    jsonable,
-    load_text_task,
-    lr_selection,
-    make_parser,
-    plot_vs_fraction,
-    report,
-    resolve_args,
-    run_grid,
-    stratified_subsample,
-    write_json,
-)
+from common import TextClaim, run_text_claim
 
 import repeft
 
@@ -63,81 +45,25 @@ DEFAULT = {"seeds": [0, 1, 2], "steps": 100, "batch_size": 16, "fractions": [0.0
            "lr_grid": [1e-3, 3e-3, 1e-2], "validation_fraction": 0.1, "max_len": 48}
 FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 1000, "batch_size": 32, "fractions": [0.01, 0.03, 0.1, 0.3, 0.5, 1.0],
         "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "validation_fraction": 0.1, "max_len": 80, "select_seeds": ["all"]}
-HEAD_LR = 1e-2  # the new head, fixed and the same for both (a 40-way head learns slowly at 2e-3: wordnet_headroom.py)
-METRICS = ["accuracy", "loss", "macro_f1"]
-COMPARISONS = {"LoRA": ["RepLoRA"]}
 
 
-def plot(result: dict, path: Path) -> None:
-    cfg, data = result["train_config"], result["data"]
-    plot_vs_fraction(
-        result["records"],
-        [PlotSpec("accuracy", "test accuracy"), PlotSpec("loss", "test loss", True),
-         PlotSpec("macro_f1", "test macro F1")],
-        path,
-        f"MiniLM on {data['name']}, r={result['rank']}, {cfg['steps']} steps x batch {cfg['batch_size']}, "
-        f"lr chosen on validation from {result['lr_grid']}, {len(result['seeds'])} seeds (mean ± std)",
-        references={"accuracy": (data["test_majority_accuracy"], "majority class"),
-                    "loss": (math.log(data["classes"]), "uniform prediction")},
-    )
-
-
-def main() -> None:
-    parser = make_parser(__doc__)
-    parser.add_argument("--dataset", default="wordnet_supersenses", choices=["wordnet_supersenses", "sms_spam"])
+def add_arguments(parser) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--mlp-hidden", type=int, default=32, help="RepLoRA MLP width (library default 32)")
-    parser.add_argument("--head-lr", type=float, default=HEAD_LR, help="peak lr of the new head, both methods")
-    parser.add_argument("--max-len", type=int, help="tokens per text (glosses: the longest has 75)")
-    parser.add_argument("--replot", action="store_true",
-                        help="only redraw the PNG (and print the tables) from the JSON an earlier run wrote")
-    args = resolve_args(parser.parse_args(), DEFAULT, FULL)
-    stem = "replora_vs_lora" + (f"_{args.tag}" if args.tag else "")
-    out_json, out_png = args.out / f"{stem}.json", args.out / f"{stem}.png"
-    if args.replot:
-        result = json.loads(out_json.read_text())
-        plot(result, out_png)
-        print(report(result["records"], METRICS, COMPARISONS, result["data"]["n_train_per_fraction"]))
-        return
 
-    task = load_text_task(args.dataset, args.max_len)
-    pool, selection = lr_selection(args, task.train)
+
+def conditions(args) -> dict:
     # Same r, alpha, targets (architecture default for BERT: query, value) and head for both.
-    conditions = {"LoRA": repeft.LoRAConfig(r=args.rank, lora_alpha=args.alpha),
-                  "RepLoRA": repeft.RepLoRAConfig(r=args.rank, lora_alpha=args.alpha, mlp_hidden=args.mlp_hidden)}
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 0.0,
-                      lr_by_name={"classifier": args.head_lr})
-    n_train = {f"{f:g}": len(stratified_subsample(pool.labels, f, 0)) for f in args.fractions}
-    t_start = time.perf_counter()
+    return {"LoRA": repeft.LoRAConfig(r=args.rank, lora_alpha=args.alpha),
+            "RepLoRA": repeft.RepLoRAConfig(r=args.rank, lora_alpha=args.alpha, mlp_hidden=args.mlp_hidden)}
 
-    def payload(records: list[dict], done: bool) -> dict:
-        return {
-            "experiment": "replora_vs_lora", "complete": done,
-            "claim": "RepLoRA beats LoRA with limited data and matches LoRA's full-data score with ~30% of the data",
-            "model": f"sentence-transformers/all-MiniLM-L6-v2 (BertForSequenceClassification, new "
-                     f"{len(task.labels)}-way head)",
-            "data": {**task.describe(args.max_len), "train_pool": len(pool),
-                     "validation": len(selection.validation) if selection else 0, "n_train_per_fraction": n_train},
-            "lr_grid": args.lr_grid if selection else [args.lr],
-            "lr_selection": "fixed --lr" if selection is None else
-            f"validation accuracy (ties: loss) on seeds {selection.seeds or 'all'}; other seeds reuse that rate",
-            "conditions": conditions, "train_config": cfg, "device": args.device, "seeds": args.seeds,
-            "fractions": args.fractions, "rank": args.rank, "environment": environment(),
-            "wall_seconds": round(time.perf_counter() - t_start, 1),
-            **grid_results(records, METRICS, COMPARISONS), "records": records,
-        }
 
-    records = run_grid(conditions, task.builder(repeft.wrap), pool, task.test, args.fractions, args.seeds, cfg,
-                       args.device, on_record=lambda recs: write_json(out_json, payload(recs, False)),
-                       selection=selection)
-    result = jsonable(payload(records, True))  # plain dicts, as --replot reads them back
-    write_json(out_json, result)
-    plot(result, out_png)
-    print()
-    print(report(records, METRICS, COMPARISONS, n_train))
-    print(f"\nwall time {result['wall_seconds']:.0f} s; wrote {out_json} and {out_png}")
-
+CLAIM = TextClaim(
+    experiment="replora_vs_lora",
+    claim="RepLoRA beats LoRA with limited data (up to +40%) and matches LoRA's full-data score with ~30% of the data",
+    doc=__doc__, conditions=conditions, comparisons={"LoRA": ["RepLoRA"]}, default=DEFAULT, full=FULL,
+    add_arguments=add_arguments)
 
 if __name__ == "__main__":
-    main()
+    run_text_claim(CLAIM)
