@@ -129,3 +129,86 @@ def test_run_grid_takes_one_train_config_per_condition():
                               lambda c: repeft.wrap(tiny_model("bert").train(), c), split, split, [1.0], [0], cfgs,
                               torch.device("cpu"))
     assert [len(r["train_loss_curve"]) for r in records] == [2, 3]
+
+
+class Threshold(torch.nn.Module):
+    """Predicts class 1 when its one weight exceeds the input threshold ``t``; starts at 0.
+
+    Training on examples with a far-away threshold and label 1 pushes the weight up by about the
+    learning rate per Adam step, so the weight a run ends with tells the rate it trained at.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, t):
+        logit = self.w - t
+        return type("Out", (), {"logits": torch.stack([torch.zeros_like(logit), logit], -1)})
+
+
+def threshold_split(thresholds: list[float], labels: list[int], log: list | None = None) -> common.Split:
+    t = torch.tensor(thresholds)
+
+    def collate(idx):
+        if log is not None:
+            log.append(len(idx))
+        return {"t": t[idx]}
+
+    return common.Split(labels=torch.tensor(labels), collate=collate)
+
+
+def test_lr_selection_picks_on_validation_and_scores_only_the_chosen_model_on_test():
+    train = threshold_split([100.0] * 8, [1] * 8)
+    # After 5 steps the weight is ~3e-3, ~0.3 or ~30 for the three rates. Validation wants 0.03 < w < 3
+    # (the middle rate); the test split wants w > 10 (only the largest rate): a pick made on test would differ.
+    validation = threshold_split([0.03, 0.03, 3.0, 3.0], [1, 1, 0, 0])
+    test_calls: list[int] = []
+    test = threshold_split([10.0] * 6, [1] * 6, log=test_calls)
+    selection = common.LRSelection(grid=[1e-3, 1e-1, 10.0], validation=validation, seeds=[0])
+    cfg = common.TrainConfig(steps=5, batch_size=4, lr=0.0, max_grad_norm=0.0)
+    records = common.run_grid({"m": None}, lambda _: Threshold(), train, test, [1.0], [1, 0], cfg,
+                              torch.device("cpu"), selection=selection)
+    # the choosing seed runs first although listed second; the other seed reuses its rate
+    assert [(r["seed"], r["lr"], r["lr_source"]) for r in records] == [(0, 1e-1, "validation"),
+                                                                      (1, 1e-1, "reused from seed 0")]
+    val = records[0]["validation_by_lr"]
+    assert val["0.1"]["accuracy"] == 1.0 and val["0.001"]["accuracy"] == 0.5 and val["10"]["accuracy"] == 0.5
+    assert "validation_by_lr" not in records[1]
+    assert all(r["accuracy"] == 0.0 for r in records)  # the chosen (middle) model fails the test split, as built
+    assert sum(test_calls) == 2 * len(test)  # one test pass per record, none for the rates not chosen
+
+
+def test_lr_selection_needs_a_choosing_seed_for_every_cell():
+    split = threshold_split([1.0] * 4, [1] * 4)
+    selection = common.LRSelection(grid=[1e-2], validation=split, seeds=[5])
+    with pytest.raises(ValueError, match="select-seeds"):
+        common.run_grid({"m": None}, lambda _: Threshold(), split, split, [1.0], [0],
+                        common.TrainConfig(steps=1, batch_size=2, lr=0.0), torch.device("cpu"), selection=selection)
+
+
+def test_lr_selection_options_hold_out_a_fixed_validation_split_or_use_the_fixed_rate():
+    parser = common.make_parser("t")
+    split = common.Split(labels=torch.arange(40) % 4, collate=lambda idx: {"i": torch.tensor(idx)})
+    preset = {"seeds": [3, 4], "lr_grid": [1e-3, 1e-2], "validation_fraction": 0.2}
+    args = common.resolve_args(parser.parse_args([]), preset, preset)
+    pool, selection = common.lr_selection(args, split)
+    assert selection.seeds == [3] and selection.grid == [1e-3, 1e-2]
+    held = selection.validation.collate(list(range(len(selection.validation))))["i"].tolist()
+    kept = pool.collate(list(range(len(pool))))["i"].tolist()
+    assert len(held) == 8 and not set(held) & set(kept) and len(kept) == 32
+    assert held == common.lr_selection(args, split)[1].validation.collate(list(range(8)))["i"].tolist()
+    every = common.resolve_args(parser.parse_args(["--select-seeds", "all"]), preset, preset)
+    assert common.lr_selection(every, split)[1].seeds is None
+    fixed = common.resolve_args(parser.parse_args(["--lr", "1e-3"]), preset, preset)
+    assert common.lr_selection(fixed, split) == (split, None)
+
+
+def test_paired_differences_match_seed_by_seed():
+    records = [{"condition": c, "seed": s, "fraction": 0.1, "accuracy": a}
+               for c, s, a in [("A", 0, 0.5), ("B", 0, 0.75), ("A", 1, 0.5), ("B", 1, 0.25), ("A", 2, 0.0),
+                                 ("B", 3, 1.0)]]
+    d = common.paired_differences(records, "A", "B", "accuracy")["0.1"]
+    assert d["seeds"] == [0, 1] and d["differences"] == [0.25, -0.25]  # seeds 2 and 3 have no pair
+    assert d["mean"] == 0.0 and d["std"] == pytest.approx(0.25 * 2 ** 0.5) and d["n_positive"] == 1
+    assert "+0.0000 ± 0.3536 (1/2 >0)" in common.paired_table(records, "A", ["B"], ["accuracy"])

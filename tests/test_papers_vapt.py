@@ -11,6 +11,7 @@ from transformers import ViTForImageClassification
 import repeft
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "papers"))
+import common
 import vapt_vs_vpt
 import vit_pretrain
 
@@ -39,15 +40,17 @@ def test_head_only_trains_just_the_classifier():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
 
 
-def test_validation_split_is_a_disjoint_stratified_quarter_of_train():
-    train, held = vapt_vs_vpt.train_and_eval_splits(validation=True)
-    full, test = vapt_vs_vpt.train_and_eval_splits(validation=False)
-    assert (len(train), len(held), len(full), len(test)) == (1500, 500, 2000, 500)
+def test_default_validation_split_is_a_disjoint_stratified_quarter_of_train():
+    train, test = vapt_vs_vpt.adapt_splits()
+    args = common.resolve_args(common.make_parser("t").parse_args([]), vapt_vs_vpt.DEFAULT, vapt_vs_vpt.FULL)
+    pool, selection = common.lr_selection(args, train)
+    held = selection.validation
+    assert (len(pool), len(held), len(train), len(test)) == (1500, 500, 2000, 500)
     assert torch.bincount(held.labels).tolist() == [100] * 5
 
     def images(split):
         return split.collate(list(range(len(split))))["pixel_values"].flatten(1)
 
-    both = torch.cat([images(train), images(held)])
+    both = torch.cat([images(pool), images(held)])
     # Together they are the training split: the same 2,000 images, none in both parts.
-    assert len(both) == 2000 and torch.equal(both.unique(dim=0), images(full).unique(dim=0))
+    assert len(both) == 2000 and torch.equal(both.unique(dim=0), images(train).unique(dim=0))

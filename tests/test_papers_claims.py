@@ -1,0 +1,62 @@
+"""benchmarks/papers text-claim scripts: the conditions each compares (no model is loaded)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import repeft
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "papers"))
+import common
+import prefix_tuning
+import replora_vs_lora
+import zero_init_prompts
+
+
+def default_args(claim: common.TextClaim, argv: list[str] = ()):
+    parser = common.make_parser("t")
+    claim.add_arguments(parser)
+    return common.resolve_args(parser.parse_args(list(argv)), claim.default, claim.full)
+
+
+@pytest.mark.parametrize("module", [replora_vs_lora, zero_init_prompts, prefix_tuning])
+def test_every_compared_condition_runs_by_default_with_one_grid_and_selection_on_validation(module):
+    claim = module.CLAIM
+    args = default_args(claim)
+    names = set(claim.conditions(args))
+    baseline, others = next(iter(claim.comparisons.items()))  # the claim's own comparison
+    assert {baseline, *others} <= names
+    assert args.lr is None and len(args.lr_grid) >= 3 and args.select_seeds == [0] and len(args.seeds) >= 3
+    assert 0 < args.validation_fraction < 1
+
+
+def test_replora_and_lora_differ_only_in_the_reparameterization():
+    cond = replora_vs_lora.CLAIM.conditions(default_args(replora_vs_lora.CLAIM))
+    lora, rep = cond["LoRA"], cond["RepLoRA"]
+    assert isinstance(lora, repeft.LoRAConfig) and isinstance(rep, repeft.RepLoRAConfig)
+    assert (lora.r, lora.lora_alpha, lora.target_modules) == (rep.r, rep.lora_alpha, rep.target_modules)
+    assert rep.form == repeft.RepLoRAConfig().form  # the library default (the residual form)
+
+
+def test_prefix_conditions_have_equal_length_and_cover_both_shared_variants():
+    cond = prefix_tuning.CLAIM.conditions(default_args(prefix_tuning.CLAIM))
+    assert {c.n_prefix for c in cond.values()} == {16} and not any(c.norga for c in cond.values())
+    assert cond["independent"].structure == "independent"
+    assert (cond["shared (per layer)"].structure, cond["shared (per layer)"].mlp_per_layer) == ("shared", True)
+    assert (cond["shared (one MLP)"].structure, cond["shared (one MLP)"].mlp_per_layer) == ("shared", False)
+    gated = prefix_tuning.CLAIM.conditions(default_args(prefix_tuning.CLAIM,
+                                                        ["--conditions", "shared (per layer)+NoRGa"]))
+    assert gated["shared (per layer)+NoRGa"].norga and gated["shared (per layer)+NoRGa"].mlp_per_layer
+
+
+def test_zero_init_conditions_cover_vanilla_linear_and_both_non_linear_networks():
+    cond = zero_init_prompts.CLAIM.conditions(default_args(zero_init_prompts.CLAIM))
+    assert (cond["vanilla"].gating, cond["vanilla"].prompt_type) == ("none", "linear")
+    assert (cond["linear"].gating, cond["linear"].prompt_type) == ("zero_init", "linear")
+    networks = {cond[f"non-linear ({n})"].prompt_network for n in ("hypermodel", "deepshare")}
+    assert networks == {"hypermodel", "deepshare"}
+    assert all(c.gating == "zero_init" for n, c in cond.items() if n.startswith("non-linear"))
+    assert len({(c.n_prompt, c.n_layers) for c in cond.values()}) == 1
