@@ -12,7 +12,6 @@ accelerate's GPU code path, run on the CPU.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import socket
 import subprocess
@@ -32,7 +31,6 @@ from repeft.train import LaunchError, _check_fsdp, build_model, load_tokenizer, 
 from test_train import (  # noqa: F401  (the fixture runs around every test here too)
     KILLER,
     ROOT,
-    WORDS,
     adapter_tensors,
     max_diff,
     one_thread_and_fresh_accelerate,
@@ -40,6 +38,7 @@ from test_train import (  # noqa: F401  (the fixture runs around every test here
     tiny_recipe,
     train_on_two_processes,
     train_records,
+    write_text_data,
 )
 
 FSDP_CONFIG = ROOT / "recipes" / "accelerate" / "fsdp2.yaml"
@@ -144,13 +143,7 @@ def _trainable(run: Path) -> list[tuple[str, torch.nn.Parameter]]:
 
 def write_questions(path: Path, n: int, seed: int) -> str:
     """Prompt/response rows: a few words, answered by their sentiment."""
-    rng = random.Random(seed)
-    with path.open("w") as fh:
-        for _ in range(n):
-            label = rng.choice(["pos", "neg"])
-            words = " ".join(rng.choice(WORDS[label]) for _ in range(rng.randint(1, 3)))
-            fh.write(json.dumps({"prompt": words, "response": label}) + "\n")
-    return str(path)
+    return write_text_data(path, n, seed, words=(1, 3), columns=("prompt", "response"))
 
 
 @pytest.mark.slow

@@ -55,13 +55,15 @@ def one_thread_and_fresh_accelerate():
     GradientState._reset_state()
 
 
-def write_text_data(path: Path, n: int, seed: int) -> str:
+def write_text_data(path: Path, n: int, seed: int, words: tuple[int, int] = (3, 8),
+                    columns: tuple[str, str] = ("text", "label")) -> str:
+    """``n`` JSONL rows of a few sentiment words and their label, under ``columns`` (e.g. prompt, response)."""
     rng = random.Random(seed)
     with path.open("w") as fh:
         for _ in range(n):
             label = rng.choice(["pos", "neg"])
-            text = " ".join(rng.choice(WORDS[label]) for _ in range(rng.randint(3, 8)))
-            fh.write(json.dumps({"text": text, "label": label}) + "\n")
+            text = " ".join(rng.choice(WORDS[label]) for _ in range(rng.randint(*words)))
+            fh.write(json.dumps(dict(zip(columns, (text, label)))) + "\n")
     return str(path)
 
 
