@@ -337,14 +337,15 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def _describe_adapter(path: Path) -> dict[str, Any]:
-    from .files import CONFIG_NAME, WEIGHTS_NAME, read_header, read_json, recover
+    from .files import CONFIG_NAME, WEIGHTS_NAME, read_header, read_json, reading
 
-    recover(path)
-    meta = read_json(path / CONFIG_NAME)
-    weights = path / WEIGHTS_NAME
-    shapes = {key: shape for key, (shape, _) in read_header(weights).items()}
+    with reading(path) as files:
+        meta = read_json(files[CONFIG_NAME])
+        weights = files[WEIGHTS_NAME]
+        shapes = {key: shape for key, (shape, _) in read_header(weights).items()}
+        size = weights.stat().st_size
     params = sum(math.prod(shape) for shape in shapes.values())
-    info = {"path": str(path), "tensors": len(shapes), "parameters": params, "bytes": weights.stat().st_size}
+    info = {"path": str(path), "tensors": len(shapes), "parameters": params, "bytes": size}
     if "peft_type" in meta:
         keys = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save", "base_model_name_or_path")
         return {"kind": "peft adapter", **{k: meta.get(k) for k in keys}, **info}

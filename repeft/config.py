@@ -20,8 +20,15 @@ from typing import Any, ClassVar
 from .methods import methods
 
 
-def option(default: Any, *, minimum: float | None = None, below: float | None = None, choices: tuple | None = None) -> Any:
-    """A config field with bounds: ``minimum`` (inclusive), ``below`` (exclusive) or allowed ``choices``.
+def option(
+    default: Any,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """A config field with bounds: ``minimum`` (inclusive), ``above`` and ``below`` (exclusive) or ``choices``.
 
     Every field's value is also checked against its annotation (see ``AdapterConfig.__post_init__``).
 
@@ -29,7 +36,9 @@ def option(default: Any, *, minimum: float | None = None, below: float | None = 
     ... class Example(AdapterConfig):
     ...     r: int = option(8, minimum=1)
     """
-    return dataclasses.field(default=default, metadata={"minimum": minimum, "below": below, "choices": choices})
+    return dataclasses.field(
+        default=default, metadata={"minimum": minimum, "above": above, "below": below, "choices": choices}
+    )
 
 
 def config_class(method: str) -> type[AdapterConfig]:
@@ -137,24 +146,25 @@ def _check_field(name: str, value: Any, hint: Any, bounds: typing.Mapping[str, A
 def _within(value: Any, bounds: typing.Mapping[str, Any]) -> bool:
     if value is None:
         return True
-    choices, minimum, below = bounds.get("choices"), bounds.get("minimum"), bounds.get("below")
+    choices, minimum, above, below = (bounds.get(k) for k in ("choices", "minimum", "above", "below"))
     return (
         (choices is None or value in choices)
         and (minimum is None or value >= minimum)
+        and (above is None or value > above)
         and (below is None or value < below)
     )
 
 
 def _expected(hint: Any, bounds: typing.Mapping[str, Any]) -> str:
     """What a field takes, in words: ``"a positive integer or null"``, ``"'rank' or 'feature'"``."""
-    choices, minimum, below = bounds.get("choices"), bounds.get("minimum"), bounds.get("below")
+    choices, minimum, above, below = (bounds.get(k) for k in ("choices", "minimum", "above", "below"))
     if choices is not None:
         return " or ".join(map(repr, choices)) if len(choices) == 2 else f"one of {choices}"
     words = _describe(hint)
     if minimum == 1 and below is None and "an integer" in words:
         return words.replace("an integer", "a positive integer")
-    if minimum is not None or below is not None:
-        low = "(-inf" if minimum is None else f"[{minimum:g}"
+    if minimum is not None or above is not None or below is not None:
+        low = f"({above:g}" if above is not None else "(-inf" if minimum is None else f"[{minimum:g}"
         high = "inf)" if below is None else f"{below:g})"
         return words.replace("a finite number", f"a number in {low}, {high}")
     return words

@@ -1,12 +1,19 @@
 """Adapter directories on disk: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Saving never deletes what it did not write. A save writes its files into a
-staging folder inside the target directory, fsyncs them, marks the folder
-complete by renaming it, then moves each file over its namesake and fsyncs
-the directory. Other files in the directory are left alone. A kill before the
-mark leaves the old files untouched (the staging folder is removed by the next
-save or load); a kill after it is finished by the next save or load, so a
-reader never sees half an adapter.
+staging folder inside the target directory and fsyncs them; then, holding an
+exclusive lock on the directory (``flock``), it marks the folder complete by
+renaming it, moves each file over its namesake and fsyncs the directory.
+Other files in the directory are left alone.
+
+Reading never writes. A reader holds a shared lock on the directory while it
+reads, so it sees one save whole, never two mixed. A save killed before its
+mark leaves the old files; one killed while moving files in leaves its
+complete folder behind, and readers take the not-yet-moved files from it, so
+they see the new save whole. The next save into the directory finishes or
+drops what killed saves left, touching only plain files directly inside the
+directory whose names are those of adapter and transformers checkpoint files,
+and never following a symbolic link.
 
 Reads never unpickle and turn every way a file can be wrong (bad JSON, wrong
 field types, truncated or non-finite tensors) into one ``AdapterFileError``
@@ -16,6 +23,7 @@ naming the file and the fix.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -42,6 +50,14 @@ MANIFEST = ".repeft-files"  # in a commit folder: the names of all its files, so
 # transformers' weight files: a merged save replaces those of an earlier save, as save_pretrained does,
 # or a stale model.safetensors would shadow new shards.
 TRANSFORMERS_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+# What a killed save's folder may move into the directory: the names of adapter and transformers
+# checkpoint files (configs, weights, tokenizer files), one path component, never hidden.
+RECOVERABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.(json|safetensors|model|txt|jinja)")
+
+
+# Float formats an adapter is saved in; float8 tensors are no weights repeft or PEFT writes (and cannot be checked
+# for finiteness on every torch build).
+ADAPTER_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AdapterFileError(ValueError):
@@ -64,7 +80,6 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
     target = Path(directory)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    recover(target)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=target))
     try:
         yield staging
@@ -78,10 +93,12 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
             os.chmod(path, mode)  # safetensors creates its files 0600, whatever the umask
             _fsync(path)
         _fsync(staging)
-        ready = target / (COMMIT + staging.name.removeprefix(STAGING))
-        os.replace(staging, ready)
-        _fsync(target)
-        _move_in(ready, target)
+        with directory_lock(target, exclusive=True):
+            _recover_locked(target, replaces_weights=False)  # a merged save below replaces stale weights itself
+            ready = target / (COMMIT + staging.name.removeprefix(STAGING))
+            os.replace(staging, ready)
+            _fsync(target)
+            _move_in(ready, target, names, replaces_weights=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:
@@ -90,60 +107,132 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def recover(directory: str | os.PathLike) -> None:
-    """Finish saves into ``directory`` that were killed after writing, and drop those killed before."""
-    target = Path(directory)
-    _restore_legacy_copy(target)
-    try:
-        entries = list(target.iterdir())
-    except OSError:
-        return
-    for entry in sorted(entries):
-        try:
-            if entry.name.startswith(COMMIT):
-                _move_in(entry, target)
-            elif entry.name.startswith(STAGING) and not _alive(entry.name.removeprefix(STAGING).split("-")[0]):
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass  # a read-only directory, or another process finishing the same save
+@contextlib.contextmanager
+def directory_lock(directory: Path, exclusive: bool) -> Iterator[None]:
+    """Hold ``flock`` on ``directory`` itself: exclusive while a save moves files in, shared while one reads.
 
-
-def _restore_legacy_copy(target: Path) -> None:
-    """Bring back a directory that a save from before staged writes left hidden.
-
-    Those saves renamed the old directory to ``.NAME.old-PID`` before renaming
-    the new one in; a kill between the two renames left only the hidden copy.
-    The newest such copy whose writer is gone takes the missing name again.
+    Locking the directory's own descriptor needs no lock file, so a reader
+    writes nothing. Where the directory cannot be opened (it does not exist
+    yet) or the file system has no ``flock``, the block runs unlocked.
     """
-    if target.exists():
-        return
-    copies = [
-        p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
-        if p.is_dir() and not _alive(p.name.rsplit("-", 1)[-1])
-    ]
-    if copies:
-        with contextlib.suppress(OSError):  # another reader restored it first, or a read-only directory
-            os.replace(max(copies, key=lambda p: p.stat().st_mtime), target)
-
-
-def _move_in(ready: Path, target: Path) -> None:
-    """Move a complete save's files into ``target``; safe to repeat after a kill, or in two processes at once."""
     try:
-        names = (ready / MANIFEST).read_text().splitlines()
-    except FileNotFoundError:
-        # The folder is being removed after its files were moved in (by a process killed then, or another one).
-        shutil.rmtree(ready, ignore_errors=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
         return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Finish saves into ``directory`` that were killed after writing, and drop those killed before.
+
+    A save does this itself first (without removing anything); call it to
+    finish a killed merged save without saving again, which also removes
+    weight files the finished save replaces. Only plain files directly inside
+    ``directory`` with checkpoint file names (``RECOVERABLE_NAME``) are moved
+    or removed, and nothing is read or written through a symbolic link.
+    """
+    target = Path(directory)
+    if not _is_real_dir(target):
+        return
+    with directory_lock(target, exclusive=True):
+        _recover_locked(target, replaces_weights=True)
+
+
+def _recover_locked(target: Path, replaces_weights: bool) -> None:
+    for entry in _leftovers(target, COMMIT):
+        with contextlib.suppress(OSError):  # a read-only directory
+            _move_in(entry, target, _manifest(entry), replaces_weights)
+    for entry in _leftovers(target, STAGING):
+        if not _alive(entry.name.removeprefix(STAGING).split("-")[0]):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _leftovers(target: Path, prefix: str) -> list[Path]:
+    """Real folders (not links) named ``prefix*`` directly in ``target``, oldest first, as saves finish them."""
+    try:
+        entries = [e for e in target.iterdir() if e.name.startswith(prefix) and _is_real_dir(e)]
+    except OSError:
+        return []
+    return sorted(entries, key=lambda e: (e.lstat().st_mtime_ns, e.name))
+
+
+def _manifest(commit: Path) -> list[str]:
+    """The names a complete save folder lists, those that are checkpoint file names (not paths, not hidden)."""
+    try:
+        names = (commit / MANIFEST).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [n for n in names if RECOVERABLE_NAME.fullmatch(n)]
+
+
+def _move_in(ready: Path, target: Path, names: list[str], replaces_weights: bool) -> None:
+    """Move a complete save's files into ``target``, then remove the folder.
+
+    ``replaces_weights`` also removes weight files of an earlier merged save
+    that the new one does not overwrite, as transformers' ``save_pretrained`` does.
+    """
     for name in names:
-        with contextlib.suppress(FileNotFoundError):  # moved before a kill, or by another process
-            os.replace(ready / name, target / name)
+        destination = target / name
+        # Moved before a kill, or not a plain file; os.replace over a link replaces the link, never its target.
+        if _is_plain_file(ready / name) and not _is_real_dir(destination):
+            os.replace(ready / name, destination)
     _fsync(target)
-    if any(TRANSFORMERS_WEIGHTS.fullmatch(n) for n in names):
+    if replaces_weights and any(TRANSFORMERS_WEIGHTS.fullmatch(n) for n in names):
         for path in target.iterdir():
-            if TRANSFORMERS_WEIGHTS.fullmatch(path.name) and path.name not in names:
+            if TRANSFORMERS_WEIGHTS.fullmatch(path.name) and path.name not in names and _is_plain_file(path):
                 path.unlink(missing_ok=True)
     shutil.rmtree(ready, ignore_errors=True)
     _fsync(target)
+
+
+def current_files(directory: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """Where each of ``names`` is read from: the directory, or the folder of a save killed while moving files in.
+
+    Call it holding ``directory_lock(directory, exclusive=False)``: a folder
+    marked complete is then one a dead save left, whose files are newer than
+    the directory's. Nothing is written.
+    """
+    paths = {name: directory / name for name in names}
+    for commit in _leftovers(directory, COMMIT):
+        listed = set(_manifest(commit))
+        paths.update({name: commit / name for name in names if name in listed and _is_plain_file(commit / name)})
+    return paths
+
+
+def readable_dir(directory: Path) -> Path:
+    """``directory``, or the hidden copy that a save from before staged writes left in its place.
+
+    Those saves renamed the old directory to ``.NAME.old-PID`` before renaming
+    the new one in; a kill between the two renames left only the hidden copy.
+    It is read where it lies: reading moves nothing.
+    """
+    if directory.exists():
+        return directory
+    copies = [
+        p for p in directory.parent.glob(f".{glob.escape(directory.name)}.old-*")
+        if _is_real_dir(p) and not _alive(p.name.rsplit("-", 1)[-1])
+    ]
+    return max(copies, key=lambda p: p.lstat().st_mtime_ns) if copies else directory
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _is_plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def _default_file_mode(folder: Path) -> int:
@@ -191,6 +280,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is corrupt, save the adapter again") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path} nests JSON too deeply to be an adapter config; the file is damaged or hostile") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -227,6 +318,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({exc}); it is corrupt or truncated") from None
     for key, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.dtype not in ADAPTER_FLOAT_DTYPES:
+            raise AdapterFileError(
+                f"{path}: tensor {key!r} is {tensor.dtype}; adapter weights are stored as float16, bfloat16, float32 "
+                "or float64. Convert the file, or save the adapter again from the model"
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = (~torch.isfinite(tensor)).sum().item()
             raise AdapterFileError(
@@ -237,14 +333,24 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter directory written by ``write_adapter_dir``."""
-    root = Path(path)
-    recover(root)
+    """Read and check an adapter directory written by ``write_adapter_dir``; writes nothing.
+
+    >>> meta, tensors = read_adapter_dir("out/adapter")  # doctest: +SKIP
+    """
+    with reading(path) as files:
+        meta = read_json(files[CONFIG_NAME])
+        check_meta(meta, files[CONFIG_NAME])
+        return meta, read_tensors(files[WEIGHTS_NAME])
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[dict[str, Path]]:
+    """Yield the paths of the adapter files of ``path`` under a shared lock: one save's files, whole."""
+    root = readable_dir(Path(path))
     if not root.is_dir():
-        raise AdapterFileError(f"adapter directory {root} does not exist")
-    meta = read_json(root / CONFIG_NAME)
-    check_meta(meta, root / CONFIG_NAME)
-    return meta, read_tensors(root / WEIGHTS_NAME)
+        raise AdapterFileError(f"adapter directory {path} does not exist")
+    with directory_lock(root, exclusive=False):
+        yield current_files(root, (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def check_meta(meta: dict[str, Any], path: Path) -> None:

@@ -45,7 +45,8 @@ class LoRAConfig(AdapterConfig):
     mergeable: ClassVar[bool] = True
 
     r: int = option(8, minimum=1)
-    lora_alpha: float = 16.0
+    # Positive, and small enough that s * B A x cannot overflow float32 (1e308 would load, then every forward is inf).
+    lora_alpha: float = option(16.0, above=0.0, below=1e6)
     lora_dropout: float = option(0.0, minimum=0.0, below=1.0)
     target_modules: list[str] | str | None = None
     use_rslora: bool = False

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, recover, write_adapter_dir
+from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, reading, write_adapter_dir
 from .fsdp import refuse_sharded
 from .layers import ModulesToSave
 from .lora import LoRAConfig, LoRALinear
@@ -86,16 +86,8 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
     write_adapter_dir(save_directory, peft_config, tensors)
 
 
-def from_peft(
-    model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
-) -> AdapterModel:
-    """Load a PEFT LoRA adapter directory onto ``model`` (a base model or an ``AdapterModel``).
-
-    >>> model = repeft.from_peft(base, "some/peft_lora_adapter")  # doctest: +SKIP
-    """
-    root = Path(adapter_dir)
-    recover(root)
-    meta = read_json(root / CONFIG_NAME)
+def _check_peft_meta(root: Path, meta: dict) -> None:
+    """Refuse, before its tensors are read, a config that is not a PEFT LoRA adapter repeft can import."""
     if meta.get("format") == FORMAT:
         raise AdapterFileError(
             f"{root} is a repeft adapter (written by save_adapter or save_pretrained), not a PEFT one; "
@@ -112,7 +104,20 @@ def from_peft(
                 f"{root}: PEFT option {field}={meta[field]!r} is not supported by repeft's LoRA; "
                 "merge it with peft (merge_and_unload) and wrap the merged model instead"
             )
-    tensors = read_tensors(root / WEIGHTS_NAME)
+
+
+def from_peft(
+    model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
+) -> AdapterModel:
+    """Load a PEFT LoRA adapter directory onto ``model`` (a base model or an ``AdapterModel``).
+
+    >>> model = repeft.from_peft(base, "some/peft_lora_adapter")  # doctest: +SKIP
+    """
+    root = Path(adapter_dir)
+    with reading(root) as files:
+        meta = read_json(files[CONFIG_NAME])
+        _check_peft_meta(root, meta)
+        tensors = read_tensors(files[WEIGHTS_NAME])
     renamed, targets = {}, []
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):

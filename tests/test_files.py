@@ -29,6 +29,20 @@ def saved(tmp_path):
     return tmp_path / "adapter"
 
 
+def snapshot(directory):
+    """Every entry under ``directory`` (links not followed) with its bytes, or its target for a link."""
+    found = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        if path.is_symlink():
+            found[key] = ("link", os.readlink(path))
+        elif path.is_file():
+            found[key] = ("file", path.read_bytes(), path.stat().st_mtime_ns)
+        else:
+            found[key] = ("dir",)
+    return found
+
+
 def assert_untouched(base, reference):
     """A failed load leaves the model exactly as it was: no adapter layers, same grads."""
     assert all(type(a) is type(b) for a, b in zip(base.modules(), reference.modules()))
@@ -249,7 +263,7 @@ def test_saved_files_follow_the_umask(umask, tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
-def test_save_interrupted_while_moving_files_in_is_finished_by_the_next_load(saved, monkeypatch):
+def test_save_interrupted_while_moving_files_in_is_read_whole_and_finished_by_the_next_save(saved, monkeypatch):
     model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=2)))
     moves = []
 
@@ -263,11 +277,17 @@ def test_save_interrupted_while_moving_files_in_is_finished_by_the_next_load(sav
     with pytest.raises(KeyboardInterrupt):
         model.save_adapter(saved)
     monkeypatch.undo()
-    assert any(p.name.startswith(files.COMMIT) for p in saved.iterdir())
+    left = snapshot(saved)
+    assert any(name.startswith(files.COMMIT) for name in left)
     loaded = repeft.load_adapter(tiny_model("llama"), saved)  # the new adapter, whole
     assert loaded.configs["default"].r == 2
     assert all(torch.equal(v, model.adapter_state_dict()[k]) for k, v in loaded.adapter_state_dict().items())
-    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert snapshot(saved) == left  # a load writes nothing
+    other = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    other.save_adapter(saved / "elsewhere")  # a save in another directory leaves this one alone
+    assert snapshot(saved)[files.CONFIG_NAME] == left[files.CONFIG_NAME]
+    model.save_adapter(saved)
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "elsewhere"]
 
 
 def test_merged_save_interrupted_between_shards_is_finished_whole(tmp_path, monkeypatch):
@@ -295,7 +315,7 @@ def test_merged_save_interrupted_between_shards_is_finished_whole(tmp_path, monk
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
 
-def test_an_adapter_left_hidden_by_an_older_save_killed_between_renames_comes_back(saved):
+def test_an_adapter_left_hidden_by_an_older_save_killed_between_renames_still_loads(saved):
     # repeft's first saves renamed the old directory to .NAME.old-PID, then the new one in; a kill
     # between the two left only the hidden copy, and loading said the adapter did not exist.
     import subprocess
@@ -306,14 +326,14 @@ def test_an_adapter_left_hidden_by_an_older_save_killed_between_renames_comes_ba
     hidden = saved.with_name(f".{saved.name}.old-{dead.stdout.strip()}")
     saved.rename(hidden)
     model = repeft.load_adapter(tiny_model("llama"), saved)
-    assert saved.is_dir() and not hidden.exists()
+    assert hidden.is_dir() and not saved.exists()  # read where it lies: a load moves nothing
     for key, tensor in model.adapter_state_dict().items():
         torch.testing.assert_close(tensor, expected[key], atol=0, rtol=0)
 
 
 def test_random_kills_while_saving_never_lose_or_mix_the_adapter(tmp_path):
     # Two adapters of different rank saved in turn by a child process killed at random moments:
-    # every load after a kill gets one of them whole, and no staging folder outlives a load.
+    # every load after a kill gets one of them whole, and no staging folder outlives the next recovery.
     target = tmp_path / "adapter"
     versions = [
         ({"format": "repeft", "format_version": 1, "config": {"method": "lora"}, "rank": r},
@@ -337,6 +357,7 @@ def test_random_kills_while_saving_never_lose_or_mix_the_adapter(tmp_path):
         r = meta["rank"]
         assert tensors.keys() == versions[0][1].keys()
         assert all(torch.equal(tensors[k], v) for k, v in versions[r // 4][1].items())
+        files.recover(target)  # what the next save does first
         assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -364,10 +385,15 @@ BAD_TENSORS = {
     "inf": (lambda t: t[KEY].__setitem__((1, 2), float("inf")), rf"tensor '{KEY}' holds 1 NaN or infinite"),
     "int64": (lambda t: t.__setitem__(KEY, t[KEY].long()), rf"tensor '{KEY}' is torch.int64 but the model's is torch.float32"),
     "bool": (lambda t: t.__setitem__(KEY, t[KEY] > 0), rf"tensor '{KEY}' is torch.bool"),
+    "float8": (lambda t: t.__setitem__(KEY, t[KEY].to(torch.float8_e4m3fn)), rf"tensor '{KEY}' is torch.float8_e4m3fn; adapter weights"),
 }
 BAD_CONFIGS = {
-    "lora_alpha NaN": (lambda m: m["config"].update(lora_alpha=float("nan")), "lora_alpha must be a finite number, got nan"),
-    "lora_alpha string": (lambda m: m["config"].update(lora_alpha="16"), "lora_alpha must be a finite number, got '16'"),
+    "lora_alpha NaN": (lambda m: m["config"].update(lora_alpha=float("nan")), r"lora_alpha must be a number in \(0, 1e\+06\), got nan"),
+    "lora_alpha string": (lambda m: m["config"].update(lora_alpha="16"), "lora_alpha must be a number in .*, got '16'"),
+    # Loaded, every forward would overflow (1e308) or the adapter would do nothing or the opposite (<= 0).
+    "lora_alpha huge": (lambda m: m["config"].update(lora_alpha=1e308), r"lora_alpha must be a number in .*, got 1e\+308"),
+    "lora_alpha zero": (lambda m: m["config"].update(lora_alpha=0), "lora_alpha must be a number in .*, got 0"),
+    "lora_alpha negative": (lambda m: m["config"].update(lora_alpha=-8.0), "lora_alpha must be a number in .*, got -8.0"),
     "use_rslora string": (lambda m: m["config"].update(use_rslora="no"), "use_rslora must be true or false, got 'no'"),
     "r bool": (lambda m: m["config"].update(r=True), "r must be a positive integer, got True"),
     # Built on the meta device first: refused by shape, before allocating 2**40 x 32 floats.
@@ -381,9 +407,14 @@ BAD_CONFIGS = {
 }
 
 
+def nest_deeply(saved, _):
+    (saved / "adapter_config.json").write_text('{"format": "repeft", "config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
 BROKEN = {
     **{f"tensor: {name}": (edit_tensors, edit, match) for name, (edit, match) in BAD_TENSORS.items()},
     **{f"config: {name}": (edit_config, edit, match) for name, (edit, match) in BAD_CONFIGS.items()},
+    "config nested 100,000 deep": (nest_deeply, None, "nests JSON too deeply"),
 }
 
 
@@ -477,3 +508,123 @@ def test_export_of_a_bare_classifier_adapter_needs_no_flags_and_keeps_label_name
 def test_export_onto_a_missing_base_is_one_line_and_exit_code_2(saved, tmp_path, capsys):
     code, err = run_cli(capsys, "export", saved, "--base", tmp_path / "no-such-model", "--out", tmp_path / "merged")
     assert code == 2 and err.startswith("repeft export: error: cannot load the base model"), err
+
+
+# -- hostile adapter directories: a load writes nothing, a save writes only inside -------------------
+
+
+def plant_commit(directory, manifest, files_in_it):
+    """A save folder as a hostile download could ship it: a manifest and files of the attacker's choosing."""
+    commit = directory / f"{files.COMMIT}666-evil"
+    commit.mkdir()
+    for name, text in files_in_it.items():
+        (commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (commit / name).write_text(text)
+    (commit / files.MANIFEST).write_text("\n".join(manifest))
+    return commit
+
+
+@pytest.fixture
+def hostile(saved, tmp_path):
+    """``saved`` plus a link to a 'home' outside it and save folders that try to write through it, above it
+    and over the user's model shards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("the user's")
+    (saved / "link").symlink_to(home)
+    (saved / "model-00001-of-00002.safetensors").write_text("the user's shard")
+    plant_commit(saved, ["link/.bashrc", "../x", "model.safetensors", ".bashrc"], {
+        "link/.bashrc": "rm -rf ~", "../x": "moved up", "model.safetensors": "evil", ".bashrc": "hidden",
+    })
+    staging = saved / f"{files.STAGING}1-evil"  # a dead writer's staging folder that is a link out
+    staging.symlink_to(home)
+    return saved
+
+
+def read_only_uses(saved, capsys):
+    yield lambda: repeft.load_adapter(tiny_model("llama"), saved)
+    yield lambda: files.read_adapter_dir(saved)
+    yield lambda: cli.main(["info", str(saved)])
+    peft_dir = saved.parent / "peft"
+    repeft.export_peft(repeft.load_adapter(tiny_model("llama"), saved), peft_dir)
+    plant_commit(peft_dir, ["../y"], {"../y": "moved up"})
+    yield lambda: repeft.from_peft(tiny_model("llama"), peft_dir)
+
+
+def test_reading_a_hostile_directory_writes_nothing(hostile, tmp_path, capsys):
+    before = {"adapter": snapshot(hostile), "outside": snapshot(tmp_path / "home")}
+    for use in read_only_uses(hostile, capsys):
+        use()
+        assert {"adapter": snapshot(hostile), "outside": snapshot(tmp_path / "home")} == before
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_saving_into_a_hostile_directory_writes_only_its_files_inside_it(hostile, tmp_path):
+    outside = snapshot(tmp_path / "home")
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    model.save_adapter(hostile)
+    assert snapshot(tmp_path / "home") == outside  # nothing through the link, no staging folder emptied there
+    assert not (tmp_path / "x").exists()
+    assert (hostile / "model-00001-of-00002.safetensors").read_text() == "the user's shard"
+    assert not (hostile / ".bashrc").exists()
+    # A plain checkpoint name a dead save listed is moved in (it could have shipped in the folder anyway).
+    assert (hostile / "model.safetensors").read_text() == "evil"
+    assert not any(p.name.startswith(files.COMMIT) for p in hostile.iterdir())
+    loaded = repeft.load_adapter(tiny_model("llama"), hostile)
+    for key, value in loaded.adapter_state_dict().items():
+        torch.testing.assert_close(value, model.adapter_state_dict()[key], atol=0, rtol=0)
+
+
+def test_a_save_refuses_no_directory_but_never_follows_a_link_named_like_its_files(saved, tmp_path):
+    # A link in place of adapter_config.json is replaced, not written through.
+    outside = tmp_path / "victim.json"
+    outside.write_text("the user's")
+    (saved / files.CONFIG_NAME).unlink()
+    (saved / files.CONFIG_NAME).symlink_to(outside)
+    repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)).save_adapter(saved)
+    assert outside.read_text() == "the user's" and not (saved / files.CONFIG_NAME).is_symlink()
+
+
+# -- concurrent saves and loads ---------------------------------------------------------------------
+
+
+def versions_of_rank(*ranks):
+    return [
+        ({"format": "repeft", "format_version": 1, "config": {"method": "lora"}, "rank": r},
+         {"x.lora_A": torch.full((r, 64), float(r)), "x.lora_B": torch.full((64, r), float(r))})
+        for r in ranks
+    ]
+
+
+def assert_whole(meta, tensors):
+    r = meta["rank"]
+    assert tensors["x.lora_A"].shape == (r, 64) and bool((tensors["x.lora_A"] == r).all()), (r, tensors["x.lora_A"].shape)
+
+
+def test_two_processes_saving_while_a_third_loads_never_mix_two_adapters(tmp_path):
+    # Before the directory lock: a reader racing writers got a mixed read 27 times in 1,500, and two
+    # writers left one adapter's config beside the other's tensors 1 time in 400.
+    target = tmp_path / "adapter"
+    versions = versions_of_rank(2, 4)
+    files.write_adapter_dir(target, *versions[0])
+    deadline = time.time() + 2.0
+    writers = []
+    for version in versions:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while time.time() < deadline:
+                    files.write_adapter_dir(target, *version)
+            finally:
+                os._exit(0)
+        writers.append(pid)
+    reads = 0
+    while time.time() < deadline:
+        assert_whole(*files.read_adapter_dir(target))
+        reads += 1
+    for pid in writers:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert_whole(*files.read_adapter_dir(target))
+    assert reads > 50
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
