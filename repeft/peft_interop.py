@@ -20,6 +20,7 @@ from .fsdp import refuse_sharded
 from .layers import ModulesToSave
 from .lora import LoRAConfig, LoRALinear
 from .model import AdapterModel, _restore_grads_on_failure
+from .targeting import find_modules
 
 PEFT_PREFIX = "base_model.model."
 # PEFT LoRA features repeft has no equivalent for; importing them would change the model's maths.
@@ -106,6 +107,15 @@ def _check_peft_meta(root: Path, meta: dict) -> None:
             )
 
 
+def _present(model: nn.Module, names: list) -> list:
+    """PEFT's ``modules_to_save`` entries that name a module of ``model``; PEFT itself skips the others.
+
+    PEFT's task types write generic lists (``SEQ_CLS``: ``["classifier", "score"]``) whatever the family.
+    """
+    base = model.get_base_model() if isinstance(model, AdapterModel) else model
+    return [name for name in names if not isinstance(name, str) or find_modules(base, [name])]
+
+
 def from_peft(
     model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
 ) -> AdapterModel:
@@ -145,7 +155,7 @@ def from_peft(
             use_rslora=meta.get("use_rslora", False),
             # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.
             target_modules="|".join(re.escape(t) for t in targets),
-            modules_to_save=meta.get("modules_to_save") or [],
+            modules_to_save=_present(model, meta.get("modules_to_save") or []),
             inference_mode=not trainable,
         )
     except ValueError as exc:

@@ -66,6 +66,25 @@ def test_peft_adapter_imports(family, tmp_path):
         torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_a_peft_sequence_classification_adapter_imports(tmp_path):
+    # PEFT's SEQ_CLS task writes modules_to_save ["classifier", "score"] whatever the family: a BERT has no
+    # `score`. PEFT ignores entries that match nothing, and so must the import.
+    base = tiny_model("bert")
+    reference = copy.deepcopy(base)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    randomize(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"]
+    assert "score" in saved and "classifier" in saved
+    batch = tiny_batch("bert")
+    with torch.no_grad():
+        expected = peft_model.eval()(**batch).logits
+    model = repeft.from_peft(reference, tmp_path / "peft")
+    assert model.modules_to_save_paths() == ["classifier"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
 def test_unsupported_peft_options_are_refused(tmp_path):
     base = tiny_model("llama")
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
