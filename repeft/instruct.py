@@ -222,24 +222,23 @@ def pack(examples: list[dict[str, torch.Tensor]], max_length: int) -> list[dict[
 def check_packing(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) -> None:
     """Refuse packing on a model whose examples would see each other in a packed row.
 
-    Runs the first row holding two examples packed (as the collator passes
-    it: restarting ``position_ids``, no attention mask, no cache) and each
-    example alone, and compares the logits.
+    Runs the row holding the most examples packed (as the collator passes it:
+    restarting ``position_ids``, no attention mask, no cache) and each of its
+    examples alone, and compares the logits.
     """
-    row = next((r for r in rows if (r["position_ids"] == 0).sum() > 1), None)
-    if row is None:
+    counts = [int((r["position_ids"] == 0).sum()) for r in rows]
+    if not counts or max(counts) < 2:
         return
-    starts = (row["position_ids"] == 0).nonzero().flatten().tolist()[:2] + [None]
-    end = starts[2] if starts[2] is not None else len(row["input_ids"])
-    ids, positions = row["input_ids"][:end], row["position_ids"][:end]
+    row = rows[counts.index(max(counts))]
+    starts = (row["position_ids"] == 0).nonzero().flatten().tolist()
+    bounds = list(zip(starts, starts[1:] + [len(row["input_ids"])]))
+    ids, positions = row["input_ids"], row["position_ids"]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     packed = model(input_ids=ids[None].to(device), position_ids=positions[None].to(device), use_cache=False)
     packed = packed.logits[0].float()
-    alone = torch.cat(
-        [model(input_ids=ids[None, a:b].to(device)).logits[0].float() for a, b in zip(starts[:2], (starts[1], end))]
-    )
+    alone = torch.cat([model(input_ids=ids[None, a:b].to(device)).logits[0].float() for a, b in bounds])
     model.train(was_training)
     scale = alone.abs().max().clamp_min(1.0)
     if not torch.allclose(packed, alone, atol=1e-3 * scale.item(), rtol=0):

@@ -135,10 +135,21 @@ class IgnoresPositions(torch.nn.Module):
         return self.model(input_ids=input_ids)
 
 
-def test_packing_is_refused_where_examples_would_attend_to_each_other(tokenizer):
-    examples = as_tensors([instruct.encode_conversation([USER, ANSWER], tokenizer)] * 2)
+@pytest.mark.parametrize("per_row", [1, 2, 3, 12])
+def test_packing_is_accepted_where_examples_cannot_see_each_other_however_many_share_a_row(per_row, tokenizer):
+    # The check once compared examples 2..n as one unpacked sequence, refusing every row of 3 or more.
+    examples = as_tensors([instruct.encode_conversation([USER, ANSWER], tokenizer)] * per_row)
+    rows = instruct.pack(examples, len(examples[0]["input_ids"]) * per_row)
+    assert len(rows) == 1
+    instruct.check_packing(tiny_model("llama", vocab_size=260), rows)
+
+
+@pytest.mark.parametrize("per_row", [2, 3, 12])
+def test_packing_is_refused_where_examples_would_attend_to_each_other(per_row, tokenizer):
+    examples = as_tensors([instruct.encode_conversation([USER, ANSWER], tokenizer)] * per_row)
+    rows = instruct.pack(examples, len(examples[0]["input_ids"]) * per_row)
     with pytest.raises(RecipeError, match="packed examples attend to each other"):
-        instruct.check_packing(IgnoresPositions(tiny_model("llama", vocab_size=260)), instruct.pack(examples, 200))
+        instruct.check_packing(IgnoresPositions(tiny_model("llama", vocab_size=260)), rows)
 
 
 def test_generation_is_greedy_decoding_and_batching_does_not_change_it(tokenizer):
