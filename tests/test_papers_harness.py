@@ -14,6 +14,7 @@ import repeft
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "papers"))
 import common
+import verdicts
 
 
 def test_stratified_subsample_keeps_class_shares_and_is_seeded():
@@ -211,4 +212,20 @@ def test_paired_differences_match_seed_by_seed():
     d = common.paired_differences(records, "A", "B", "accuracy")["0.1"]
     assert d["seeds"] == [0, 1] and d["differences"] == [0.25, -0.25]  # seeds 2 and 3 have no pair
     assert d["mean"] == 0.0 and d["std"] == pytest.approx(0.25 * 2 ** 0.5) and d["n_positive"] == 1
-    assert "+0.0000 ± 0.3536 (1/2 >0)" in common.paired_table(records, "A", ["B"], ["accuracy"])
+    assert "+0.0000 ± 0.3536 (1/2 >0, p 1.000)" in common.paired_table(records, "A", ["B"], ["accuracy"])
+    assert d["verdict"] == "too few seeds (2 < 5)"
+
+
+def test_paired_tests_and_the_verdict_rule():
+    # By hand: differences 1..5 have t = 3 / (sqrt(2.5) / sqrt(5)) = 4.243 on 4 degrees of freedom, two-sided
+    # p = 0.0132 (t tables); 5 of 5 seeds the same way: sign test p = 2 / 2**5 = 0.0625.
+    test = verdicts.paired_test([1, 2, 3, 4, 5], "accuracy")
+    assert test["p_t"] == pytest.approx(0.01324, abs=5e-5) and test["p_sign"] == pytest.approx(0.0625)
+    assert test["n_claimed"] == 5
+    assert verdicts.paired_test([1, 2, 3, 4, 5], "loss")["n_claimed"] == 0  # a loss should go down
+    assert verdicts.verdict([1, 2, 3, 4, 5], "accuracy") == "held"
+    assert verdicts.verdict([1, 2, 3, 4, 5], "loss") == "reversed"
+    assert verdicts.verdict([1, -2, 3, -4, 5], "accuracy") == "not shown"
+    assert verdicts.verdict([1, 2, 3], "accuracy") == "too few seeds (3 < 5)"
+    assert verdicts.paired_test([1, 1, 1], "accuracy")["p_t"] is None  # no spread: the t-test is undefined
+    assert verdicts.paired_test([1, 1, 1], "accuracy")["p_sign"] == pytest.approx(0.25)

@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from verdicts import paired_test, verdict
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -533,7 +534,8 @@ def train_once(build: Callable[[Any], nn.Module], condition: Any, split: Split, 
 
 def paired_differences(records: list[dict], baseline: str, other: str, metric: str,
                        x: str = "fraction") -> dict[str, dict[str, Any]]:
-    """``other - baseline`` in ``metric`` seed by seed, per ``x`` value: the differences and their mean ± std.
+    """``other - baseline`` in ``metric`` seed by seed, per ``x`` value: the differences, their mean ± std,
+    the paired tests' p-values and the verdict by the rule of ``verdicts.py``.
 
     Pairs share the seed, hence the training subset and the batch order; only
     cells where both ran count.
@@ -548,14 +550,15 @@ def paired_differences(records: list[dict], baseline: str, other: str, metric: s
     for cell in out.values():
         cell.update(mean_std(cell["differences"]))
         cell["n_positive"] = sum(d > 0 for d in cell["differences"])
+        cell.update(paired_test(cell["differences"], metric), verdict=verdict(cell["differences"], metric))
     return out
 
 
 def paired_table(records: list[dict], baseline: str, others: Sequence[str], metrics: Sequence[str],
                  x: str = "fraction", x_label: str = "data fraction") -> str:
-    """Markdown: one row per (x, other), cells ``other - baseline`` seed by seed as ``mean ± std (k/n >0)``.
+    """Markdown: one row per (x, other), cells ``other - baseline`` seed by seed as ``mean ± std (k/n >0, p)``.
 
-    ``k/n >0``: of the n seeds, k had a positive difference.
+    ``k/n >0``: of the n seeds, k had a positive difference; ``p``: the paired t-test's two-sided p-value.
     """
     head = f"| {x_label} | vs {baseline} | " + " | ".join(f"Δ {m}" for m in metrics) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -567,8 +570,12 @@ def paired_table(records: list[dict], baseline: str, others: Sequence[str], metr
             if any(c is None for c in cells):
                 continue
             lines.append(f"| {xv} | {o} | " + " | ".join(
-                f"{c['mean']:+.4f} ± {c['std']:.4f} ({c['n_positive']}/{c['n']} >0)" for c in cells) + " |")
+                f"{c['mean']:+.4f} ± {c['std']:.4f} ({c['n_positive']}/{c['n']} >0, p {_p(c['p_t'])})" for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def chosen_lrs(records: list[dict], x: str = "fraction") -> dict[str, dict[str, list[float]]]:
