@@ -1,0 +1,90 @@
+"""PEFT's and transformers' names for ``AdapterModel``'s own members.
+
+A PEFT script changes only its import and config lines (``docs/api.md``,
+"Coming from PEFT"); transformers' ``Trainer`` and ``PreTrainedModel`` also
+look for some of these names on the model they are given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .adapters import AdapterManagementMixin
+from .config import AdapterConfig
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+
+
+class AdapterNames(list):
+    """A list of adapter names that also answers a call, for code that calls ``active_adapters()``."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
+
+
+class PeftNamesMixin:
+    """PEFT's names on ``AdapterModel``; mixed into ``AdapterModel`` (``repeft.model``).
+
+    Reads the wrapper's ``base_model``, ``configs`` and ``active_adapter``, and its own methods.
+    """
+
+    base_model: nn.Module
+    configs: dict[str, AdapterConfig]
+    active_adapter: str | None
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model, with adapter layers still in it."""
+        return self.base_model
+
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        # transformers' Trainer refuses to train a quantized model that carries no adapter.
+        return bool(self.configs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's name for ``trainable_parameters()``."""
+        return self.trainable_parameters()
+
+    # transformers' names for the on/off switch (``PreTrainedModel.disable_adapters``).
+    disable_adapters = AdapterManagementMixin.disable_adapter_layers
+    enable_adapters = AdapterManagementMixin.enable_adapter_layers
+
+    @property
+    def active_adapters(self) -> AdapterNames:
+        """The active adapter as a list, read as PEFT's property or called as transformers' method.
+
+        >>> model.active_adapters, model.active_adapters()  # doctest: +SKIP
+        (['default'], ['default'])
+        """
+        return AdapterNames([] if self.active_adapter is None else [self.active_adapter])
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """PEFT's name for ``configs``: adapter name -> config."""
+        return self.configs
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model (this wrapper is spent).
+
+        >>> base = model.unload()  # doctest: +SKIP
+        """
+        self.unmerge()
+        for adapter_name in list(self.configs):
+            self.delete_adapter(adapter_name)
+        return self.base_model
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> AdapterModel:
+        """PEFT's ``PeftModel.from_pretrained``: ``repeft.load_adapter`` under the name PEFT users know.
+
+        >>> model = repeft.AdapterModel.from_pretrained(base, "out/adapter")  # doctest: +SKIP
+        """
+        from .model import load_adapter  # model.py builds AdapterModel from this mixin
+
+        return load_adapter(model, path, adapter_name, trainable=is_trainable)

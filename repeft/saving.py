@@ -1,0 +1,246 @@
+"""Saving and loading for ``AdapterModel``: one adapter per directory, checked before it is used.
+
+Adapter tensors are saved under the module path they sit at in the base
+model, without the adapter name, e.g. ``model.layers.0.self_attn.q_proj.lora_A``.
+``adapter_config.json`` records the base model's architecture, and a load
+refuses an adapter made for another one, or tensors that do not fit, leaving
+the model as it was. The files themselves are written and read by ``repeft.files``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import TASK_HEAD_SUFFIXES
+from .config import AdapterConfig
+from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, write_adapter_dir
+from .fsdp import copy_whole_into, gathered
+from .kernels import triton_unavailable_reason
+
+# Config fields that pin down the shapes an adapter was trained for.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
+
+
+def architecture(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+    else:
+        text = config
+    arch = {f: getattr(text, f) for f in ARCHITECTURE_FIELDS if isinstance(getattr(text, f, None), (int, str))}
+    arch["model_type"] = getattr(config, "model_type", None)
+    return arch
+
+
+class SaveLoadMixin:
+    """``AdapterModel``'s adapter files; mixed into ``AdapterModel`` (``repeft.model``).
+
+    Reads the wrapper's ``base_model``, ``configs``, ``active_adapter`` and
+    ``architecture``, and the adapter management of ``AdapterManagementMixin``.
+    """
+
+    base_model: nn.Module
+    configs: dict[str, AdapterConfig]
+    active_adapter: str | None
+    architecture: dict[str, Any]
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed by base-model module path, without the adapter name.
+
+        They are the parameters themselves: on a sharded (FSDP) model each is a
+        ``DTensor`` holding this process's slice (``save_adapter`` gathers them).
+        """
+        adapter_name = adapter_name or self.active_adapter
+        self._check_known(adapter_name)
+        state = {}
+        for path, layer in self.adapter_layers():
+            if adapter_name in layer.adapters:
+                prefix = path.removeprefix("base_model.")
+                for key, value in layer.adapters[adapter_name].state_dict().items():
+                    state[f"{prefix}.{key}"] = value
+        return state
+
+    def save_adapter(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, is_main_process: bool = True
+    ) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
+
+        On several processes every one calls it and only the one with
+        ``is_main_process=True`` writes, as with transformers' and PEFT's
+        ``save_pretrained``. A sharded (FSDP) adapter is gathered whole first,
+        a step every process must join.
+
+        >>> model.save_adapter("out/adapter")  # doctest: +SKIP
+        >>> model.save_adapter("out/adapter", is_main_process=accelerator.is_main_process)  # doctest: +SKIP
+        """
+        adapter_name = adapter_name or self.active_adapter
+        self._check_known(adapter_name)
+        tensors = {k: gathered(v) for k, v in self.adapter_state_dict(adapter_name).items()}
+        if not is_main_process:
+            return
+        config = self.configs[adapter_name]
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "repeft_version": __version__,
+            "method": config.method,
+            "config": config.to_dict(),
+            "base_model": self._base_model_record(),
+            "adapted_modules": sorted({p.removeprefix("base_model.") for p, l in self.adapter_layers() if adapter_name in l.adapters}),
+        }
+        write_adapter_dir(save_directory, meta, tensors)
+
+    def _base_model_record(self) -> dict[str, Any]:
+        """What ``adapter_config.json`` says of the base: where it came from, its class, shapes and label names."""
+        config = getattr(self.base_model, "config", None)
+        record = {
+            "name_or_path": getattr(config, "_name_or_path", None),
+            "class": type(self.base_model).__name__,
+            "architecture": self.architecture,
+        }
+        has_head = any(record["class"].endswith(suffix) for suffix in TASK_HEAD_SUFFIXES)
+        if has_head and getattr(config, "id2label", None):
+            record["id2label"] = {str(i): name for i, name in config.id2label.items()}
+        return record
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, is_main_process: bool = True
+    ) -> None:
+        """Save the adapter, as PEFT's ``save_pretrained`` does: the same as ``save_adapter``.
+
+        ``repeft.load_adapter(base, save_directory)`` (or ``model.load_adapter``)
+        reloads it; ``save_merged`` writes the merged full model instead.
+
+        >>> model.save_pretrained("out/adapter")  # doctest: +SKIP
+        """
+        self.save_adapter(save_directory, adapter_name, is_main_process)
+
+    def load_adapter(
+        self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
+    ) -> None:
+        """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit."""
+        meta, tensors = read_adapter_dir(path)
+        self._check_architecture(path, meta.get("base_model", {}).get("architecture", {}))
+        try:
+            config = AdapterConfig.from_saved(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: bad adapter config: {exc}") from None
+        config.inference_mode = not trainable
+        _prefer_runnable_kernel(config, path)
+        self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))
+
+    def add_loaded_adapter(
+        self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = "tensors"
+    ) -> None:
+        """``add_adapter`` then fill it from ``tensors``; if they do not fit, the model is left as it was.
+
+        The adapter is first built on the meta device and compared with ``tensors``,
+        so a config that disagrees with its tensors (``r: 4194304`` beside rank-4
+        tensors) fails before anything is allocated.
+        """
+        previous = self.active_adapter
+        with torch.device("meta"):
+            self.add_adapter(adapter_name, config)
+        try:
+            _check_tensors_fit(self.adapter_state_dict(adapter_name), tensors, source)
+        finally:
+            self._undo_add(adapter_name, previous)
+        self.add_adapter(adapter_name, config)
+        try:
+            self.load_adapter_tensors(adapter_name, tensors, source=source)
+        except BaseException:
+            self._undo_add(adapter_name, previous)
+            raise
+
+    def _undo_add(self, adapter_name: str, previous: str | None) -> None:
+        self.delete_adapter(adapter_name)
+        if previous is not None:
+            self.set_adapter(previous)
+
+    def _check_architecture(self, path, saved: dict[str, Any]) -> None:
+        differ = {k: (v, self.architecture.get(k)) for k, v in saved.items() if self.architecture.get(k) != v}
+        if differ:
+            details = ", ".join(f"{k}={old!r} (this model: {new!r})" for k, (old, new) in differ.items())
+            raise AdapterFileError(f"{path} was made for another base model: {details}")
+
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "tensors") -> None:
+        """Copy ``tensors`` into the adapter's parameters after checking names, shapes and dtypes.
+
+        On a sharded (FSDP) model every process passes the whole tensors and keeps its slice.
+        """
+        expected = self.adapter_state_dict(adapter_name)
+        _check_tensors_fit(expected, tensors, source)
+        with torch.no_grad():
+            for key, value in expected.items():
+                copy_whole_into(value, tensors[key])
+
+
+def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``AdapterFileError`` unless ``tensors`` has exactly the names, shapes and kinds of dtype of ``expected``."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"{source} does not fit this model: missing {_some(missing)}; unexpected {_some(unexpected)}. "
+            "Was it saved from another model or with other target_modules?"
+        )
+    wrong = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise AdapterFileError(
+            f"{source}: {len(wrong)} tensor(s) have the wrong shape, e.g. {key}: file {got}, model {want}"
+        )
+    for key, value in expected.items():
+        # Float tensors may be stored at another precision; an integer or bool tensor is no adapter weight.
+        if _dtype_kind(tensors[key].dtype) != _dtype_kind(value.dtype):
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} is {tensors[key].dtype} but the model's is {value.dtype}; "
+                "the file was not written by repeft or PEFT, or was altered"
+            )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating point"
+    return "bool" if dtype == torch.bool else "complex" if dtype.is_complex else "integer"
+
+
+def _prefer_runnable_kernel(config: AdapterConfig, path: str | os.PathLike) -> None:
+    # A saved kernel choice is a preference: the adapter must run on a machine without a GPU.
+    if getattr(config, "kernel", None) != "triton":
+        return
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        warnings.warn(
+            f"{path} was saved with kernel='triton', which cannot run here ({reason}); using kernel='torch'",
+            stacklevel=3,
+        )
+        config.kernel = "torch"
+
+
+def _some(keys: list[str], n: int = 3) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
