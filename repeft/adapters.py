@@ -57,9 +57,10 @@ class AdapterManagementMixin:
         return [p.removeprefix(prefix) for p, layer in self.adapter_layers() if isinstance(layer, ModulesToSave)]
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Attach a new adapter and make it the active one.
+        """Attach a new adapter; as in PEFT it becomes active only if none was (``set_adapter`` switches).
 
         >>> model.add_adapter("math", repeft.LoRAConfig(r=4))  # doctest: +SKIP
+        >>> model.set_adapter("math")  # doctest: +SKIP
         """
         if adapter_name in self.configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
@@ -82,7 +83,8 @@ class AdapterManagementMixin:
             self._remove_adapter_entries(adapter_name)
             raise
         self.configs[adapter_name] = config
-        self.set_adapter(adapter_name)
+        # set_adapter also freezes the new adapter when another one stays active.
+        self.set_adapter(adapter_name if self.active_adapter is None else self.active_adapter)
 
     def _default_modules_to_save(self) -> list[str] | None:
         class_name = type(self.base_model).__name__

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -50,6 +51,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # Output heads are never picked by "all-linear": adapting the vocabulary
 # projection or a freshly initialised classifier is what modules_to_save is for.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+
+
+# Layers PEFT's LoRA adapts that repeft's does not: a spec selecting one is refused by name, never skipped.
+UNSUPPORTED_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class TargetError(ValueError):
@@ -114,6 +119,7 @@ def resolve_targets(
             regex = re.compile(spec)
         except re.error as exc:
             raise TargetError(f"target_modules regex {spec!r} does not compile: {exc}") from None
+        _refuse_unsupported(spec, [(n, m) for n, m in modules if regex.fullmatch(n)])
         found = [n for n, m in modules if regex.fullmatch(n) and is_linear_like(m)]
         if not found:
             raise TargetError(
@@ -123,14 +129,15 @@ def resolve_targets(
             )
         return found
 
+    # As in PEFT, a list is a menu (e.g. one list for several families): an entry may match nothing, the list may not.
     found: list[str] = []
+    unmatched: list[str] = []
     for pattern in spec:
         hits = [(n, m) for n, m in modules if matches_name(n, pattern)]
         if not hits:
-            raise TargetError(
-                f"target_modules entry {pattern!r} matches no module of {type(model).__name__}; "
-                f"{_closest(pattern, modules)}"
-            )
+            unmatched.append(pattern)
+            continue
+        _refuse_unsupported(pattern, hits)
         wrong = [(n, m) for n, m in hits if not is_linear_like(m)]
         if wrong:
             name, module = wrong[0]
@@ -140,8 +147,28 @@ def resolve_targets(
                 "Linear8bitLt layers. Name the linear layers inside it instead."
             )
         found.extend(n for n, _ in hits)
+    if not found:
+        raise TargetError(
+            f"target_modules {list(spec)} match no module of {type(model).__name__}; {_closest(spec[0], modules)}"
+        )
+    if unmatched:
+        warnings.warn(
+            f"target_modules entries {unmatched} match no module of {type(model).__name__} and are ignored "
+            f"({_closest(unmatched[0], modules)})",
+            stacklevel=4,
+        )
     order = {name: i for i, (name, _) in enumerate(modules)}
     return sorted(set(found), key=order.__getitem__)
+
+
+def _refuse_unsupported(pattern: str, hits: list[tuple[str, nn.Module]]) -> None:
+    for name, module in hits:
+        if isinstance(module, UNSUPPORTED_LAYERS):
+            raise TargetError(
+                f"target_modules {pattern!r} selects {name!r}, a {type(module).__name__}; repeft's LoRA adapts "
+                "linear layers only (PEFT's also adapts embeddings and convolutions). Leave it out of target_modules "
+                "(train it in full with modules_to_save instead, if it must learn)"
+            )
 
 
 def adaptable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:

@@ -478,11 +478,14 @@ def test_several_adapters_switch_and_restore_the_model():
     train_steps(model, batch)
     out_prefix = logits(model, batch)
     model.add_adapter("z", METHODS["zero_init"]())
+    assert torch.equal(logits(model, batch), out_prefix)  # adding does not switch, as in PEFT
+    model.set_adapter("z")
     assert torch.equal(logits(model, batch), logits(reference, batch))  # z starts at identity
     assert all(p.requires_grad == (".adapters.z." in n) for n, p in model.named_parameters())
     train_steps(model, batch)
     out_z = logits(model, batch)
     model.add_adapter("lora", repeft.LoRAConfig(r=2))
+    model.set_adapter("lora")
     assert torch.equal(logits(model, batch), logits(reference, batch))  # attention adapters step aside
     model.set_adapter("default")
     assert torch.equal(logits(model, batch), out_prefix)

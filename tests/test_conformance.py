@@ -257,7 +257,10 @@ def test_several_adapters_switch_and_disable(method, family):
     model = p.model
     model.add_adapter("second", TABLE[method].example_config())
     try:
-        assert model.active_adapter == "second"
+        assert model.active_adapter == "default"  # adding does not switch, as in PEFT
+        assert all(q.requires_grad == (".adapters.default." in n) for n, q in model.named_parameters())
+        assert torch.equal(logits(model, p.batch), p.trained)
+        model.set_adapter("second")
         assert all(q.requires_grad == (".adapters.second." in n) for n, q in model.named_parameters())
         second = logits(model, p.batch)
         assert torch.equal(second, p.base_logits) == p.spec.identity_at_init

@@ -158,7 +158,7 @@ def test_crash_during_merged_export_leaves_nothing(tmp_path, monkeypatch):
 
 def test_target_that_matches_nothing_names_closest_modules():
     base = tiny_model("llama")
-    with pytest.raises(repeft.TargetError, match="'q_prj' matches no module.*closest linear layer names: q_proj"):
+    with pytest.raises(repeft.TargetError, match=r"\['q_prj'\] match no module.*closest linear layer names: q_proj"):
         repeft.wrap(base, repeft.LoRAConfig(target_modules=["q_prj"]))
     assert_untouched(base, tiny_model("llama"))
     with pytest.raises(repeft.TargetError, match="regex 'attn.*' matches no linear layer"):

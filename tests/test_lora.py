@@ -54,7 +54,10 @@ def test_multi_adapter_add_switch_delete():
     train_steps(model, batch)
     out_a = logits(model, batch)
     model.add_adapter("b", METHODS["replora"](target_modules=["k_proj", "v_proj"]))
-    assert model.active_adapter == "b"
+    assert model.active_adapter == "a"  # as in PEFT: adding does not switch
+    assert all(p.requires_grad == (".adapters.a." in n) for n, p in model.named_parameters())
+    torch.testing.assert_close(logits(model, batch), out_a, atol=0, rtol=0)
+    model.set_adapter("b")
     assert all(p.requires_grad == (".adapters.b." in n) for n, p in model.named_parameters())
     torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=0, rtol=0)  # b starts at identity
     train_steps(model, batch)

@@ -196,6 +196,7 @@ def test_multi_adapter_switch_and_delete():
     out_vpt = logits(model, batch)
     model.add_adapter("vapt", repeft.VAPTConfig(n_prompt=5, kernel_size=3, mlp_hidden=4))
     model.add_adapter("lora", repeft.LoRAConfig(r=2))
+    model.set_adapter("lora")
     train_steps(model, batch)  # trains the LoRA adapter only
     out_lora = logits(model, batch)
     model.set_adapter("vapt")
