@@ -37,9 +37,9 @@ def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
     """
     if recipe.data.labels:
         return list(recipe.data.labels)
-    builtin = builtin_label_names(recipe.data.train)
-    if builtin is not None:
-        return builtin
+    declared = builtin_label_names(recipe.data.train)
+    if declared is not None:
+        return declared
     column = recipe.data.label_column
     values = [_column(row, column, "data.train", number) for number, row in enumerate(train_rows, 1)]
     ids = [_as_id(v) for v in values]

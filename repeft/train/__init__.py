@@ -27,7 +27,14 @@ from pathlib import Path
 import transformers
 
 from ..recipe import Recipe
-from .build import TASK_MODEL_CLASSES, build_model, build_model_and_adapter, check_tokenizer, load_tokenizer, model_config
+from .build import (
+    TASK_MODEL_CLASSES,
+    build_model,
+    build_model_and_adapter,
+    check_tokenizer,
+    load_tokenizer,
+    model_config,
+)
 from .evaluation import evaluate, evaluate_run, format_eval
 from .launch import LaunchError, _check_fsdp, check_launch, make_accelerator
 from .loaders import read_data

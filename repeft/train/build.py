@@ -1,4 +1,4 @@
-"""Step 3 of a run: the tokenizer, checked against the data, and the base model wrapped with the adapter.
+"""A step of `repeft train`: the tokenizer, checked against the data, and the base model wrapped with the adapter.
 
 Everything here also serves ``repeft export``, which rebuilds a run's base
 from its saved recipe (:func:`build_model`, :func:`load_tokenizer`).

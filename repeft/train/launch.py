@@ -1,4 +1,4 @@
-"""Step 1 of a run: check how the processes were launched and join them in an ``accelerate.Accelerator``."""
+"""A step of `repeft train`: check how the processes were launched and join them in an ``accelerate.Accelerator``."""
 
 from __future__ import annotations
 

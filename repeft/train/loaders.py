@@ -13,7 +13,15 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..dataio import build_examples, check_rows, collator, data_format, encode_answer_prompts, label_names, pack_examples
+from ..dataio import (
+    build_examples,
+    check_rows,
+    collator,
+    data_format,
+    encode_answer_prompts,
+    label_names,
+    pack_examples,
+)
 from ..datasource import read_rows
 from ..model import AdapterModel
 from ..recipe import Recipe, RecipeError
