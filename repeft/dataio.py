@@ -1,66 +1,31 @@
-"""Recipe data: rows from files or builtin datasets, turned into padded batches per task.
+"""Recipe data after reading: validate the rows, encode them as tensors, collate them into padded batches.
 
-Rows are plain dicts. JSONL, JSON and CSV are read with the standard library;
-Parquet needs ``pyarrow`` (``pip install 'repeft[parquet]'``). Datasets here
-are small enough to tokenize up front, which keeps batches and their order a
-pure function of the seed (what exact resume relies on).
+The data path runs one way: ``datasource`` reads a source into plain dict rows;
+here they are validated (:func:`label_names`, :func:`check_rows`, before any
+model loads), encoded (:func:`build_examples`, then :func:`pack_examples`
+and :func:`encode_answer_prompts`), and collated (:func:`collator`); chat rows
+are rendered and encoded by ``instruct``. Datasets here are small enough to
+tokenize up front, which keeps batches and their order a pure function of the
+seed (what exact resume relies on).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import warnings
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from . import instruct, registry
-from .recipe import Recipe, RecipeError, parse_source
+from . import instruct
+from .datasource import builtin_label_names
+from .errors import RecipeError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 Example = dict[str, torch.Tensor]
-
-
-def read_rows(source: str, default_split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a data source: ``builtin:<name>[:<split>]`` or a .jsonl/.json/.csv/.parquet file."""
-    builtin = parse_source(source, default_split)
-    if builtin is not None:
-        name, split = builtin
-        return registry.dataset(name).load(split, limit)
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise RecipeError(f"reading {path} needs pyarrow: pip install 'repeft[parquet]'") from None
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = _read_json(path)
-    return rows[:limit] if limit is not None else rows
-
-
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RecipeError(f"{path}:{number} is not valid JSON ({exc})") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise RecipeError(f"{path} must hold JSON objects, one per example")
-    return rows
 
 
 def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
@@ -72,9 +37,9 @@ def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
     """
     if recipe.data.labels:
         return list(recipe.data.labels)
-    builtin = parse_source(recipe.data.train, "train")
-    if builtin is not None and registry.dataset(builtin[0]).labels:
-        return list(registry.dataset(builtin[0]).labels)
+    declared = builtin_label_names(recipe.data.train)
+    if declared is not None:
+        return declared
     column = recipe.data.label_column
     values = [_column(row, column, "data.train", number) for number, row in enumerate(train_rows, 1)]
     ids = [_as_id(v) for v in values]
@@ -244,6 +209,23 @@ def _chat_examples(
     if note is not None and notes is not None:
         notes.append(note)
     return [{k: torch.tensor(v, dtype=torch.long) for k, v in e.items()} for e in kept]
+
+
+def pack_examples(recipe: Recipe, examples: list[Example], model: torch.nn.Module, notes: list[str]) -> list[Example]:
+    """``data.packing``: the examples packed into rows of up to ``data.max_length`` tokens, on a model that keeps
+    packed examples apart (``instruct.check_packing``); what packing did is added to ``notes``."""
+    packed = instruct.pack(examples, recipe.data.max_length)
+    instruct.check_packing(model, packed)
+    notes.append(f"data.train: {len(examples)} examples packed into {len(packed)} rows of up to "
+                 f"{recipe.data.max_length} tokens")
+    return packed
+
+
+def encode_answer_prompts(recipe: Recipe, rows: list[dict[str, Any]], tokenizer: Any) -> list[tuple[list[int], str]]:
+    """(tokenized prompt, expected answer) of each prompt/response or chat row, for evaluation by generation."""
+    return instruct.answer_prompts(
+        conversations(recipe, rows, "data.eval"), tokenizer, recipe.data.chat_template, recipe.data.max_length
+    )
 
 
 def _image(value: Any, config: Any, source: str) -> torch.Tensor:

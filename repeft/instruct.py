@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .recipe import RecipeError
+from .errors import RecipeError
 
 IGNORE = -100
 #: The template for tokenizers without one: a role line, the content, and the

@@ -25,21 +25,17 @@ import yaml
 
 from . import registry
 from .config import AdapterConfig
+from .datasource import check_source
+from .errors import RecipeError  # defined apart so the data modules need not import the schema
 from .lora import LoRAConfig
 
 TASKS = ("causal_lm", "sequence_classification", "image_classification")
-FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
-BUILTIN_PREFIX = "builtin:"
 # What "best" can mean; loss and perplexity are better lower, the others higher.
 METRICS = ("auto", "accuracy", "loss", "f1_macro", "exact_match")
 # accelerate's tracker names ("all": every one installed).
 TRACKERS = ("all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 # transformers.get_scheduler names that need nothing beyond warmup and total steps.
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-
-
-class RecipeError(ValueError):
-    """A recipe field with a wrong name, type or value."""
 
 
 def _min(bound: float) -> dict[str, Any]:
@@ -358,9 +354,9 @@ def _to_plain(value: Any) -> Any:
 def _check(recipe: Recipe, check_data: bool) -> None:
     _check_model(recipe)
     if check_data:
-        train_kind = _check_source(recipe, "data.train", recipe.data.train)
+        train_kind = check_source("data.train", recipe.data.train)
         if recipe.data.eval is not None:
-            _check_source(recipe, "data.eval", recipe.data.eval)
+            check_source("data.eval", recipe.data.eval)
         expected_kind = "image" if recipe.task == "image_classification" else "text"
         if train_kind not in (None, expected_kind):
             raise RecipeError(f"data.train is a {train_kind} dataset but task {recipe.task} needs {expected_kind} data")
@@ -457,34 +453,3 @@ def _check_model_config(config: dict[str, Any]) -> None:
         transformers.AutoConfig.for_model(**config)
     except (TypeError, ValueError, StrictDataclassError) as exc:  # transformers checks field types
         raise RecipeError(f"model.config: {' '.join(str(exc).split())}") from None
-
-
-def parse_source(source: str, default_split: str) -> tuple[str, str] | None:
-    """``"builtin:name[:split]"`` -> ``(name, split)``; ``None`` for a file path."""
-    if not source.startswith(BUILTIN_PREFIX):
-        return None
-    name, _, split = source[len(BUILTIN_PREFIX) :].partition(":")
-    return name, split or default_split
-
-
-def _check_source(recipe: Recipe, name: str, source: str) -> str | None:
-    """Check one data source exists; return its kind ("text"/"image") when known."""
-    default_split = "train" if name == "data.train" else "test"
-    builtin = parse_source(source, default_split)
-    if builtin is not None:
-        ds_name, split = builtin
-        if ds_name not in registry.dataset_names():
-            raise RecipeError(f"{name}: unknown builtin dataset {ds_name!r}; builtin datasets: {registry.dataset_names()}")
-        ds = registry.dataset(ds_name)
-        if split not in ds.splits:
-            raise RecipeError(f"{name}: builtin:{ds_name} has splits {list(ds.splits)}, not {split!r}")
-        return ds.kind
-    suffix = Path(source).suffix.lower()
-    if suffix not in FILE_FORMATS:
-        raise RecipeError(
-            f"{name} {source!r}: use a file ending in {', '.join(FILE_FORMATS)} or builtin:<name> "
-            f"(builtin datasets: {registry.dataset_names()})"
-        )
-    if not Path(source).is_file():
-        raise RecipeError(f"{name}: file {source} does not exist")
-    return None

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from repeft import registry
-from repeft.dataio import collator, label_names, read_rows
+from repeft.dataio import collator, label_names
+from repeft.datasource import read_rows
 from repeft.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
 

@@ -265,13 +265,13 @@ BAD_DATA = {
 def test_bad_data_is_refused_before_the_model_loads(tmp_path, monkeypatch, case):
     rows, expected = BAD_DATA[case]
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr("repeft.train.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
+    monkeypatch.setattr("repeft.train.build.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
     with pytest.raises(RecipeError, match=re.escape(expected)):
         train(recipe_from_dict(tiny_recipe(tmp_path, f"data.train={tmp_path / 'bad.jsonl'}")))
 
 
 def test_bad_chat_rows_are_refused_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("repeft.train.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
+    monkeypatch.setattr("repeft.train.build.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
     (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "2+2?", "response": "4"}) + "\n" + json.dumps({"prompt": "3+3?"}))
     raw = tiny_recipe(tmp_path, "task=causal_lm", "model.config.model_type=llama", "model.config.num_key_value_heads=2",
                       "data.format=prompt_response", f"data.train={tmp_path / 'chat.jsonl'}", "data.eval=null")
@@ -280,7 +280,7 @@ def test_bad_chat_rows_are_refused_before_the_model_loads(tmp_path, monkeypatch)
 
 
 def test_bad_eval_labels_and_a_too_small_vocabulary_are_refused_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("repeft.train.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
+    monkeypatch.setattr("repeft.train.build.build_model", lambda *a: pytest.fail("the model loaded before the data was checked"))
     (tmp_path / "bad_eval.jsonl").write_text(json.dumps({"text": "so so", "label": "maybe"}) + "\n")
     with pytest.raises(RecipeError, match=r"data.eval: example 1: label 'maybe' is not one of the 2 classes"):
         train(recipe_from_dict(tiny_recipe(tmp_path, f"data.eval={tmp_path / 'bad_eval.jsonl'}")))
@@ -415,9 +415,9 @@ KILLER = textwrap.dedent(
     # Runs `repeft train` and SIGKILLs it (every process) half-way through writing the checkpoint of step {step}.
     import os, signal, sys
     from pathlib import Path
-    import repeft.train as t
+    from repeft.train import resume
 
-    real = t.save_checkpoint
+    real = resume.save_checkpoint
 
     def dying(accelerator, run_dir, state, keep):
         if state["step"] == {step}:
@@ -427,7 +427,7 @@ KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(accelerator, run_dir, state, keep)
 
-    t.save_checkpoint = dying
+    resume.save_checkpoint = dying
     from repeft.cli import main
     sys.exit(main(sys.argv[1:]))
     """

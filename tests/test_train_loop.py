@@ -18,11 +18,10 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import repeft
-import repeft.train as train_module
 from repeft import instruct
 from repeft.metrics import classification_scores
 from repeft.recipe import apply_overrides, load_recipe, recipe_from_dict
-from repeft.train import build_model, load_tokenizer, train
+from repeft.train import build, build_model, evaluation, load_tokenizer, train
 from test_train import (  # noqa: F401  (the fixture applies here too)
     ROOT,
     adapter_tensors,
@@ -129,12 +128,12 @@ def test_precision_recall_f1_per_class_and_macro():
 
 def scripted_accuracy(monkeypatch, values):
     """Make evaluation report ``values`` as accuracy, in order (the rest of its metrics are real)."""
-    real, sequence = train_module.evaluate, iter(values)
+    real, sequence = evaluation.evaluate, iter(values)
 
     def evaluate(*args, **kwargs):
         return {**real(*args, **kwargs), "accuracy": next(sequence)}
 
-    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
 
 
 def test_best_adapter_is_written_with_its_exports(tmp_path, monkeypatch):
@@ -207,8 +206,8 @@ def test_trackers_get_the_metrics_and_eval_lines_stand_on_their_own_in_a_redirec
 
 def test_gradient_checkpointing_is_on_and_changes_nothing(tmp_path, monkeypatch):
     wrapped = []
-    real_wrap = train_module.wrap
-    monkeypatch.setattr(train_module, "wrap", lambda base, config: wrapped.append(real_wrap(base, config)) or wrapped[-1])
+    real_wrap = build.wrap
+    monkeypatch.setattr(build, "wrap", lambda base, config: wrapped.append(real_wrap(base, config)) or wrapped[-1])
     plain = train(recipe_from_dict(tiny_recipe(tmp_path, "train.epochs=1", f"output.dir={tmp_path / 'plain'}")))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -231,9 +230,9 @@ def test_qlora_from_a_recipe(tmp_path):
                           "model.quantization=nf4", "train.gradient_checkpointing=true", "train.epochs=1",
                           "output.merged=true", "eval.generate=0", "eval.exact_match=false", "eval.metric=auto")
     wrapped = []
-    real_wrap = train_module.wrap
+    real_wrap = build.wrap
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "wrap", lambda base, cfg: wrapped.append(real_wrap(base, cfg)) or wrapped[-1])
+        patch.setattr(build, "wrap", lambda base, cfg: wrapped.append(real_wrap(base, cfg)) or wrapped[-1])
         result = train(recipe_from_dict(raw))
     model = wrapped[0]
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -248,7 +247,7 @@ def test_qlora_from_a_recipe(tmp_path):
 
 def test_the_shipped_instruction_recipe_reads_sms_as_prompts_and_answers():
     recipe = load_recipe(ROOT / "recipes" / "instruct-tiny-llama.yaml")
-    from repeft.dataio import read_rows
+    from repeft.datasource import read_rows
 
     rows = read_rows(recipe.data.train, "train", limit=3)
     assert set(rows[0]) == {"prompt", "response"} and rows[0]["prompt"].startswith("Is this SMS message spam or ham?")

@@ -1,0 +1,99 @@
+"""Where a recipe's examples come from: ``builtin:<name>[:<split>]`` or a .jsonl/.json/.csv/.parquet file.
+
+The first step of the data path (read -> validate in ``dataio`` -> encode ->
+collate): a source is checked when the recipe loads (:func:`check_source`,
+so a typo fails before anything runs) and read into plain dict rows when a run
+starts (:func:`read_rows`). JSONL, JSON and CSV are read with the standard
+library; Parquet needs ``pyarrow`` (``pip install 'repeft[parquet]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import RecipeError
+
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+BUILTIN_PREFIX = "builtin:"
+
+
+def parse_source(source: str, default_split: str) -> tuple[str, str] | None:
+    """``"builtin:name[:split]"`` -> ``(name, split)``; ``None`` for a file path."""
+    if not source.startswith(BUILTIN_PREFIX):
+        return None
+    name, _, split = source[len(BUILTIN_PREFIX) :].partition(":")
+    return name, split or default_split
+
+
+def check_source(name: str, source: str) -> str | None:
+    """Check that the source of recipe field ``name`` exists; return its kind ("text"/"image") when known."""
+    default_split = "train" if name == "data.train" else "test"
+    builtin = parse_source(source, default_split)
+    if builtin is not None:
+        ds_name, split = builtin
+        if ds_name not in registry.dataset_names():
+            raise RecipeError(f"{name}: unknown builtin dataset {ds_name!r}; builtin datasets: {registry.dataset_names()}")
+        ds = registry.dataset(ds_name)
+        if split not in ds.splits:
+            raise RecipeError(f"{name}: builtin:{ds_name} has splits {list(ds.splits)}, not {split!r}")
+        return ds.kind
+    suffix = Path(source).suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise RecipeError(
+            f"{name} {source!r}: use a file ending in {', '.join(FILE_FORMATS)} or builtin:<name> "
+            f"(builtin datasets: {registry.dataset_names()})"
+        )
+    if not Path(source).is_file():
+        raise RecipeError(f"{name}: file {source} does not exist")
+    return None
+
+
+def builtin_label_names(source: str) -> list[str] | None:
+    """The class names a builtin dataset declares; None for a file or a builtin without them."""
+    builtin = parse_source(source, "train")
+    if builtin is None or not registry.dataset(builtin[0]).labels:
+        return None
+    return list(registry.dataset(builtin[0]).labels)
+
+
+def read_rows(source: str, default_split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a data source: ``builtin:<name>[:<split>]`` or a .jsonl/.json/.csv/.parquet file."""
+    builtin = parse_source(source, default_split)
+    if builtin is not None:
+        name, split = builtin
+        return registry.dataset(name).load(split, limit)
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RecipeError(f"reading {path} needs pyarrow: pip install 'repeft[parquet]'") from None
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = _read_json(path)
+    return rows[:limit] if limit is not None else rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RecipeError(f"{path}:{number} is not valid JSON ({exc})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise RecipeError(f"{path} must hold JSON objects, one per example")
+    return rows

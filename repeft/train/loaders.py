@@ -1,0 +1,90 @@
+"""The data of a run, one way: read and validate the rows (before any model loads), encode them, batch them.
+
+Each stage is one call into the data modules, in order: ``datasource.read_rows``;
+``dataio.label_names`` and ``dataio.check_rows``; ``dataio.build_examples``
+(and ``dataio.pack_examples``); ``dataio.collator`` in the loaders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from ..dataio import (
+    build_examples,
+    check_rows,
+    collator,
+    data_format,
+    encode_answer_prompts,
+    label_names,
+    pack_examples,
+)
+from ..datasource import read_rows
+from ..model import AdapterModel
+from ..recipe import Recipe, RecipeError
+
+
+@dataclass
+class RunData:
+    """The rows a run trains and evaluates on, and the class names (empty for causal LM)."""
+
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]] | None
+    labels: list[str]
+
+
+def read_data(recipe: Recipe) -> tuple[Recipe, RunData]:
+    """Read and check the rows, before any model loads; return the recipe with its label names filled in."""
+    train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
+    eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
+    labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
+    check_rows(recipe, train_rows, "data.train", labels)
+    if eval_rows is not None:
+        check_rows(recipe, eval_rows, "data.eval", labels)
+    # The run directory records the label order, so exports can rebuild the same head.
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
+    return recipe, RunData(train_rows, eval_rows, labels)
+
+
+def make_loaders(
+    recipe: Recipe, model: AdapterModel, tokenizer: Any, data: RunData, notes: list[str]
+) -> tuple[DataLoader, DataLoader | None]:
+    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data).
+
+    What truncation and packing did is added to ``notes``.
+    """
+    config = model.base_model.config
+    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
+    eval_examples = (
+        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config, notes)
+        if data.eval_rows
+        else None
+    )
+    if recipe.data.packing:
+        train_examples = pack_examples(recipe, train_examples, model, notes)
+    if tokenizer is not None and eval_examples:
+        # Order does not change the metrics; batches of similar length waste less compute on padding.
+        eval_examples.sort(key=lambda e: len(e["input_ids"]))
+    collate = collator(recipe.task, tokenizer.pad_token_id if tokenizer is not None else 0)
+    train_loader = DataLoader(
+        train_examples, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
+    )
+    eval_loader = (
+        DataLoader(eval_examples, batch_size=recipe.eval.batch_size, collate_fn=collate) if eval_examples else None
+    )
+    return train_loader, eval_loader
+
+
+def answer_prompts(recipe: Recipe, tokenizer: Any, data: RunData) -> list[tuple[list[int], str]]:
+    """(prompt, expected answer) of each eval example, when evaluation generates answers."""
+    if not (recipe.eval.generate or recipe.eval.exact_match):
+        return []
+    if not data.eval_rows or data_format(recipe, data.eval_rows) == "text":
+        raise RecipeError(
+            "eval.generate / eval.exact_match need prompt/response or messages eval data (data.format), "
+            "so that each eval example has a prompt and an answer"
+        )
+    return encode_answer_prompts(recipe, data.eval_rows, tokenizer)
