@@ -122,33 +122,54 @@ class AdapterModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward; ``adapter_names`` gives each row of the batch its own adapter.
 
+        ``adapter_names`` must hold exactly one name per row (``"__base__"``: no adapter).
+
         >>> out = model(input_ids, adapter_names=["math", "__base__", "code"])  # doctest: +SKIP
         """
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """``generate`` of the wrapped model; ``adapter_names`` as in ``forward``, one name per prompt."""
+        """``generate`` of the wrapped model; ``adapter_names`` as in ``forward``, one name per prompt.
+
+        The rows ``generate`` makes of each prompt (``num_beams``, ``num_return_sequences``)
+        run that prompt's adapter.
+        """
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, _batch_rows(args, kwargs), self._rows_per_prompt(kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
+    def _rows_per_prompt(self, generate_kwargs: dict[str, Any]) -> int:
+        """How many rows ``generate`` makes of each prompt: max(num_beams, num_return_sequences), as transformers."""
+        config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+
+        def setting(name: str) -> int:
+            value = generate_kwargs.get(name)
+            return value if value is not None else getattr(config, name, None) or 1
+
+        return max(setting("num_beams"), setting("num_return_sequences"))
+
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+    def _mixed_batch(self, adapter_names: list[str], rows: int | None, rows_per_name: int = 1) -> Iterator[None]:
         """Inside the block row b of every batch runs adapter ``adapter_names[b]`` (``"__base__"``: none).
 
         LoRA-family layers get each row's adapter index; other adapter layers are
-        switched off, since they cannot tell rows apart. Rows repeated by
-        ``generate`` (beams, several return sequences) keep their prompt's adapter.
+        switched off, since they cannot tell rows apart. Disabled layers
+        (``disable_adapter``) stay disabled: they run the base layer for every row.
+        ``rows_per_name`` > 1 (``generate``'s beams and return sequences) lets a
+        layer also see each name's row repeated that many times in a row.
         """
         names = self._check_adapter_names(adapter_names)
+        if rows is not None and rows != len(names):
+            raise ValueError(_wrong_length(len(names), rows))
         lora_layers, other_layers = [], []
         for _, layer in self.adapter_layers():
             if isinstance(layer, LoRALinear):
-                lora_layers.append(layer)
+                if not layer.disabled:
+                    lora_layers.append(layer)
             elif any(n in layer.adapters for n in names):
                 raise ValueError(
                     f"adapter_names: {type(layer).__name__} layers cannot mix adapters in one batch; "
@@ -166,7 +187,7 @@ class AdapterModel(nn.Module):
                 index = [present.index(n) if n in present else -1 for n in names]
                 scaling = [layer.adapters[n].scaling for n in present]
                 per_layer[key] = (torch.tensor(index, device=device), torch.tensor(scaling, device=device))
-            layer.row_adapters = (present, *per_layer[key], {})
+            layer.row_adapters = (present, *per_layer[key], {}, rows_per_name)
         for layer in other_layers:
             layer.disabled = True
         try:
@@ -231,6 +252,10 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER_NAME:
+            raise ValueError(
+                f"adapter name {BASE_ADAPTER_NAME!r} is reserved: in adapter_names it means 'no adapter'; pick another name"
+            )
         if self.merged_adapter() is not None:
             raise ValueError("cannot add an adapter while one is merged; call unmerge() first")
         config = copy.deepcopy(config)
@@ -425,10 +450,13 @@ class AdapterModel(nn.Module):
             self.set_adapter(adapter_name)
         shared = shared_parameters(self.base_model)
         try:
-            for _, layer in self.adapter_layers():
+            for path, layer in self.adapter_layers():
                 if hasattr(layer, "merge") and adapter_name in layer.adapters:
                     untie = id(layer.weight) in shared
-                    layer.merge(adapter_name, untie=untie)
+                    try:
+                        layer.merge(adapter_name, untie=untie)
+                    except ValueError as exc:
+                        raise ValueError(f"{path.removeprefix('base_model.')}: {exc}") from None
                     if untie and not self._tie_flags:
                         # The merged weight is the layer's own now: the config must say so, or
                         # save_pretrained drops it as a duplicate and from_pretrained ties it again.
@@ -507,8 +535,12 @@ class AdapterModel(nn.Module):
 
         >>> model.save_merged("out/merged")  # doctest: +SKIP
         """
-        with self._merged(), staged_write(save_directory) as tmp:
-            self.base_model.save_pretrained(tmp, state_dict=self.merged_state_dict(), **kwargs)
+        refuse_overwriting_base(base_model_dir(self.base_model), save_directory)
+        with self._merged():
+            state = self.merged_state_dict()
+            refuse_non_finite(state)
+            with staged_write(save_directory) as tmp:
+                self.base_model.save_pretrained(tmp, state_dict=state, **kwargs)
 
     # -- parameters ---------------------------------------------------------------------
 
@@ -648,11 +680,36 @@ class AdapterModel(nn.Module):
 
         On a sharded (FSDP) model every process passes the whole tensors and keeps its slice.
         """
+        if self.merged_adapter() == adapter_name:
+            # unmerge() subtracts the tensors the adapter holds: new ones would leave the base weights off.
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into the base weights; call unmerge() before loading tensors into it"
+            )
         expected = self.adapter_state_dict(adapter_name)
         _check_tensors_fit(expected, tensors, source)
         with torch.no_grad():
             for key, value in expected.items():
                 copy_whole_into(value, tensors[key])
+
+
+# Inputs whose first dimension is the batch, in the order a forward's main input is looked for.
+BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+
+
+def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Rows in the batch of a forward or generate call (its main input's first dimension), or None if unknown."""
+    candidates = [*args[:1], *(kwargs.get(name) for name in BATCH_INPUTS)]
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _wrong_length(names: int, rows: int) -> str:
+    return (
+        f"adapter_names has {names} entries but the batch has {rows} rows: give exactly one adapter name per row "
+        f"({BASE_ADAPTER_NAME!r} for a row without adapter)"
+    )
 
 
 def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -696,6 +753,34 @@ def _prefer_runnable_kernel(config: AdapterConfig, path: str | os.PathLike) -> N
             stacklevel=3,
         )
         config.kernel = "torch"
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the first float tensor of ``state`` that holds inf or NaN (nothing is written)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"merged tensor {key!r} holds inf or NaN in {tensor.dtype} (largest finite value "
+                f"{torch.finfo(tensor.dtype).max:.6g}); nothing was written. Export in float32 or bfloat16, "
+                "e.g. repeft.export_merged(model, out_dir, dtype=torch.bfloat16), or check the adapter's weights"
+            )
+
+
+def base_model_dir(model: nn.Module) -> str | None:
+    """Where ``model`` (a transformers model) was loaded from, as its config records it, or None."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def refuse_overwriting_base(base_dir: str | os.PathLike | None, out_dir: str | os.PathLike) -> None:
+    """Raise ``AdapterFileError`` if ``out_dir`` is ``base_dir``, the directory a base model is loaded from.
+
+    An export there would replace the base weights it reads, and the next export would merge twice.
+    """
+    if base_dir is not None and os.path.isdir(base_dir) and os.path.realpath(out_dir) == os.path.realpath(base_dir):
+        raise AdapterFileError(
+            f"{out_dir} is the base model's own directory; writing there would replace the base weights "
+            "the export reads. Export to another directory"
+        )
 
 
 def shared_parameters(model: nn.Module) -> set[int]:
