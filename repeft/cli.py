@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     from .checkpoint import CheckpointError
     from .files import AdapterFileError
+    from .kernels import KernelError
     from .recipe import RecipeError
     from .targeting import TargetError
 
     try:
         return args.run(args)
-    except (RecipeError, AdapterFileError, TargetError, CheckpointError, FileNotFoundError) as exc:
+    except (RecipeError, AdapterFileError, TargetError, CheckpointError, KernelError, FileNotFoundError) as exc:
         print(f"repeft {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,7 @@ from . import __version__
 from .config import AdapterConfig
 from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, staged_write, write_adapter_dir
 from .fsdp import copy_whole_into, gathered, refuse_sharded
-from .kernels import triton_unavailable_reason
+from .kernels import check_backend_runs_here, triton_unavailable_reason
 from .layers import AdapterLayer, ModulesToSave
 from .lora import LoRALinear
 from .methods import method
@@ -258,6 +258,8 @@ class AdapterModel(nn.Module):
             )
         if self.merged_adapter() is not None:
             raise ValueError("cannot add an adapter while one is merged; call unmerge() first")
+        if getattr(config, "kernel", None) is not None:
+            check_backend_runs_here(config.kernel)
         config = copy.deepcopy(config)
         if config.modules_to_save is None:
             config.modules_to_save = self._default_modules_to_save()

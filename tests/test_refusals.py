@@ -143,3 +143,40 @@ def test_the_base_adapter_name_is_reserved(tmp_path):
         base = model(ids).logits
     with torch.no_grad():
         torch.testing.assert_close(model(ids, adapter_names=["__base__"]).logits, base)
+
+
+# -- item 16: a kernel choice that cannot run here is one line, before anything is built or written --
+
+
+def cli_train(tmp_path, capsys, *overrides):
+    import yaml
+    from test_train import tiny_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "train.max_steps=2")))
+    capsys.readouterr()
+    return run_cli(capsys, "train", recipe, *overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs on this machine")
+def test_triton_kernel_without_a_gpu_is_refused_when_the_adapter_is_added(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest sets it for the kernel tests
+    monkeypatch.delenv("REPEFT_KERNEL", raising=False)
+    with pytest.raises(repeft.kernels.KernelError, match="kernel='triton' cannot run on this machine"):
+        repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4, kernel="triton"))
+    code, err = cli_train(tmp_path, capsys, "adapter.kernel=triton")
+    assert code == 2 and err.startswith("repeft train: error: ") and "kernel='triton' cannot run" in err, err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("REPEFT_KERNEL", "triton")
+    code, err = cli_train(tmp_path, capsys)
+    assert code == 2 and "REPEFT_KERNEL=triton cannot run on this machine" in err, err
+
+
+def test_an_unknown_REPEFT_KERNEL_is_refused_naming_the_valid_values(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("REPEFT_KERNEL", "bogus")
+    with pytest.raises(ValueError, match=r"unknown kernel backend 'bogus'; expected one of \('auto', 'triton', 'torch'\)"):
+        repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4))
+    code, err = cli_train(tmp_path, capsys)
+    assert code == 2 and err.startswith("repeft train: error: ") and "unknown kernel backend 'bogus'" in err, err
+    code, err = run_cli(capsys, "info", "--kernels", "--shape", "24", "16", "4", "20", "--dtype", "float32")
+    assert code == 2 and err.startswith("repeft info: error: unknown kernel backend 'bogus'"), err

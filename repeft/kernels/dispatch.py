@@ -155,19 +155,37 @@ def mixed_unsupported_reason(out: torch.Tensor, x: torch.Tensor, lora_A: torch.T
     return None
 
 
+class KernelError(ValueError):
+    """A kernel backend that does not exist, or that cannot run on these tensors or this machine."""
+
+
 def explicit_backend(backend: str) -> str:
     """``backend`` with ``"auto"`` replaced by ``REPEFT_KERNEL`` when that is set; checked."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} (check {ENV_VAR})")
+        raise KernelError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} (check {ENV_VAR})")
     return backend
 
 
 def require_triton(reason: str | None) -> str:
     if reason is not None:
-        raise ValueError(f"backend='triton' cannot run here: {reason}")
+        raise KernelError(f"backend='triton' cannot run here: {reason}")
     return "triton"
+
+
+def check_backend_runs_here(backend: str) -> None:
+    """Raise ``KernelError`` if ``backend`` (``"auto"``: ``REPEFT_KERNEL``) is unknown or can never run here.
+
+    Called when an adapter is added, so that a wrong choice fails before any model
+    is trained or saved rather than inside the first forward.
+    """
+    chosen = explicit_backend(backend)
+    reason = triton_unavailable_reason() if chosen == "triton" else None
+    if reason is not None:
+        if backend == "triton":
+            raise KernelError(f"kernel='triton' cannot run on this machine ({reason}); use kernel='auto' or 'torch'")
+        raise KernelError(f"{ENV_VAR}=triton cannot run on this machine ({reason}); unset it or set it to auto or torch")
 
 
 def tokens_bucket(tokens: int) -> int:
