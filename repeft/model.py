@@ -695,7 +695,7 @@ class AdapterModel(nn.Module):
 
 
 # Inputs whose first dimension is the batch, in the order a forward's main input is looked for.
-BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+BATCH_INPUTS = ("input_ids", "inputs", "inputs_embeds", "pixel_values", "input_features", "input_values")
 
 
 def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:

@@ -63,6 +63,22 @@ def test_cli_export_into_the_base_model_directory_is_refused(fmt, base_and_adapt
     assert digests(base_dir) == before
 
 
+def test_cli_export_of_a_run_into_its_own_base_model_directory_is_refused(tmp_path, capsys):
+    """The issue's case: `repeft export RUN --out <the run's model.path>`."""
+    import transformers
+    from test_train import TINY_BERT
+
+    config = transformers.BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"}, num_labels=2)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    code, err = cli_train(tmp_path, capsys, "model.config=null", f"model.path={tmp_path / 'base'}")
+    assert code == 0, err
+    before = digests(tmp_path / "base")
+    for fmt in ("merged", "peft"):
+        code, err = run_cli(capsys, "export", tmp_path / "run", "--format", fmt, "--out", tmp_path / "run" / ".." / "base")
+        assert code == 2 and "base model's own directory" in err, err
+    assert digests(tmp_path / "base") == before
+
+
 def test_library_merged_exports_into_the_base_model_directory_are_refused(base_and_adapter):
     import transformers
 
