@@ -171,7 +171,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .files import AdapterFileError
-    from .model import load_adapter, refuse_overwriting_base
+    from .export_guards import refuse_overwriting_base
+    from .model import load_adapter
 
     path = Path(args.path)
     out = Path(args.out)

@@ -25,14 +25,8 @@ from transformers.pytorch_utils import Conv1D
 from .files import staged_write
 from .layers import AdapterLayer
 from .lora import LoRALinear
-from .model import (
-    AdapterModel,
-    base_model_dir,
-    refuse_non_finite,
-    refuse_overwriting_base,
-    shared_parameters,
-    untie_word_embeddings,
-)
+from .export_guards import base_model_dir, refuse_non_finite, refuse_overwriting_base
+from .model import AdapterModel, shared_parameters, untie_word_embeddings
 from .quantization import QUANT_TYPES, dequantize_weight, keep_standard_layout, quant_type
 
 # Default probe for re-quantized exports: this many random token sequences of this length.
