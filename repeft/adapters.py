@@ -15,9 +15,13 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import AdapterConfig
+from .kernels import check_backend_runs_here
 from .layers import AdapterLayer, ModulesToSave
 from .methods import method
 from .targeting import TargetError, find_modules
+
+# In ``adapter_names``, the name of "no adapter" (as in PEFT); no adapter may take it.
+BASE_ADAPTER_NAME = "__base__"
 
 # Heads that start untrained on task models, so they must train and be saved with the adapter.
 TASK_HEAD_SUFFIXES = {
@@ -66,8 +70,14 @@ class AdapterManagementMixin:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER_NAME:
+            raise ValueError(
+                f"adapter name {BASE_ADAPTER_NAME!r} is reserved: in adapter_names it means 'no adapter'; pick another name"
+            )
         if self.merged_adapter() is not None:
             raise ValueError("cannot add an adapter while one is merged; call unmerge() first")
+        if getattr(config, "kernel", None) is not None:
+            check_backend_runs_here(config.kernel)
         config = copy.deepcopy(config)
         if config.modules_to_save is None:
             config.modules_to_save = self._default_modules_to_save()

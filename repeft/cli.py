@@ -39,7 +39,8 @@ EXAMPLES_EXPORT = """examples:
   repeft export runs/quickstart/checkpoints/step-00000100 --out merged-100
   repeft export out/adapter --base path/to/base-model --out out/merged
 Files already in --out are kept, except those the export writes (and, for merged,
-the weight files of an earlier merged export). --out may not be PATH or lie inside it.
+the weight files of an earlier merged export). --out may not be PATH, lie inside it,
+or be the base model's directory.
 """
 
 
@@ -55,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     from .checkpoint import CheckpointError
     from .files import AdapterFileError
+    from .kernels import KernelError
     from .recipe import RecipeError
     from .targeting import TargetError
 
     try:
         return args.run(args)
-    except (RecipeError, AdapterFileError, TargetError, CheckpointError, FileNotFoundError) as exc:
+    except (RecipeError, AdapterFileError, TargetError, CheckpointError, KernelError, FileNotFoundError) as exc:
         print(f"repeft {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -169,6 +171,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .files import AdapterFileError
+    from .export_guards import refuse_overwriting_base
     from .model import load_adapter
 
     path = Path(args.path)
@@ -178,15 +181,20 @@ def _export(args: argparse.Namespace) -> int:
     run_dir, adapter_dir = _locate(path)
     tokenizer = None
     if run_dir is not None:
+        from . import registry
         from .recipe import load_recipe
         from .train import build_model, load_tokenizer
 
         recipe = load_recipe(run_dir / "recipe.yaml", ["checkpoint.resume=never"], check_data=False)
+        if recipe.model.path:
+            refuse_overwriting_base(registry.resolve_model(recipe.model.path), out)
         base = build_model(recipe, recipe.data.labels or [])
         if recipe.task != "image_classification":
             tokenizer = load_tokenizer(recipe)
     else:
-        base, tokenizer = _load_recorded_base(adapter_dir, args.base, args.model_class)
+        base_path = _recorded_base_path(adapter_dir, args.base)
+        refuse_overwriting_base(base_path, out)
+        base, tokenizer = _load_recorded_base(adapter_dir, base_path, args.model_class)
     model = load_adapter(base, adapter_dir)
     if args.format == "peft":
         from .peft_interop import export_peft
@@ -200,20 +208,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_recorded_base(adapter_dir: Path, base_path: str | None, class_name: str | None) -> tuple[Any, Any]:
-    """(base model, tokenizer or None) for a bare adapter directory: the class and label names it records."""
-    import transformers
-
-    from . import registry
+def _recorded_base(adapter_dir: Path) -> dict[str, Any]:
+    """What a bare adapter directory's config records of its base model."""
     from .files import CONFIG_NAME, check_meta, read_json
 
     meta = read_json(adapter_dir / CONFIG_NAME)
     check_meta(meta, adapter_dir / CONFIG_NAME)
-    recorded = meta.get("base_model", {})
-    base_path = base_path or recorded.get("name_or_path")
+    return meta.get("base_model", {})
+
+
+def _recorded_base_path(adapter_dir: Path, base_path: str | None) -> str:
+    """The base model directory (or hub name) to load a bare adapter onto: --base, else the one it records."""
+    from . import registry
+
+    base_path = base_path or _recorded_base(adapter_dir).get("name_or_path")
     if not base_path:
         raise FileNotFoundError(f"{adapter_dir} does not record a loadable base model; pass --base")
-    base_path = registry.resolve_model(base_path)
+    return registry.resolve_model(base_path)
+
+
+def _load_recorded_base(adapter_dir: Path, base_path: str, class_name: str | None) -> tuple[Any, Any]:
+    """(base model, tokenizer or None) for a bare adapter directory: the class and label names it records."""
+    import transformers
+
+    recorded = _recorded_base(adapter_dir)
     try:
         class_name = (
             class_name

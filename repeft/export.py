@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from .files import staged_write
 from .layers import AdapterLayer
 from .lora import LoRALinear
+from .export_guards import base_model_dir, refuse_non_finite, refuse_overwriting_base
 from .merging import shared_parameters, untie_word_embeddings
 from .model import AdapterModel
 from .quantization import QUANT_TYPES, dequantize_weight, keep_standard_layout, quant_type
@@ -80,6 +81,8 @@ def export_merged(
     With a ``probe_batch`` the float export is measured and printed as well.
     The float model is built on the CPU. The files are written as ``save_adapter``
     writes its own (``repeft.files.staged_write``): other files in ``out_dir`` are kept.
+    Nothing is written when a merged tensor is not finite in ``dtype`` (``ValueError``
+    naming it) or when ``out_dir`` is the directory the base model was loaded from.
 
     >>> report = repeft.export_merged(model, "out/merged")  # doctest: +SKIP
     >>> report = repeft.export_merged(model, "out/merged-nf4", requantize="nf4",
@@ -96,6 +99,7 @@ def export_merged(
     base = model.base_model
     if not hasattr(base, "save_pretrained"):
         raise TypeError(f"export_merged writes a transformers checkpoint; {type(base).__name__} has no save_pretrained")
+    refuse_overwriting_base(base_model_dir(base), out_dir)
     qconfig = None if requantize is None else _bnb_config(requantize, base.config)
     out_dir = Path(out_dir)
     plain = _merged_float_model(model, dtype)
@@ -159,6 +163,7 @@ def _merged_float_model(model: AdapterModel, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         plain = type(base)(config)
     state, unsaved = _merged_state(model, plain, dtype)
+    refuse_non_finite(state)  # a merged weight past the range of dtype (65504 in float16) became inf
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     for key, tensor in unsaved.items():
         owner, _, name = key.rpartition(".")

@@ -96,8 +96,9 @@ class LoRALinear(AdapterLayer):
         self.merged_adapter: str | None = None
         # Set by AdapterModel for a mixed-adapter batch: this layer's adapters used in the batch,
         # each row's index into them (-1: none) and their scalings, both on the layer's device,
-        # and a cache for their stacked factors that lives as long as the mixed call.
-        self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor, dict] | None = None
+        # a cache for their stacked factors that lives as long as the mixed call, and how many
+        # rows ``generate`` makes of each one (beams, return sequences).
+        self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor, dict, int] | None = None
         # The shared weight a merge replaced by a merged copy (see ``merge``), put back by ``unmerge``.
         self._tied_weight: list[nn.Parameter] = []
 
@@ -130,15 +131,18 @@ class LoRALinear(AdapterLayer):
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of the batch with its own adapter (index -1: the base layer alone)."""
-        names, index, scaling, stacked = self.row_adapters
+        names, index, scaling, stacked, rows_per_name = self.row_adapters
+        if x.shape[0] != index.shape[0]:
+            # generate() repeats each prompt's row for beams / return sequences (repeat_interleave).
+            if x.shape[0] != index.shape[0] * rows_per_name:
+                raise ValueError(
+                    f"adapter_names has {index.shape[0]} entries but the batch reaching {type(self).__name__} "
+                    f"has {x.shape[0]} rows: give exactly one adapter name per row"
+                )
+            index = index.repeat_interleave(rows_per_name)
         out = self.base_layer(x, *args, **kwargs)
         if not names:
             return out
-        if x.shape[0] != index.shape[0]:
-            # generate() repeats each row for beams / return sequences (repeat_interleave).
-            if x.shape[0] % index.shape[0]:
-                raise ValueError(f"adapter_names has {index.shape[0]} entries but the batch has {x.shape[0]} rows")
-            index = index.repeat_interleave(x.shape[0] // index.shape[0])
         adapters = [self.adapters[n] for n in names]
         lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
         backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
@@ -197,11 +201,19 @@ class LoRALinear(AdapterLayer):
         if self.merged_adapter is not None:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
+        merged = weight.detach() + self.delta_weight(name).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            # Checked before writing: an overflowed weight could not be unmerged back to the base.
+            raise ValueError(
+                f"merging adapter {name!r} gives inf or NaN in this {weight.dtype} weight (largest finite value "
+                f"{torch.finfo(weight.dtype).max:.6g}); merge into float32 or bfloat16 weights, e.g. "
+                "repeft.export_merged(model, out_dir, dtype=torch.bfloat16)"
+            )
         if untie:
             self._tied_weight.append(weight)
             weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             self.base_layer.weight = weight
-        weight.data += self.delta_weight(name).to(weight.dtype)
+        weight.data.copy_(merged)
         self.merged_adapter = name
 
     def unmerge(self) -> None:

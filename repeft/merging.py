@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .export_guards import base_model_dir, refuse_non_finite, refuse_overwriting_base
 from .files import staged_write
 from .fsdp import refuse_sharded
 
@@ -60,10 +61,13 @@ class MergeMixin:
             self.set_adapter(adapter_name)
         shared = shared_parameters(self.base_model)
         try:
-            for _, layer in self.adapter_layers():
+            for path, layer in self.adapter_layers():
                 if hasattr(layer, "merge") and adapter_name in layer.adapters:
                     untie = id(layer.weight) in shared
-                    layer.merge(adapter_name, untie=untie)
+                    try:
+                        layer.merge(adapter_name, untie=untie)
+                    except ValueError as exc:
+                        raise ValueError(f"{path.removeprefix('base_model.')}: {exc}") from None
                     if untie and not self._tie_flags:
                         # The merged weight is the layer's own now: the config must say so, or
                         # save_pretrained drops it as a duplicate and from_pretrained ties it again.
@@ -130,8 +134,12 @@ class MergeMixin:
 
         >>> model.save_merged("out/merged")  # doctest: +SKIP
         """
-        with self._merged(), staged_write(save_directory) as tmp:
-            self.base_model.save_pretrained(tmp, state_dict=self.merged_state_dict(), **kwargs)
+        refuse_overwriting_base(base_model_dir(self.base_model), save_directory)
+        with self._merged():
+            state = self.merged_state_dict()
+            refuse_non_finite(state)
+            with staged_write(save_directory) as tmp:
+                self.base_model.save_pretrained(tmp, state_dict=state, **kwargs)
 
 
 def shared_parameters(model: nn.Module) -> set[int]:

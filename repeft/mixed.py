@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from .adapters import BASE_ADAPTER_NAME
 from .config import AdapterConfig
 from .lora import LoRALinear
 
-# In ``adapter_names``, the name of "no adapter" (as in PEFT).
-BASE_ADAPTER_NAME = "__base__"
 MIXED_BATCH_METHODS = ("lora", "replora")
 
 
@@ -28,19 +28,34 @@ class MixedBatchMixin:
 
     configs: dict[str, AdapterConfig]
 
+    def _rows_per_prompt(self, generate_kwargs: dict[str, Any]) -> int:
+        """How many rows ``generate`` makes of each prompt: max(num_beams, num_return_sequences), as transformers."""
+        config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+
+        def setting(name: str) -> int:
+            value = generate_kwargs.get(name)
+            return value if value is not None else getattr(config, name, None) or 1
+
+        return max(setting("num_beams"), setting("num_return_sequences"))
+
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+    def _mixed_batch(self, adapter_names: list[str], rows: int | None, rows_per_name: int = 1) -> Iterator[None]:
         """Inside the block row b of every batch runs adapter ``adapter_names[b]`` (``"__base__"``: none).
 
         LoRA-family layers get each row's adapter index; other adapter layers are
-        switched off, since they cannot tell rows apart. Rows repeated by
-        ``generate`` (beams, several return sequences) keep their prompt's adapter.
+        switched off, since they cannot tell rows apart. Disabled layers
+        (``disable_adapter``) stay disabled: they run the base layer for every row.
+        ``rows_per_name`` > 1 (``generate``'s beams and return sequences) lets a
+        layer also see each name's row repeated that many times in a row.
         """
         names = self._check_adapter_names(adapter_names)
+        if rows is not None and rows != len(names):
+            raise ValueError(_wrong_length(len(names), rows))
         lora_layers, other_layers = [], []
         for _, layer in self.adapter_layers():
             if isinstance(layer, LoRALinear):
-                lora_layers.append(layer)
+                if not layer.disabled:
+                    lora_layers.append(layer)
             elif any(n in layer.adapters for n in names):
                 raise ValueError(
                     f"adapter_names: {type(layer).__name__} layers cannot mix adapters in one batch; "
@@ -58,7 +73,7 @@ class MixedBatchMixin:
                 index = [present.index(n) if n in present else -1 for n in names]
                 scaling = [layer.adapters[n].scaling for n in present]
                 per_layer[key] = (torch.tensor(index, device=device), torch.tensor(scaling, device=device))
-            layer.row_adapters = (present, *per_layer[key], {})
+            layer.row_adapters = (present, *per_layer[key], {}, rows_per_name)
         for layer in other_layers:
             layer.disabled = True
         try:
@@ -87,3 +102,23 @@ class MixedBatchMixin:
         if other:
             raise ValueError(f"adapter_names works with {MIXED_BATCH_METHODS} adapters; {other} are not")
         return names
+
+
+# Inputs whose first dimension is the batch, in the order a forward's main input is looked for.
+BATCH_INPUTS = ("input_ids", "inputs", "inputs_embeds", "pixel_values", "input_features", "input_values")
+
+
+def batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Rows in the batch of a forward or generate call (its main input's first dimension), or None if unknown."""
+    candidates = [*args[:1], *(kwargs.get(name) for name in BATCH_INPUTS)]
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _wrong_length(names: int, rows: int) -> str:
+    return (
+        f"adapter_names has {names} entries but the batch has {rows} rows: give exactly one adapter name per row "
+        f"({BASE_ADAPTER_NAME!r} for a row without adapter)"
+    )

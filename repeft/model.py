@@ -30,7 +30,7 @@ from torch import nn
 from .adapters import AdapterManagementMixin
 from .config import AdapterConfig
 from .merging import MergeMixin
-from .mixed import MixedBatchMixin
+from .mixed import MixedBatchMixin, batch_rows
 from .peft_names import PeftNamesMixin
 from .quantization import keep_standard_layout
 from .saving import SaveLoadMixin, architecture
@@ -83,18 +83,24 @@ class AdapterModel(AdapterManagementMixin, SaveLoadMixin, MergeMixin, MixedBatch
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward; ``adapter_names`` gives each row of the batch its own adapter.
 
+        ``adapter_names`` must hold exactly one name per row (``"__base__"``: no adapter).
+
         >>> out = model(input_ids, adapter_names=["math", "__base__", "code"])  # doctest: +SKIP
         """
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, batch_rows(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """``generate`` of the wrapped model; ``adapter_names`` as in ``forward``, one name per prompt."""
+        """``generate`` of the wrapped model; ``adapter_names`` as in ``forward``, one name per prompt.
+
+        The rows ``generate`` makes of each prompt (``num_beams``, ``num_return_sequences``)
+        run that prompt's adapter.
+        """
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, batch_rows(args, kwargs), self._rows_per_prompt(kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
     # -- parameters ---------------------------------------------------------------------

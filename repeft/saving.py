@@ -189,6 +189,11 @@ class SaveLoadMixin:
 
         On a sharded (FSDP) model every process passes the whole tensors and keeps its slice.
         """
+        if self.merged_adapter() == adapter_name:
+            # unmerge() subtracts the tensors the adapter holds: new ones would leave the base weights off.
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into the base weights; call unmerge() before loading tensors into it"
+            )
         expected = self.adapter_state_dict(adapter_name)
         _check_tensors_fit(expected, tensors, source)
         with torch.no_grad():

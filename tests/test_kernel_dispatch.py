@@ -237,6 +237,86 @@ def test_disk_cache_is_reused_by_a_new_process(monkeypatch, tmp_path):
     assert fused.calls == calls  # read from disk, not checked again
 
 
+def saved_cache(monkeypatch, tmp_path):
+    """A cache file holding one real decision ("triton" for ``layer_inputs()``), and that decision's key."""
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setenv(dispatch.CACHE_ENV_VAR, str(cache))
+    monkeypatch.setattr(lora_ops, "lora_linear_triton", CountingFused())
+    slow_torch_path(monkeypatch)
+    assert resolve_backend("auto", *layer_inputs()) == "triton"
+    clear_decisions()
+    (key,) = json.loads(cache.read_text())
+    return cache, key
+
+
+DAMAGED_CACHES = {
+    "a list": lambda key: "[]",
+    "a string": lambda key: '"kernels"',
+    "deeply nested": lambda key: "[" * 100_000 + "]" * 100_000,
+    "not UTF-8": lambda key: b'{"\xff": 1}'.decode("latin-1"),
+    "entry not an object": lambda key: json.dumps({key: 1}),
+    "entry missing fields": lambda key: json.dumps({key: {"backend": "triton"}}),
+    "entry with unknown backend": lambda key: json.dumps({key: {"backend": "bogus", "reason": "", "bucket": {}}}),
+    "entry with extra field": lambda key: json.dumps({key: {"backend": "torch", "reason": "", "bucket": {}, "x": 1}}),
+    "entry with text timing": lambda key: json.dumps({key: {"backend": "torch", "reason": "", "bucket": {}, "torch_ms": "1"}}),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_CACHES))
+def test_a_damaged_cache_is_ignored_with_one_warning(damage, monkeypatch, tmp_path):
+    cache, key = saved_cache(monkeypatch, tmp_path)
+    cache.write_text(DAMAGED_CACHES[damage](key), encoding="latin-1")
+    with pytest.warns(UserWarning, match="ignoring the kernel cache") as caught:
+        assert resolve_backend("auto", *layer_inputs()) == "triton"  # checked again, then saved
+    assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
+    saved = json.loads(cache.read_text())  # rewritten whole, with the valid decision
+    assert saved[key]["backend"] == "triton"
+    assert [d.backend for d in dispatch.saved_decisions()] == ["triton"]
+
+
+def test_an_unwritable_cache_keeps_decisions_in_the_process(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(dispatch.CACHE_ENV_VAR, str(tmp_path / "a-file" / "kernels.json"))  # cannot be created
+    monkeypatch.setattr(lora_ops, "lora_linear_triton", CountingFused())
+    slow_torch_path(monkeypatch)
+    with pytest.warns(UserWarning, match="ignoring the kernel cache") as caught:
+        assert resolve_backend("auto", *layer_inputs()) == "triton"
+    assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process, though each new bucket tries to save
+        assert resolve_backend("auto", *layer_inputs()) == "triton"
+        assert resolve_backend("auto", *layer_inputs(M=40)) == "triton"
+    assert len(kernel_report()) == 2
+
+
+CACHE_WRITER = """
+import pathlib, sys, time
+from repeft.kernels import dispatch
+ready = pathlib.Path(sys.argv[3])
+(ready / sys.argv[1]).touch()
+while len(list(ready.iterdir())) < 2:  # both processes start saving at once
+    time.sleep(0.001)
+for i in range(int(sys.argv[2])):
+    dispatch._save_to_disk(f"{sys.argv[1]}-{i}", dispatch.Decision("torch", "test", {"i": i}))
+"""
+
+
+def test_processes_saving_at_once_keep_all_their_entries(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(dispatch.CACHE_ENV_VAR, str(tmp_path / "kernels.json"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    (tmp_path / "ready").mkdir()
+    writers = [subprocess.Popen([sys.executable, "-c", CACHE_WRITER, name, "40", tmp_path / "ready"], env=env)
+               for name in ("a", "b")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert sorted(saved) == sorted(f"{name}-{i}" for name in ("a", "b") for i in range(40))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
 def test_report_and_cli(monkeypatch, capsys):
     resolve_backend("auto", *layer_inputs())
     assert cli.main(["info", "--kernels"]) == 0

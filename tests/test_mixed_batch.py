@@ -129,3 +129,61 @@ def test_bad_adapter_names():
     model.merge("a")
     with pytest.raises(ValueError, match="unmerge"):
         model(input_ids=ids, adapter_names=["a", "b"])
+
+
+@pytest.mark.parametrize("names", [["a", "c"], [], ["a", "b", "c", "a", "b"]], ids=["fewer", "none", "more"])
+def test_adapter_names_must_give_one_name_per_row(names):
+    model = build()
+    with torch.no_grad(), pytest.raises(ValueError, match="entries but the batch has 4 rows: give exactly one"):
+        model(input_ids=input_ids(rows=4), adapter_names=names)
+    with torch.no_grad(), pytest.raises(ValueError, match="entries but the batch has 4 rows: give exactly one"):
+        model.generate(input_ids=input_ids(rows=4), adapter_names=names, max_new_tokens=2, pad_token_id=0)
+
+
+def test_generate_expands_names_for_beams_only_as_generate_does():
+    """Beams and return sequences repeat each prompt's name; a batch of another size is still refused."""
+    model = build()
+    ids = input_ids(rows=2, seq=4)
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        assert model.generate(input_ids=ids, adapter_names=["a", "b"], **kw).shape[0] == 4
+        with pytest.raises(ValueError, match="entries but the batch has 2 rows"):
+            model.generate(input_ids=ids, adapter_names=["a"], **kw)  # not stretched to the 4 rows of beams
+        # A name list as long as the beams is not a name per prompt.
+        with pytest.raises(ValueError, match="entries but the batch has 2 rows"):
+            model.generate(input_ids=ids, adapter_names=["a", "a", "b", "b"], **kw)
+
+
+def test_generate_with_beams_on_an_encoder_decoder():
+    """T5's encoder sees one row per prompt, its decoder one per beam: both run each prompt's adapter."""
+    model = repeft.wrap(tiny_model("t5"), repeft.LoRAConfig(r=4, target_modules=["q", "v"]), "a")
+    model.add_adapter("b", repeft.LoRAConfig(r=2, target_modules=["q", "v", "o"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    model = model.to(DEVICE).eval()
+    ids = input_ids(rows=3, seq=4)
+    names = ["b", "__base__", "a"]
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **kw)
+        for row, name in enumerate(names):
+            want = alone(model, name, lambda: model.generate(input_ids=ids[row : row + 1], **kw))
+            assert torch.equal(mixed[row * 2 : (row + 1) * 2], want)
+
+
+def test_disable_adapter_wins_over_adapter_names():
+    """Inside ``disable_adapter()`` every row runs the base model, whatever adapter_names says."""
+    model = build()
+    ids = input_ids(rows=3)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+            inside = model(input_ids=ids, adapter_names=["a", "b", "c"]).logits
+            with pytest.raises(ValueError, match="unknown adapter"):  # the names are still checked
+                model(input_ids=ids, adapter_names=["a", "b", "nope"])
+        torch.testing.assert_close(inside, base, rtol=0, atol=0)
+        mixed = model(input_ids=ids, adapter_names=["a", "b", "c"]).logits  # enabled again afterwards
+    assert not torch.allclose(mixed, base, atol=1e-3)

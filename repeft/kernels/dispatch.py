@@ -15,7 +15,8 @@ A kernel that fails either is not used for that bucket: silently when it is
 slower, with one warning when its numbers are wrong. Later calls of the bucket
 cost one dict lookup. Decisions live for the process and, if the environment
 variable ``REPEFT_KERNEL_CACHE`` names a JSON file, on disk too (keyed by GPU
-name and torch/triton versions). ``kernel_report()`` lists them with reasons;
+name and torch/triton versions; ``decision_cache``: a damaged or unwritable file
+costs one warning, never a forward). ``kernel_report()`` lists them with reasons;
 ``repeft info --kernels`` prints them.
 
 Only devices in ``AUTO_DEVICES`` (CUDA) are checked: on CPU the Triton
@@ -38,9 +39,11 @@ from typing import Any
 
 import torch
 
+from . import decision_cache
+
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "REPEFT_KERNEL"
-CACHE_ENV_VAR = "REPEFT_KERNEL_CACHE"
+CACHE_ENV_VAR = decision_cache.ENV_VAR
 MAX_TRITON_RANK = 256  # the kernels hold a whole rank block in registers
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AUTO_DEVICES = ("cuda",)
@@ -152,19 +155,37 @@ def mixed_unsupported_reason(out: torch.Tensor, x: torch.Tensor, lora_A: torch.T
     return None
 
 
+class KernelError(ValueError):
+    """A kernel backend that does not exist, or that cannot run on these tensors or this machine."""
+
+
 def explicit_backend(backend: str) -> str:
     """``backend`` with ``"auto"`` replaced by ``REPEFT_KERNEL`` when that is set; checked."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} (check {ENV_VAR})")
+        raise KernelError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} (check {ENV_VAR})")
     return backend
 
 
 def require_triton(reason: str | None) -> str:
     if reason is not None:
-        raise ValueError(f"backend='triton' cannot run here: {reason}")
+        raise KernelError(f"backend='triton' cannot run here: {reason}")
     return "triton"
+
+
+def check_backend_runs_here(backend: str) -> None:
+    """Raise ``KernelError`` if ``backend`` (``"auto"``: ``REPEFT_KERNEL``) is unknown or can never run here.
+
+    Called when an adapter is added, so that a wrong choice fails before any model
+    is trained or saved rather than inside the first forward.
+    """
+    chosen = explicit_backend(backend)
+    reason = triton_unavailable_reason() if chosen == "triton" else None
+    if reason is not None:
+        if backend == "triton":
+            raise KernelError(f"kernel='triton' cannot run on this machine ({reason}); use kernel='auto' or 'torch'")
+        raise KernelError(f"{ENV_VAR}=triton cannot run on this machine ({reason}); unset it or set it to auto or torch")
 
 
 def tokens_bucket(tokens: int) -> int:
@@ -449,10 +470,11 @@ def format_report(decisions: list[Decision]) -> str:
 
 
 def clear_decisions() -> None:
-    """Forget the decisions of this process (the on-disk cache file is left alone)."""
+    """Forget the decisions of this process, and which cache problems it warned about (the file is left alone)."""
     global _disk
     _decisions.clear()
     _disk = None
+    decision_cache.forget_warnings()
 
 
 def _disk_key(bucket: dict[str, Any], device: torch.device) -> str | None:
@@ -473,22 +495,29 @@ def _disk_cache() -> dict[str, dict]:
     if not path:
         return {}
     if _disk is None:
-        try:
-            with open(path) as fh:
-                _disk = json.load(fh)
-        except FileNotFoundError:
-            _disk = {}
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"repeft: ignoring the kernel cache {path} ({exc}); it will be rewritten", stacklevel=2)
-            _disk = {}
+        _disk = decision_cache.read(path, _is_decision)
     return _disk
+
+
+_DECISION_FIELDS = {f.name for f in dataclasses.fields(Decision)}
+_DECISION_NUMBERS = ("torch_ms", "fused_ms", "max_error")
+
+
+def _is_decision(entry: Any) -> bool:
+    """Whether ``entry`` is a decision as ``_save_to_disk`` writes it (``Decision(**entry)`` then holds)."""
+    if not isinstance(entry, dict) or not {"backend", "reason", "bucket"} <= set(entry) <= _DECISION_FIELDS:
+        return False
+    numbers_ok = all(
+        entry.get(name) is None or (isinstance(entry[name], (int, float)) and not isinstance(entry[name], bool))
+        for name in _DECISION_NUMBERS
+    )
+    return entry["backend"] in ("triton", "torch") and isinstance(entry["reason"], str) \
+        and isinstance(entry["bucket"], dict) and numbers_ok
 
 
 def _save_to_disk(key: str, decision: Decision) -> None:
     path = os.environ[CACHE_ENV_VAR]
+    entry = dataclasses.asdict(decision)
     cache = _disk_cache()
-    cache[key] = dataclasses.asdict(decision)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(cache, fh, indent=1)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    cache[key] = entry
+    cache.update(decision_cache.add(path, key, entry, _is_decision))
