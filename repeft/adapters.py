@@ -20,6 +20,13 @@ from .layers import AdapterLayer, ModulesToSave
 from .methods import method
 from .targeting import TargetError, find_modules
 
+class UnknownAdapterError(KeyError, ValueError):
+    """No adapter of that name. PEFT raises ValueError here; earlier repeft KeyError, so both catch it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 # In ``adapter_names``, the name of "no adapter" (as in PEFT); no adapter may take it.
 BASE_ADAPTER_NAME = "__base__"
 
@@ -114,6 +121,11 @@ class AdapterManagementMixin:
                 if any(path.startswith(other + ".") for other in paths):
                     continue
                 module = base.get_submodule(path)
+                if isinstance(module, (nn.ModuleDict, nn.ModuleList)):
+                    raise TargetError(
+                        f"modules_to_save entry {pattern!r} names {path!r}, a {type(module).__name__}, which has no "
+                        "forward of its own to train a copy of; name the modules inside it instead"
+                    )
                 if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave):
                     raise TargetError(f"modules_to_save entry {pattern!r} names {path!r}, which an adapter already wraps")
                 if not isinstance(module, ModulesToSave):
@@ -171,7 +183,7 @@ class AdapterManagementMixin:
 
     def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
-            raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
+            raise UnknownAdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -189,17 +201,25 @@ class AdapterManagementMixin:
         finally:
             for layer, disabled in zip(layers, before):
                 layer.disabled = disabled
+            if self.active_adapter is not None:
+                self.set_adapter(self.active_adapter)  # trainable again, as before the block
             if merged is not None:
                 self.merge(merged)
 
     def disable_adapter_layers(self) -> None:
-        """Run the plain base model until ``enable_adapter_layers()``; a merged adapter is unmerged."""
+        """Run the plain base model until ``enable_adapter_layers()``; a merged adapter is unmerged.
+
+        As in PEFT, the adapters are frozen meanwhile: an optimizer step cannot move what does not run.
+        """
         if self.merged_adapter() is not None:
             self.unmerge()
         for _, layer in self.adapter_layers():
             layer.disabled = True
+            layer.adapters.requires_grad_(False)
 
     def enable_adapter_layers(self) -> None:
-        """Undo ``disable_adapter_layers()``: the active adapter runs again."""
+        """Undo ``disable_adapter_layers()``: the active adapter runs (and trains, unless loaded for inference) again."""
         for _, layer in self.adapter_layers():
             layer.disabled = False
+        if self.active_adapter is not None:
+            self.set_adapter(self.active_adapter)

@@ -46,7 +46,7 @@ class LoRAConfig(AdapterConfig):
 
     r: int = option(8, minimum=1)
     # Positive, and small enough that s * B A x cannot overflow float32 (1e308 would load, then every forward is inf).
-    lora_alpha: float = option(16.0, above=0.0, below=1e6)
+    lora_alpha: float = option(8.0, above=0.0, below=1e6)  # PEFT's default
     lora_dropout: float = option(0.0, minimum=0.0, below=1.0)
     target_modules: list[str] | str | None = None
     use_rslora: bool = False

@@ -8,7 +8,8 @@ look for some of these names on the model they are given.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import tempfile
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -83,8 +84,35 @@ class PeftNamesMixin:
     ) -> AdapterModel:
         """PEFT's ``PeftModel.from_pretrained``: ``repeft.load_adapter`` under the name PEFT users know.
 
+        As in PEFT, the model comes back in eval mode (dropout off) unless ``is_trainable=True``.
+
         >>> model = repeft.AdapterModel.from_pretrained(base, "out/adapter")  # doctest: +SKIP
         """
         from .model import load_adapter  # model.py builds AdapterModel from this mixin
 
-        return load_adapter(model, path, adapter_name, trainable=is_trainable)
+        loaded = load_adapter(model, path, adapter_name, trainable=is_trainable)
+        return loaded if is_trainable else loaded.eval()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload adapter",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Upload the adapters (``save_pretrained``'s files), not the base model, as PEFT's ``push_to_hub`` does.
+
+        >>> model.push_to_hub("me/llama-lora")  # doctest: +SKIP
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="repeft-push-") as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
+            )

@@ -125,16 +125,40 @@ class SaveLoadMixin:
         return record
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, adapter_name: str | None = None, is_main_process: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
     ) -> None:
-        """Save the adapter, as PEFT's ``save_pretrained`` does: the same as ``save_adapter``.
+        """Save every adapter (or ``selected_adapters``) as PEFT does: ``"default"`` in
+        ``save_directory`` itself, any other in the sub-folder of its name, each as ``save_adapter`` writes it.
 
-        ``repeft.load_adapter(base, save_directory)`` (or ``model.load_adapter``)
-        reloads it; ``save_merged`` writes the merged full model instead.
+        ``repeft.load_adapter(base, save_directory)`` reloads the default one,
+        ``model.load_adapter(f"{save_directory}/NAME", "NAME")`` another;
+        ``save_merged`` writes the merged full model instead.
 
         >>> model.save_pretrained("out/adapter")  # doctest: +SKIP
+        >>> model.save_pretrained("out/adapter", selected_adapters=["math"])  # doctest: +SKIP
         """
-        self.save_adapter(save_directory, adapter_name, is_main_process)
+        if not safe_serialization:
+            raise ValueError(
+                "save_pretrained(safe_serialization=False): repeft writes safetensors only (pickle files run code "
+                "when loaded); drop the argument"
+            )
+        if kwargs:
+            raise TypeError(
+                f"save_pretrained: PEFT option(s) {sorted(kwargs)} are not supported by repeft; it takes "
+                "save_directory, safe_serialization, selected_adapters and is_main_process"
+            )
+        names = list(self.configs) if selected_adapters is None else list(selected_adapters)
+        unknown = sorted(set(names) - set(self.configs))
+        if unknown:
+            raise ValueError(f"selected_adapters names unknown adapter(s) {unknown}; adapters: {sorted(self.configs)}")
+        for name in names:
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            self.save_adapter(out, name, is_main_process)
 
     def load_adapter(
         self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False

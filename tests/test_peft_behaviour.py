@@ -50,3 +50,122 @@ def test_an_embedding_that_peft_would_adapt_is_refused_by_name_not_skipped(spec)
     with pytest.raises(repeft.TargetError, match="selects 'model.embed_tokens', a Embedding; repeft's LoRA adapts"):
         repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=spec))
     assert not any(p.requires_grad is False for p in base.parameters())  # the failed wrap left the model as it was
+
+
+# -- adapters: adding, deleting, switching off ------------------------------------------------------
+
+
+def both(**lora):
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **lora}
+    return (peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**kwargs)),
+            repeft.get_peft_model(tiny_model("llama"), repeft.LoRAConfig(**kwargs)))
+
+
+def trainable_names(model):
+    return sorted(n.replace(".default", "") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_add_adapter_keeps_the_active_adapter_like_peft():
+    theirs, ours = both()
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ours.add_adapter("other", repeft.LoRAConfig(r=2, target_modules=["q_proj"]))
+    assert ours.active_adapters == theirs.active_adapters == ["default"]
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if ".other." in n)
+    assert not any(p.requires_grad for n, p in theirs.named_parameters() if ".other." in n)
+
+
+def test_deleting_an_unknown_adapter_is_a_value_error_like_peft():
+    theirs, ours = both()
+    with pytest.raises(ValueError):
+        theirs.delete_adapter("nope")
+    with pytest.raises(ValueError, match="no adapter named 'nope'; adapters: \\['default'\\]"):
+        ours.delete_adapter("nope")
+    with pytest.raises(KeyError):  # what repeft raised before: callers catching it still do
+        ours.set_adapter("nope")
+
+
+def test_disabled_adapter_layers_are_frozen_like_peft_and_thaw_when_enabled():
+    theirs, ours = both()
+    before = (trainable_names(theirs), trainable_names(ours))
+    assert before[0] and before[1]
+    for model in (theirs, ours):
+        model.disable_adapter_layers()
+    assert trainable_names(theirs) == trainable_names(ours) == []
+    for model in (theirs, ours):
+        model.enable_adapter_layers()
+    assert (trainable_names(theirs), trainable_names(ours)) == before
+    with ours.disable_adapter():
+        assert trainable_names(ours) == []
+    assert trainable_names(ours) == before[1]
+
+
+def test_default_lora_alpha_is_peft_s():
+    assert repeft.LoRAConfig().lora_alpha == peft.LoraConfig().lora_alpha == 8
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=8, target_modules=["q_proj"]))
+    ours = repeft.get_peft_model(tiny_model("llama"), repeft.LoRAConfig(r=8, target_modules=["q_proj"]))
+    assert ours.configs["default"].scaling == theirs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+
+
+def test_modules_to_save_on_a_container_is_refused_by_name():
+    with pytest.raises(repeft.TargetError, match="'model.layers', a ModuleList, which has no forward"):
+        repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=2, modules_to_save=["model.layers"]))
+
+
+# -- files -----------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_saves_every_adapter_like_peft(tmp_path):
+    theirs, ours = both()
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ours.add_adapter("other", repeft.LoRAConfig(r=2, target_modules=["q_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+
+    def layout(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "README.md")
+
+    assert layout(tmp_path / "ours") == layout(tmp_path / "peft") == [
+        "adapter_config.json", "adapter_model.safetensors", "other/adapter_config.json", "other/adapter_model.safetensors"]
+    ours.save_pretrained(tmp_path / "only", selected_adapters=["other"])
+    assert layout(tmp_path / "only") == ["other/adapter_config.json", "other/adapter_model.safetensors"]
+    reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "ours")
+    reloaded.load_adapter(tmp_path / "ours" / "other", "other")
+    assert sorted(reloaded.configs) == ["default", "other"] and reloaded.configs["other"].r == 2
+    with pytest.raises(ValueError, match="safetensors only"):
+        ours.save_pretrained(tmp_path / "x", safe_serialization=False)
+    with pytest.raises(TypeError, match=r"PEFT option\(s\) \['save_embedding_layers'\] are not supported"):
+        ours.save_pretrained(tmp_path / "x", save_embedding_layers=True)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        ours.save_pretrained(tmp_path / "x", selected_adapters=["nope"])
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_from_pretrained_gives_eval_mode_unless_trainable_like_peft(is_trainable, tmp_path):
+    theirs, ours = both(lora_dropout=0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    loaded_theirs = peft.PeftModel.from_pretrained(tiny_model("llama").train(), tmp_path / "peft", is_trainable=is_trainable)
+    loaded_ours = repeft.AdapterModel.from_pretrained(tiny_model("llama").train(), tmp_path / "ours", is_trainable=is_trainable)
+    assert loaded_ours.training == loaded_theirs.training == is_trainable
+    batch = tiny_batch("llama")
+    if not is_trainable:  # dropout off: the same output twice
+        torch.testing.assert_close(loaded_ours(**batch).logits, loaded_ours(**batch).logits, atol=0, rtol=0)
+
+
+def test_push_to_hub_uploads_the_adapters_not_the_base_model(monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        uploaded[repo_id] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: repo_id)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    _, ours = both()
+    ours.add_adapter("other", repeft.LoRAConfig(r=2, target_modules=["q_proj"]))
+    ours.push_to_hub("me/tiny-lora")
+    assert uploaded["me/tiny-lora"] == [
+        "adapter_config.json", "adapter_model.safetensors", "other/adapter_config.json", "other/adapter_model.safetensors"]
