@@ -20,9 +20,9 @@ from . import vpt as _vpt  # noqa: F401,E402
 from . import vapt as _vapt  # noqa: F401,E402
 from .config import AdapterConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
-from .lora import LoRAConfig  # noqa: E402
+from .lora import LoRAConfig, TaskType  # noqa: E402
 from .model import AdapterModel, get_peft_model, load_adapter, wrap  # noqa: E402
-from .peft_interop import export_peft, from_peft  # noqa: E402
+from .peft_interop import export_peft, from_peft, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .prefix import PrefixConfig, fold_prefix  # noqa: E402
 from .replora import RepLoRAConfig  # noqa: E402
 from .export import MergedExport, export_merged  # noqa: E402
@@ -32,16 +32,23 @@ from .vapt import VAPTConfig  # noqa: E402
 from .vpt import VPTConfig  # noqa: E402
 from .zero_init import ZeroInitConfig  # noqa: E402
 
+# PEFT's spellings, so a PEFT script changes only its import line (docs/api.md, "Coming from PEFT").
+PeftModel = AdapterModel
+LoraConfig = LoRAConfig
+
 __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "AdapterModel",
     "AdapterTrainer",
     "LoRAConfig",
+    "LoraConfig",
     "MergedExport",
+    "PeftModel",
     "PrefixConfig",
     "RepLoRAConfig",
     "TargetError",
+    "TaskType",
     "VAPTConfig",
     "VPTConfig",
     "ZeroInitConfig",
@@ -50,8 +57,10 @@ __all__ = [
     "fold_prefix",
     "from_peft",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "load_adapter",
     "prepare_quantized_model",
+    "set_peft_model_state_dict",
     "wrap",
 ]
 

@@ -9,7 +9,9 @@ PEFT export) only sees A and B.
 
 from __future__ import annotations
 
+import enum
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,9 +23,25 @@ from .config import AdapterConfig, as_name_list, option
 from .kernels import BACKENDS, add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
 from .methods import register_method
-from .targeting import DEFAULT_TARGET_MODULES, resolve_targets
+from .targeting import DEFAULT_TARGET_MODULES, TargetError, matches_name, resolve_targets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# PEFT's initialisations that repeft has: True (A kaiming-uniform, B zero), "gaussian" (A normal(0, 1/r), B zero),
+# False (both as nn.Linear initialises them: the adapter changes the output from the start, for tests).
+INITIALISATIONS = (True, False, "gaussian")
+# Where PEFT finds a layer index in a module name when layers_pattern is not given.
+LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types; repeft finds a task model's head from its class, so the type is recorded only."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 @dataclass
@@ -52,11 +70,57 @@ class LoRAConfig(AdapterConfig):
     use_rslora: bool = False
     kernel: str = option("auto", choices=BACKENDS)
     dtype: str = option("float32", choices=tuple(DTYPES))
+    # PEFT's LoraConfig fields, same meaning (https://huggingface.co/docs/peft, LoraConfig).
+    task_type: str | None = option(None, choices=(None, *(t.value for t in TaskType)))
+    bias: str = "none"
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False  # read off each layer (GPT-2's Conv1D); kept for PEFT configs
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    exclude_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
         super().__post_init__()
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = as_name_list("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = as_name_list("exclude_modules", self.exclude_modules)
+        if self.bias != "none":
+            raise ValueError(
+                f"bias={self.bias!r}: repeft's LoRA trains no biases; use bias='none', and list a layer in "
+                "modules_to_save to train it (bias included) in full"
+            )
+        if self.init_lora_weights not in INITIALISATIONS or isinstance(self.init_lora_weights, int) and not isinstance(
+            self.init_lora_weights, bool
+        ):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by repeft (PiSSA, OLoRA, LoftQ, EVA "
+                f"and CorDA initialisations are not implemented); use one of {INITIALISATIONS}"
+            )
+        if self.method != "lora" and self.init_lora_weights is not True:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is a LoRA option; {type(self).__name__} initialises "
+                "its own parameters (see its docs)"
+            )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only says where layers_to_transform finds layer indices; set layers_to_transform too")
+
+    def select(self, paths: list[str]) -> list[str]:
+        """``paths`` (targeted module names) less ``exclude_modules`` and layers outside ``layers_to_transform``."""
+        kept = [p for p in paths if not _excluded(p, self.exclude_modules)]
+        if self.layers_to_transform is not None:
+            wanted = {self.layers_to_transform} if isinstance(self.layers_to_transform, int) else set(self.layers_to_transform)
+            patterns = self.layers_pattern or LAYERS_PATTERNS
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            kept = [p for p in kept if _layer_index(p, patterns) in wanted]
+        if not kept:
+            raise TargetError(
+                f"target_modules select {len(paths)} module(s), but exclude_modules={self.exclude_modules!r} / "
+                f"layers_to_transform={self.layers_to_transform!r} leave none"
+            )
+        return kept
 
     @property
     def scaling(self) -> float:
@@ -73,6 +137,10 @@ class LoRAFactors(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
         # nn.Linear's own init, as in the LoRA paper's reference code and PEFT.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if config.init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / config.r)
+        elif config.init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = config.kernel
@@ -233,10 +301,26 @@ class LoRALinear(AdapterLayer):
         return self.base_layer
 
 
+def _excluded(path: str, exclude: list[str] | str | None) -> bool:
+    if exclude is None:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, path) is not None
+    return any(matches_name(path, pattern) for pattern in exclude)
+
+
+def _layer_index(path: str, patterns: list[str]) -> int | None:
+    for pattern in patterns:
+        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)\.", path)
+        if found:
+            return int(found.group(1))
+    return None
+
+
 def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     """Wrap every targeted layer in a ``LoRALinear`` and add ``make_factors(layer)`` to it."""
     base = model.base_model
-    for path in resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()):
+    for path in config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths())):
         layer = base.get_submodule(path)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)

@@ -98,8 +98,23 @@ class MergeMixin:
             if not was_merged:
                 self.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter and return the plain transformers model (this wrapper is spent)."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active adapter (or the one ``adapter_names`` names) and return the plain transformers model.
+
+        This wrapper is spent afterwards. PEFT's ``safe_merge`` is what every
+        repeft merge does (merged weights are checked finite before they are
+        written), and ``progressbar`` has nothing to show: both are accepted.
+        """
+        if adapter_names is not None:
+            names = list(adapter_names)
+            if len(names) != 1:
+                raise ValueError(f"repeft merges one adapter; merge_and_unload(adapter_names={names}) needs one name")
+            self._check_known(names[0])
+            if self.merged_adapter() not in (None, names[0]):
+                self.unmerge()
+            self.set_adapter(names[0])
         self._check_mergeable(self.active_adapter)
         if self.merged_adapter() is None:
             self.merge()

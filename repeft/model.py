@@ -18,6 +18,7 @@ mixin in its own module:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -164,11 +165,32 @@ def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = "default")
     return wrapped
 
 
-def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: AdapterConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> AdapterModel:
     """PEFT's name for ``wrap``, so a PEFT script changes only its import and config lines.
+
+    PEFT's ``autocast_adapter_dtype=True`` is repeft's default (adapter weights in
+    float32 on a float16/bfloat16 base); ``False`` gives the adapter the base's dtype.
+    ``mixed``, ``revision`` and ``low_cpu_mem_usage=True`` are refused by name.
 
     >>> model = repeft.get_peft_model(base, repeft.LoRAConfig(r=8))  # doctest: +SKIP
     """
+    refused = {"mixed": mixed, "revision": revision is not None, "low_cpu_mem_usage": low_cpu_mem_usage}
+    if any(refused.values()):
+        raise ValueError(
+            f"get_peft_model: {[k for k, v in refused.items() if v]} not supported by repeft (PEFT's mixed adapter "
+            "types, Hub revisions of the base and meta-device adapters); leave them at their defaults"
+        )
+    if not autocast_adapter_dtype and hasattr(peft_config, "dtype"):
+        base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        peft_config = dataclasses.replace(peft_config, dtype=str(base_dtype).removeprefix("torch."))
     return wrap(model, peft_config, adapter_name)
 
 

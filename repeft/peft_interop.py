@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,6 @@ UNSUPPORTED = {
     "bias": ("none", None),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
-    "layers_to_transform": (None,),
     "use_qalora": (False, None),
     "lora_bias": (False, None),
     "target_parameters": (None, []),
@@ -38,17 +38,13 @@ UNSUPPORTED = {
 }
 
 
-def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-    """Write the adapter as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it).
-
-    >>> repeft.export_peft(model, "out/peft_adapter")  # doctest: +SKIP
-    """
-    adapter_name = adapter_name or model.active_adapter
+def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str) -> tuple[dict[str, torch.Tensor], list[str], set[bool], list[str]]:
+    """The adapter's tensors under PEFT's names, its target paths, their fan_in_fan_out flags and the heads it trains."""
     model._check_known(adapter_name)
     config = model.configs[adapter_name]
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"only LoRA-family adapters export to PEFT; {adapter_name!r} is {config.method}")
-    refuse_sharded(model, "export_peft")
+    refuse_sharded(model, caller)
     tensors: dict[str, torch.Tensor] = {}
     targets, fan_in_fan_out, saved = [], set(), []
     for path, layer in model.adapter_layers():
@@ -66,6 +62,75 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
             saved.append(path)
             for key, value in layer.adapters[adapter_name].state_dict().items():
                 tensors[f"{PEFT_PREFIX}{path}.{key}"] = value
+    return tensors, targets, fan_in_fan_out, saved
+
+
+def get_peft_model_state_dict(
+    model: AdapterModel, state_dict: dict | None = None, adapter_name: str = "default", **kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_peft_model_state_dict``: the adapter's tensors under PEFT's names
+    (``base_model.model.<module>.lora_A.weight``); RepLoRA gives its materialised A and B.
+
+    >>> tensors = repeft.get_peft_model_state_dict(model)  # doctest: +SKIP
+    """
+    if state_dict is not None or kwargs:
+        raise TypeError(
+            f"get_peft_model_state_dict: {['state_dict'] * (state_dict is not None) + sorted(kwargs)} are not "
+            "supported by repeft; it reads the adapter from the model"
+        )
+    return _peft_tensors(model, adapter_name, "get_peft_model_state_dict")[0]
+
+
+def set_peft_model_state_dict(
+    model: AdapterModel, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default", **kwargs: Any
+) -> nn.modules.module._IncompatibleKeys:
+    """PEFT's ``set_peft_model_state_dict``: load tensors under PEFT's names into a LoRA adapter.
+
+    Names and shapes are checked as a load checks them (nothing is missing or left over, so the
+    returned ``missing_keys``/``unexpected_keys`` are empty).
+
+    >>> repeft.set_peft_model_state_dict(model, tensors)  # doctest: +SKIP
+    """
+    if kwargs:
+        raise TypeError(f"set_peft_model_state_dict: {sorted(kwargs)} are not supported by repeft")
+    model._check_known(adapter_name)
+    if model.configs[adapter_name].method != "lora":
+        raise ValueError(
+            f"adapter {adapter_name!r} is {model.configs[adapter_name].method}: its parameters are not PEFT's lora_A "
+            "and lora_B (those are computed), so a PEFT state dict loads into a LoRA adapter only"
+        )
+    renamed, _ = _repeft_names(peft_model_state_dict, "peft_model_state_dict")
+    model.load_adapter_tensors(adapter_name, renamed, source="peft_model_state_dict")
+    return nn.modules.module._IncompatibleKeys([], [])
+
+
+def _repeft_names(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's tensor names turned into repeft's, and the LoRA target paths found."""
+    renamed, targets = {}, []
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterFileError(f"{source}: unexpected tensor name {key!r} (PEFT LoRA names start with {PEFT_PREFIX!r})")
+        key = key.removeprefix(PEFT_PREFIX)
+        for part in ("lora_A", "lora_B"):
+            if key.endswith(f".{part}.weight"):
+                path = key.removesuffix(f".{part}.weight")
+                renamed[f"{path}.{part}"] = value
+                if part == "lora_A":
+                    targets.append(path)
+                break
+        else:
+            renamed[key] = value
+    return renamed, targets
+
+
+def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write the adapter as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it).
+
+    >>> repeft.export_peft(model, "out/peft_adapter")  # doctest: +SKIP
+    """
+    adapter_name = adapter_name or model.active_adapter
+    tensors, targets, fan_in_fan_out, saved = _peft_tensors(model, adapter_name, "export_peft")
+    config = model.configs[adapter_name]
     if len(fan_in_fan_out) > 1:
         raise ValueError("PEFT stores one fan_in_fan_out flag per adapter; this adapter mixes Conv1D and Linear layers")
     peft_config = {
@@ -128,20 +193,7 @@ def from_peft(
         meta = read_json(files[CONFIG_NAME])
         _check_peft_meta(root, meta)
         tensors = read_tensors(files[WEIGHTS_NAME])
-    renamed, targets = {}, []
-    for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise AdapterFileError(f"{root}: unexpected tensor name {key!r} (PEFT LoRA names start with {PEFT_PREFIX!r})")
-        key = key.removeprefix(PEFT_PREFIX)
-        for part in ("lora_A", "lora_B"):
-            if key.endswith(f".{part}.weight"):
-                path = key.removesuffix(f".{part}.weight")
-                renamed[f"{path}.{part}"] = value
-                if part == "lora_A":
-                    targets.append(path)
-                break
-        else:
-            renamed[key] = value
+    renamed, targets = _repeft_names(tensors, str(root))
     if not targets:
         raise AdapterFileError(f"{root}: no lora_A tensors found in {WEIGHTS_NAME}")
     ranks = {renamed[f"{t}.lora_A"].shape[0] for t in targets}

@@ -54,6 +54,17 @@ class PeftNamesMixin:
     disable_adapters = AdapterManagementMixin.disable_adapter_layers
     enable_adapters = AdapterManagementMixin.enable_adapter_layers
 
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """PEFT's name for ``merge``; ``adapter_names`` holds the one adapter to merge."""
+        names = [None] if adapter_names is None else list(adapter_names)
+        if len(names) != 1:
+            raise ValueError(f"repeft merges one adapter; merge_adapter(adapter_names={names}) needs one name")
+        self.merge(names[0])
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for ``unmerge``."""
+        self.unmerge()
+
     @property
     def active_adapters(self) -> AdapterNames:
         """The active adapter as a list, read as PEFT's property or called as transformers' method.
@@ -80,18 +91,44 @@ class PeftNamesMixin:
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        subfolder: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
     ) -> AdapterModel:
         """PEFT's ``PeftModel.from_pretrained``: ``repeft.load_adapter`` under the name PEFT users know.
 
-        As in PEFT, the model comes back in eval mode (dropout off) unless ``is_trainable=True``.
+        As in PEFT, the model comes back in eval mode (dropout off) unless
+        ``is_trainable=True``; ``config`` replaces the saved config (same method,
+        same shapes); ``subfolder`` is a folder inside ``path``. PEFT's
+        ``autocast_adapter_dtype=True`` is repeft's default (adapters in
+        float32); ``low_cpu_mem_usage`` is what a load does anyway (the adapter
+        is checked on the meta device before anything is allocated). Hub and
+        device options are refused by name: repeft reads local directories.
 
         >>> model = repeft.AdapterModel.from_pretrained(base, "out/adapter")  # doctest: +SKIP
         """
-        from .model import load_adapter  # model.py builds AdapterModel from this mixin
+        from .model import AdapterModel, _restore_grads_on_failure  # model.py builds AdapterModel from this mixin
 
-        loaded = load_adapter(model, path, adapter_name, trainable=is_trainable)
-        return loaded if is_trainable else loaded.eval()
+        _refuse_hub_options("from_pretrained", kwargs)
+        if not autocast_adapter_dtype:
+            raise ValueError(
+                "autocast_adapter_dtype=False: a loaded adapter keeps the dtype it was saved with; set the config's "
+                "dtype field to choose another"
+            )
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        wrapped = model if isinstance(model, AdapterModel) else None
+        with _restore_grads_on_failure(model):
+            wrapped = wrapped or AdapterModel(model)
+            wrapped.load_adapter(path, adapter_name, trainable=is_trainable, config=config)
+        return wrapped if is_trainable else wrapped.eval()
 
     def push_to_hub(
         self,
@@ -116,3 +153,11 @@ class PeftNamesMixin:
             return api.upload_folder(
                 repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
             )
+
+
+def _refuse_hub_options(caller: str, options: dict[str, Any]) -> None:
+    if options:
+        raise TypeError(
+            f"{caller}: {sorted(options)} are PEFT Hub or device options repeft does not take; it reads a local "
+            "directory (download one with huggingface_hub.snapshot_download) and loads onto the base model's device"
+        )

@@ -9,6 +9,7 @@ the model as it was. The files themselves are written and read by ``repeft.files
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Any
@@ -161,15 +162,29 @@ class SaveLoadMixin:
             self.save_adapter(out, name, is_main_process)
 
     def load_adapter(
-        self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
+        self,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        trainable: bool = False,
+        *,
+        is_trainable: bool | None = None,
+        config: AdapterConfig | None = None,
     ) -> None:
-        """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit."""
+        """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit.
+
+        ``is_trainable`` is PEFT's name for ``trainable``. ``config`` replaces the
+        saved config; it must be of the same method (the tensors are checked against it).
+        """
+        trainable = trainable if is_trainable is None else is_trainable
         meta, tensors = read_adapter_dir(path)
         self._check_architecture(path, meta.get("base_model", {}).get("architecture", {}))
         try:
-            config = AdapterConfig.from_saved(meta["config"])
+            saved = AdapterConfig.from_saved(meta["config"])
         except (TypeError, ValueError) as exc:
             raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: bad adapter config: {exc}") from None
+        if config is not None and config.method != saved.method:
+            raise ValueError(f"config is {config.method} but {path} holds a {saved.method} adapter")
+        config = copy.deepcopy(config) if config is not None else saved
         config.inference_mode = not trainable
         _prefer_runnable_kernel(config, path)
         self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))

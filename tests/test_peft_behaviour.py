@@ -169,3 +169,117 @@ def test_push_to_hub_uploads_the_adapters_not_the_base_model(monkeypatch):
     ours.push_to_hub("me/tiny-lora")
     assert uploaded["me/tiny-lora"] == [
         "adapter_config.json", "adapter_model.safetensors", "other/adapter_config.json", "other/adapter_model.safetensors"]
+
+
+# -- PEFT's arguments and names (section 3) -----------------------------------------------------------
+
+
+def test_peft_spellings_are_importable_from_repeft():
+    assert repeft.PeftModel is repeft.AdapterModel and repeft.LoraConfig is repeft.LoRAConfig
+    assert repeft.TaskType.SEQ_CLS == peft.TaskType.SEQ_CLS == "SEQ_CLS"
+    assert repeft.LoraConfig(task_type=repeft.TaskType.CAUSAL_LM).task_type == "CAUSAL_LM"
+
+
+@pytest.mark.parametrize("selection", [
+    {"layers_to_transform": [1]},
+    {"layers_to_transform": 0, "layers_pattern": "layers"},
+    {"exclude_modules": ["layers.0.self_attn.v_proj"]},
+    {"exclude_modules": r".*\.1\.self_attn\.q_proj"},
+])
+def test_which_layers_adapt_follows_peft(selection):
+    theirs, ours = both(**selection)
+    assert adapted_paths(ours) == adapted_paths(theirs)
+    assert 0 < len(adapted_paths(ours)) < 4
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_init_lora_weights_like_peft(init):
+    theirs, ours = both(init_lora_weights=init, r=8)
+    batch = tiny_batch("llama")
+    base = tiny_model("llama")(**batch).logits
+    for model in (theirs, ours):
+        changed = (model(**batch).logits - base).abs().max().item() > 1e-6
+        assert changed == (init is False)  # only False starts away from the base model
+
+    def std_of(model, name):
+        return torch.cat([p.flatten() for n, p in model.named_parameters() if name in n]).std().item()
+
+    for factor in ("lora_A", "lora_B"):
+        assert std_of(ours, factor) == pytest.approx(std_of(theirs, factor), rel=0.25, abs=1e-9)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("bias", "all", "bias='all': repeft's LoRA trains no biases; use bias='none'"),
+    ("init_lora_weights", "pissa", "init_lora_weights='pissa' is not supported by repeft .*PiSSA"),
+    ("layers_pattern", "layers", "set layers_to_transform too"),
+])
+def test_peft_options_repeft_lacks_are_refused_by_name(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        repeft.LoraConfig(**{field: value})
+
+
+def randomized(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.3)
+    return model
+
+
+def test_peft_model_state_dicts_exchange_exactly_both_ways():
+    theirs, ours = both()
+    batch = tiny_batch("llama")
+    randomized(ours)
+    peft.set_peft_model_state_dict(theirs, repeft.get_peft_model_state_dict(ours))
+    torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, atol=1e-5, rtol=0)
+    randomized(theirs)
+    result = repeft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    assert result.missing_keys == result.unexpected_keys == []
+    torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
+    assert sorted(repeft.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(theirs))
+
+
+def test_merge_adapter_and_merge_and_unload_take_peft_s_arguments():
+    _, ours = both()
+    batch = tiny_batch("llama")
+    expected = randomized(ours)(**batch).logits
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(**batch).logits, expected, atol=1e-5, rtol=0)
+    ours.unmerge_adapter()
+    with pytest.raises(ValueError, match="repeft merges one adapter"):
+        ours.merge_and_unload(adapter_names=["default", "other"])
+    plain = ours.merge_and_unload(progressbar=True, safe_merge=True, adapter_names=["default"])
+    torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_and_load_adapter_take_peft_s_arguments(tmp_path):
+    _, ours = both()
+    randomized(ours)
+    ours.add_adapter("other", repeft.LoRAConfig(r=2, target_modules=["q_proj"]))
+    ours.save_pretrained(tmp_path / "saved")
+    inference = repeft.LoRAConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0)
+    loaded = repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "saved", adapter_name="other",
+                                              subfolder="other", config=inference, low_cpu_mem_usage=True)
+    assert loaded.active_adapter == "other" and not loaded.training
+    loaded.load_adapter(tmp_path / "saved", "default", is_trainable=True)
+    loaded.set_adapter("default")  # loading does not switch, as in PEFT
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if ".default." in n)
+    with pytest.raises(TypeError, match=r"\['token'\] are PEFT Hub or device options"):
+        repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "saved", token="hf_x")
+    with pytest.raises(ValueError, match="config is prefix but"):
+        repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "saved", config=repeft.PrefixConfig())
+
+
+def test_get_peft_model_autocast_adapter_dtype_like_peft():
+    for autocast in (True, False):
+        theirs = peft.get_peft_model(tiny_model("llama").to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["q_proj"]),
+                                     autocast_adapter_dtype=autocast)
+        ours = repeft.get_peft_model(tiny_model("llama").to(torch.bfloat16), repeft.LoraConfig(r=4, target_modules=["q_proj"]),
+                                     autocast_adapter_dtype=autocast)
+
+        def dtypes(model):
+            return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+        assert dtypes(ours) == dtypes(theirs) == {torch.float32 if autocast else torch.bfloat16}
+    with pytest.raises(ValueError, match=r"\['mixed'\] not supported by repeft"):
+        repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(), mixed=True)
