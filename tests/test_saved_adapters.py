@@ -23,7 +23,7 @@ SAVED = {
                        {"mlp_per_layer": False, "mlp_hidden": 8, "norga_activation": "sigmoid"}),
     "zero_init_deepshare": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
                             {"prompt_network": "deepshare", "activation": "gelu"}),
-    "vapt": (lambda: tiny_vision_model("vit"), tiny_images, {"mlp_dropout": 0.0}),
+    "vapt": (lambda: tiny_vision_model("vit"), tiny_images, {"mlp_dropout": 0.0, "norm_eps": None}),
 }
 
 
