@@ -163,3 +163,24 @@ def test_eval_cache_sees_updates_that_bump_no_version(write):
         if hasattr(module, "_cache"):
             module._cache = None
     torch.testing.assert_close(got, logits(model, batch), atol=0, rtol=0)
+
+
+def test_shared_form_in_a_mixed_adapter_batch():
+    """Each row with its own adapter (shared RepLoRA, LoRA, none) equals that adapter run alone."""
+    model = repeft.wrap(tiny_model("llama"), repeft.RepLoRAConfig(r=4, mlp_hidden=8), "shared")
+    model.add_adapter("lora", repeft.LoRAConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj"]))
+    randomize_adapter(model)  # only the active adapter trains; the other gets moved off zero too
+    model.set_adapter("shared")
+    randomize_adapter(model)
+    model.eval()
+    batch = tiny_batch("llama", batch=3)
+    names = ["shared", "__base__", "lora"]
+    mixed = logits(model, {"input_ids": batch["input_ids"]}, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = logits(model, {"input_ids": batch["input_ids"]})
+        else:
+            model.set_adapter(name)
+            alone = logits(model, {"input_ids": batch["input_ids"]})
+        torch.testing.assert_close(mixed[row], alone[row], atol=1e-5, rtol=0)
