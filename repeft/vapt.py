@@ -54,8 +54,8 @@ class VAPTConfig(VisualPromptConfig):
     (0.1 each); ``kernel_size`` 2 and the per-layer LayerNorm's ``norm_eps`` 1e-5 are the
     official config's (``None``: the backbone's ``layer_norm_eps``, 1e-12 for ViT, what
     adapters saved before ``norm_eps`` existed use). Layer 0 uses static prompts as in
-    VPT. ``image_size`` (int or [height, width]) fixes the patch grid A_l is built for; ``None`` takes the model config's
-    ``image_size``.
+    VPT. ``image_size`` (int or [height, width]) fixes the patch grid A_l is built for;
+    ``None`` takes the model config's ``image_size``.
 
     >>> VAPTConfig(n_prompt=10, mlp_hidden=8).kernel_size
     2
