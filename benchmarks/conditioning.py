@@ -7,7 +7,7 @@ reparameterized one produces):
 ===================  =====================================  ============================
 pair                 reparameterized (library default)      plain counterpart
 ===================  =====================================  ============================
-RepLoRA              A, B out of MLPs on seeds               LoRA: free A, B
+RepLoRA              A, B out of maps on shared seeds        LoRA: free A, B
 shared prefix        K_l, V_l out of an MLP on E_l           independent K_l, V_l
 non-linear prompts   P_l out of a network on codes           linear prompts: free P_l
 ===================  =====================================  ============================
@@ -27,11 +27,16 @@ non-linear prompts   P_l out of a network on codes           linear prompts: fre
    report the KL to the teacher on held-out batches.
 
 The tests (tests/test_reparameterized.py) assert both on the library defaults;
-this script also runs the earlier forms (``VARIANTS``) and a wider learning-rate
+this script also runs the other forms (``VARIANTS``) and a wider learning-rate
 grid, and writes ``results/conditioning.json`` and ``.md``::
 
     python benchmarks/conditioning.py                      # ~10 min of CPU
     python benchmarks/conditioning.py --steps 100 --lr-factors 1 3
+    python benchmarks/conditioning.py --methods RepLoRA --out benchmarks/results/replora_forms
+
+RepLoRA's default is the paper's shared form: a block's q and v start with the
+same A (the seed A'), so its plain counterpart is LoRA with A_Q = A_V at init;
+the variant "LoRA from its own init" is LoRA as it comes (independent A's).
 """
 
 from __future__ import annotations
@@ -69,10 +74,17 @@ def pairs() -> dict[str, tuple[repeft.AdapterConfig, repeft.AdapterConfig]]:
     }
 
 
-# Other forms of the reparameterized side, run by the benchmark (not the tests) for comparison.
+# Other forms of the reparameterized side, run by the benchmark for comparison.
+RESIDUAL = "form='residual' (issue 15: seeds per projection)"
 VARIANTS = {
-    "RepLoRA": {"form='mlp' (before issue 15)": repeft.RepLoRAConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS, form="mlp", activation="gelu")},
+    "RepLoRA": {
+        "shared, reparam='linear'": repeft.RepLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, reparam="linear"),
+        RESIDUAL: repeft.RepLoRAConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, form="residual"),
+        "form='mlp' (before issue 15)": repeft.RepLoRAConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, form="mlp", activation="gelu"),
+        "LoRA from its own init (A_Q, A_V independent)": repeft.LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+    },
     "shared prefix": {"one MLP for all layers, 512 wide (before issue 15)": repeft.PrefixConfig(
         n_prefix=8, mlp_per_layer=False, mlp_hidden=512)},
     "non-linear prompts": {"deepshare, GELU 128 (before issue 15)": repeft.ZeroInitConfig(
@@ -286,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--align-steps", type=int, default=3, help="Adam steps whose alignment is reported")
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1 / 3, 1, 3, 10],
                         help=f"learning rates as multiples of the plain default {PLAIN_LR:g}")
+    parser.add_argument("--methods", nargs="+", choices=list(pairs()), default=list(pairs()),
+                        help="run only these pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     lrs = [f * PLAIN_LR for f in args.lr_factors]
     rows, t0 = [], time.time()
     for method, (default, plain) in pairs().items():
+        if method not in args.methods:
+            continue
         forms = {"plain counterpart": plain, "default": default, **VARIANTS[method]}
         for form, config in forms.items():
             rep, flat = build_pair(task, default if form == "plain counterpart" else config, plain)

@@ -318,14 +318,22 @@ def _layer_index(path: str, patterns: list[str]) -> int | None:
 
 
 def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
-    """Wrap every targeted layer in a ``LoRALinear`` and add ``make_factors(layer)`` to it."""
+    """Wrap every targeted layer in a ``LoRALinear`` and add the factors ``make_factors`` builds for it.
+
+    ``make_factors`` takes ``{path: LoRALinear}`` of all targeted layers (model
+    order) and returns ``{path: factors module}``: a method whose layers share
+    parameters (RepLoRA's shared seeds) sees the whole set at once.
+    """
     base = model.base_model
+    layers = {}
     for path in config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths())):
         layer = base.get_submodule(path)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             base.set_submodule(path, layer)
-        layer.adapters[name] = place_beside(make_factors(layer), layer.base_layer)
+        layers[path] = layer
+    for path, factors in make_factors(layers).items():
+        layers[path].adapters[name] = place_beside(factors, layers[path].base_layer)
 
 
 @register_method(
@@ -333,4 +341,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     example={"r": 4, "lora_alpha": 8},
 )
 def inject_lora(model, name: str, config: LoRAConfig) -> None:
-    inject_low_rank(model, name, config, lambda layer: LoRAFactors(layer.in_features, layer.out_features, config))
+    inject_low_rank(
+        model, name, config,
+        lambda layers: {path: LoRAFactors(layer.in_features, layer.out_features, config) for path, layer in layers.items()},
+    )

@@ -51,26 +51,31 @@ class VAPTConfig(VisualPromptConfig):
     filter applied to every channel (N(0, 1) at init), and A_l a zero-initialised map from
     grid positions to ``n_prompt`` tokens; W1 (``mlp_hidden`` x d), W2 are shared by all
     layers. ``channel_dropout`` and ``mlp_dropout`` are the reference code's two dropouts
-    (0.1 each). Layer 0 uses static prompts as in VPT. ``image_size`` (int or [height,
-    width]) fixes the patch grid A_l is built for; ``None`` takes the model config's
-    ``image_size``.
+    (0.1 each); ``kernel_size`` 2 and the per-layer LayerNorm's ``norm_eps`` 1e-5 are the
+    official config's (``None``: the backbone's ``layer_norm_eps``, 1e-12 for ViT, what
+    adapters saved before ``norm_eps`` existed use). Layer 0 uses static prompts as in
+    VPT. ``image_size`` (int or [height, width]) fixes the patch grid A_l is built for;
+    ``None`` takes the model config's ``image_size``.
 
-    >>> VAPTConfig(n_prompt=10, kernel_size=3, mlp_hidden=8).channel_dropout
-    0.1
+    >>> VAPTConfig(n_prompt=10, mlp_hidden=8).kernel_size
+    2
     """
 
     method: ClassVar[str] = "vapt"
-    saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0}
+    saved_before: ClassVar[dict[str, Any]] = {"mlp_dropout": 0.0, "norm_eps": None}
 
-    kernel_size: int = option(3, minimum=1)
+    kernel_size: int = option(2, minimum=1)
     channel_dropout: float = option(0.1, minimum=0.0, below=1.0)
     mlp_hidden: int = option(8, minimum=1)
     mlp_dropout: float = option(0.1, minimum=0.0, below=1.0)
     activation: str = option("relu", choices=tuple(ACTIVATIONS))
     image_size: int | list[int] | None = None
+    norm_eps: float | None = 1e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.norm_eps is not None and not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number or None (the backbone's eps), got {self.norm_eps!r}")
         if self.image_size is not None:
             size = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
             if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
@@ -123,7 +128,7 @@ class AdaptivePrompts(PromptTokens):
         self.first = StaticPrompts(1, config.n_prompt, d, patch_fan_in(c), config.prompt_dropout)
         self.layers = nn.ModuleDict({
             str(layer): PatchesToTokens(d, grid, config.kernel_size, config.n_prompt, config.channel_dropout,
-                                        c.layer_norm_eps)
+                                        layer_norm_eps(c, config))
             for layer in range(1, c.num_hidden_layers)
         })
         self.mlp = nn.Sequential(
@@ -159,12 +164,19 @@ def inject_vapt(model, adapter_name: str, config: VAPTConfig) -> None:
     attach_prompts(model, adapter_name, AdaptivePrompts(c, grid, config))
 
 
+def layer_norm_eps(backbone_config, config: VAPTConfig) -> float:
+    """The eps of VAPT's per-layer LayerNorms: ``config.norm_eps``, or the backbone's when it is None."""
+    return config.norm_eps if config.norm_eps is not None else getattr(backbone_config, "layer_norm_eps", 1e-5)
+
+
 def _warn_if_float16_layer_norm_overflows(backbone: nn.Module, config: VAPTConfig) -> None:
     """VAPT's prompts start at exactly zero; a float16 LayerNorm with a tiny eps has no finite gradient there.
 
     For a constant token the LayerNorm's 1/sqrt(var + eps) is 1/sqrt(eps): 1e6 for
     ViT's eps 1e-12, past float16's largest value (65504), so the first backward
-    pass returns NaN gradients (measured on CPU; eps 1e-9 and above are fine).
+    pass returns NaN gradients (measured on CPU; eps 1e-9 and above are fine). The
+    LayerNorms in question are the backbone's own (before attention and MLP), which
+    see the prompt tokens; VAPT's ``norm_eps`` does not change this.
     """
     if config.inference_mode or backbone.dtype != torch.float16:
         return

@@ -35,10 +35,15 @@ def test_every_compared_condition_runs_by_default_with_one_grid_and_selection_on
 
 def test_replora_and_lora_differ_only_in_the_reparameterization():
     cond = replora_vs_lora.CLAIM.conditions(default_args(replora_vs_lora.CLAIM))
-    lora, rep = cond["LoRA"], cond["RepLoRA"]
-    assert isinstance(lora, repeft.LoRAConfig) and isinstance(rep, repeft.RepLoRAConfig)
-    assert (lora.r, lora.lora_alpha, lora.target_modules) == (rep.r, rep.lora_alpha, rep.target_modules)
-    assert rep.form == repeft.RepLoRAConfig().form  # the library default (the residual form)
+    lora, shared, residual = cond["LoRA"], cond["RepLoRA shared"], cond["RepLoRA residual"]
+    assert isinstance(lora, repeft.LoRAConfig)
+    for rep in (shared, residual):
+        assert isinstance(rep, repeft.RepLoRAConfig)
+        assert (lora.r, lora.lora_alpha, lora.target_modules) == (rep.r, rep.lora_alpha, rep.target_modules)
+    assert shared.form == repeft.RepLoRAConfig().form == "shared"  # the library default, the paper's form
+    assert residual.form == "residual"
+    linear = replora_vs_lora.CLAIM.conditions(default_args(replora_vs_lora.CLAIM, ["--conditions", "RepLoRA shared linear"]))
+    assert (linear["RepLoRA shared linear"].form, linear["RepLoRA shared linear"].reparam) == ("shared", "linear")
 
 
 def test_prefix_conditions_have_equal_length_and_cover_both_shared_variants():

@@ -39,13 +39,21 @@ def test_first_step_follows_the_gradient_as_closely_as_the_plain_counterparts(ta
     assert reparameterized >= 0.8 * plain
 
 
+# RepLoRA's per-projection form learns like LoRA. The shared form (the default, the paper's) cannot on
+# this task: its q and v factors come from one pair of seeds through maps on the rank side, so their
+# updates share row and column spaces, while the teacher moves q and v independently (capacity, not
+# conditioning: its first step is as aligned as LoRA's; docs/methods/replora.md has the numbers).
+LEARNING = {**PAIRS, "RepLoRA residual": (conditioning.VARIANTS["RepLoRA"][conditioning.RESIDUAL], PAIRS["RepLoRA"][1])}
+SHARED_GAP = pytest.mark.xfail(strict=True, reason="shared seeds tie q and v; the teacher's q and v updates are independent")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("factor", [1, 3])
-@pytest.mark.parametrize("method", list(PAIRS))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=SHARED_GAP) if m == "RepLoRA" else m for m in LEARNING])
 def test_learns_as_well_as_the_plain_counterpart_at_its_rates(task, method, factor):
     """KL to the teacher after 200 steps at the plain method's default rate and 3x it: within 1.1x of plain's."""
     lr = factor * conditioning.PLAIN_LR
-    models = conditioning.build_pair(task, *PAIRS[method])
+    models = conditioning.build_pair(task, *LEARNING[method])
     start = conditioning.held_out_kl(models[1], task)  # both start here: same tensors
     reparameterized, plain = (conditioning.distill(model, task, lr, steps=200) for model in models)
     assert plain < 0.95 * start  # the plain method learns at this rate, so the comparison means something

@@ -72,7 +72,7 @@ def test_residual_is_lora_at_init_gradients_included():
     base, batch = tiny_model("llama"), tiny_batch("llama")
     cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     lora = repeft.wrap(copy.deepcopy(base), repeft.LoRAConfig(**cfg))
-    rep = repeft.wrap(copy.deepcopy(base), repeft.RepLoRAConfig(mlp_hidden=8, **cfg))
+    rep = repeft.wrap(copy.deepcopy(base), repeft.RepLoRAConfig(mlp_hidden=8, form="residual", **cfg))
     pairs = []
     for (_, lora_layer), (_, rep_layer) in zip(lora.adapter_layers(), rep.adapter_layers()):
         a, b = lora_layer.adapters["default"], rep_layer.adapters["default"]
@@ -95,12 +95,12 @@ def test_residual_is_lora_at_init_gradients_included():
 
 
 def test_bad_form_is_refused():
-    with pytest.raises(ValueError, match="form must be 'residual' or 'mlp'"):
+    with pytest.raises(ValueError, match=r"form must be one of \('shared', 'residual', 'mlp'\)"):
         repeft.RepLoRAConfig(form="plain")
 
 
-@pytest.mark.parametrize("form", ["residual", "mlp"])
-def test_both_forms_train_merge_and_export_exactly(form, tmp_path):
+@pytest.mark.parametrize("form", ["shared", "residual", "mlp"])
+def test_all_forms_train_merge_and_export_exactly(form, tmp_path):
     config = repeft.RepLoRAConfig(r=4, lora_alpha=8, mlp_hidden=8, form=form, target_modules=["q_proj", "v_proj"])
     base = tiny_model("llama")
     model, batch = repeft.wrap(copy.deepcopy(base), config), tiny_batch("llama")

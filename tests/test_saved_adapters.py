@@ -16,16 +16,19 @@ DATA = Path(__file__).resolve().parent / "data"
 # directory: (base model, batch, what the fields added since then must read)
 SAVED = {
     "replora_form_mlp": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"), {"form": "mlp"}),
+    # Saved by repeft 44042e5 (issue 15's residual form, then the default), before reparam and shared seeds.
+    "replora_form_residual": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
+                              {"form": "residual", "reparam": "mlp"}),
     "prefix_one_mlp": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
                        {"mlp_per_layer": False, "mlp_hidden": 8, "norga_activation": "sigmoid"}),
     "zero_init_deepshare": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
                             {"prompt_network": "deepshare", "activation": "gelu"}),
-    "vapt": (lambda: tiny_vision_model("vit"), tiny_images, {"mlp_dropout": 0.0}),
+    "vapt": (lambda: tiny_vision_model("vit"), tiny_images, {"mlp_dropout": 0.0, "norm_eps": None}),
 }
 
 
 @pytest.mark.parametrize("name", list(SAVED))
-def test_adapter_saved_by_repeft_7779353_loads_as_before(name, tmp_path):
+def test_adapter_saved_by_an_older_repeft_loads_as_before(name, tmp_path):
     make_base, make_batch, fields = SAVED[name]
     expected = load_file(str(DATA / name / "expected_logits.safetensors"))["logits"]
     model = repeft.load_adapter(make_base(), DATA / name)
@@ -42,7 +45,7 @@ def test_adapter_saved_by_repeft_7779353_loads_as_before(name, tmp_path):
 
 
 def test_a_field_missing_from_a_config_means_the_default_everywhere_but_in_old_files():
-    assert repeft.AdapterConfig.from_dict({"method": "replora"}).form == "residual"  # recipes, code
+    assert repeft.AdapterConfig.from_dict({"method": "replora"}).form == "shared"  # recipes, code
     assert repeft.AdapterConfig.from_saved({"method": "replora"}).form == "mlp"  # files that predate it
     assert repeft.AdapterConfig.from_saved({"method": "replora", "form": "residual"}).form == "residual"
     assert repeft.AdapterConfig.from_saved({"method": "lora", "r": 2}).r == 2

@@ -94,10 +94,9 @@ def test_matches_hand_written_reference(method):
     head = model.base_model.classifier.adapters["default"]
     randomize_(tokens)
     pixels = tiny_images()["pixel_values"]
-    eps = base.config.layer_norm_eps
     if method == "vapt":
-        def prompts_for(layer, patches):
-            return hand_vapt_prompts(tokens, layer, patches, eps)
+        def prompts_for(layer, patches):  # VAPT's own LayerNorms: the reference's eps, not ViT's 1e-12
+            return hand_vapt_prompts(tokens, layer, patches, 1e-5)
     else:
         def prompts_for(layer, patches):
             if layer >= len(tokens.prompts):
@@ -118,13 +117,26 @@ def test_vapt_at_other_image_sizes_with_interpolated_positions(size):
     randomize_(tokens)
     pixels = tiny_images(height=size[0], width=size[1])["pixel_values"]
     head = model.base_model.classifier.adapters["default"]
-    eps = base.config.layer_norm_eps
     with torch.no_grad():
         expected = hand_vit_classifier(
-            plain, head, pixels, lambda layer, p: hand_vapt_prompts(tokens, layer, p, eps), N, interpolate=True
+            plain, head, pixels, lambda layer, p: hand_vapt_prompts(tokens, layer, p, 1e-5), N, interpolate=True
         )
         got = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_vapt_defaults_are_the_official_configs():
+    # The reference (VAPT's official config): a 2 x 2 filter and nn.LayerNorm's default eps 1e-5 per layer.
+    config = repeft.VAPTConfig()
+    assert config.kernel_size == 2
+    model = repeft.wrap(tiny_vision_model("vit"), config)
+    norms = [m for m in model.visual_prompts.adapters["default"].modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and {m.eps for m in norms} == {1e-5}
+    # norm_eps=None: the backbone's eps (1e-12 for ViT), what adapters saved before norm_eps used.
+    model = repeft.wrap(tiny_vision_model("vit"), repeft.VAPTConfig(norm_eps=None))
+    norms = [m for m in model.visual_prompts.adapters["default"].modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert {m.eps for m in norms} == {1e-12}
+    assert repeft.AdapterConfig.from_saved({"method": "vapt", "kernel_size": 3}).norm_eps is None
 
 
 def test_what_holds_at_init():

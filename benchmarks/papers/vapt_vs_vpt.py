@@ -11,7 +11,8 @@ trained from scratch on MNIST digits 0-4 of the shipped ``mnist_5k``
 new 5-way head, trained with the prompts. The conditions:
 
 * **VPT-deep** (``VPTConfig(deep=True)``): n_prompt free tokens per layer;
-* **VAPT** (``VAPTConfig``, library defaults: 3x3 filter, channel dropout 0.1,
+* **VAPT** (``VAPTConfig``, library defaults: 2x2 filter and LayerNorm eps 1e-5
+  since issue 25, 3x3 and ViT's 1e-12 in the published JSONs; channel dropout 0.1,
   MLP width 8): prompts of layers 1-5 computed from that layer's patch tokens;
 * **head only** (linear probe; reference): frozen backbone, only the new head.
 

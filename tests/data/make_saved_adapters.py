@@ -7,6 +7,12 @@ VAPT's ``mlp_dropout`` and changed the prefix defaults::
 
     git archive 7779353 | tar -x -C /tmp/old && PYTHONPATH=/tmp/old:tests python tests/data/make_saved_adapters.py
 
+except ``replora_form_residual``, written by repeft at commit 44042e5 (issue 15's
+residual form, before issue 25 made the shared form the default)::
+
+    git archive 44042e5 | tar -x -C /tmp/old && \
+        PYTHONPATH=/tmp/old:tests python tests/data/make_saved_adapters.py replora_form_residual
+
 Each directory also holds ``expected_logits.safetensors``: the logits the
 wrapped model gave on its tiny batch when the adapter was saved.
 """
@@ -27,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 ADAPTERS = {
     "replora_form_mlp": (lambda: tiny_model("llama"), lambda: repeft.RepLoRAConfig(
         r=2, lora_alpha=4, mlp_hidden=4, activation="gelu", target_modules=["q_proj", "v_proj"]),
+        lambda: tiny_batch("llama")),
+    "replora_form_residual": (lambda: tiny_model("llama"), lambda: repeft.RepLoRAConfig(
+        r=2, lora_alpha=4, mlp_hidden=4, form="residual", target_modules=["q_proj", "v_proj"]),
         lambda: tiny_batch("llama")),
     "prefix_one_mlp": (lambda: tiny_model("llama"), lambda: repeft.PrefixConfig(n_prefix=3, mlp_hidden=8, norga=True),
                        lambda: tiny_batch("llama")),
@@ -55,5 +64,7 @@ def write(name: str) -> None:
 
 
 if __name__ == "__main__":
-    for name in ADAPTERS:
+    import sys
+
+    for name in sys.argv[1:] or ADAPTERS:
         write(name)
