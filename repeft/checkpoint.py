@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .files import fsync_path
 from .fsdp import state_without_model
 
 if TYPE_CHECKING:  # `repeft info` reads checkpoints without importing accelerate
@@ -84,12 +86,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     >>> write_text_atomic("runs/x/summary.json", "{}")  # doctest: +SKIP
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer per run directory; a leftover is overwritten next time
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())  # the data is on disk before the new name points at it
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # two writers never share one
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to the run's other files
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the new name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)  # the rename itself survives a power cut
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:

@@ -91,13 +91,13 @@ def staged_write(directory: str | os.PathLike) -> Iterator[Path]:
             if not path.is_file():
                 raise ValueError(f"staged_write writes files only; {name} is a directory")
             os.chmod(path, mode)  # safetensors creates its files 0600, whatever the umask
-            _fsync(path)
-        _fsync(staging)
+            fsync_path(path)
+        fsync_path(staging)
         with directory_lock(target, exclusive=True):
             _recover_locked(target, replaces_weights=False)  # a merged save below replaces stale weights itself
             ready = target / (COMMIT + staging.name.removeprefix(STAGING))
             os.replace(staging, ready)
-            _fsync(target)
+            fsync_path(target)
             _move_in(ready, target, names, replaces_weights=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -182,13 +182,13 @@ def _move_in(ready: Path, target: Path, names: list[str], replaces_weights: bool
         # Moved before a kill, or not a plain file; os.replace over a link replaces the link, never its target.
         if _is_plain_file(ready / name) and not _is_real_dir(destination):
             os.replace(ready / name, destination)
-    _fsync(target)
+    fsync_path(target)
     if replaces_weights and any(TRANSFORMERS_WEIGHTS.fullmatch(n) for n in names):
         for path in target.iterdir():
             if TRANSFORMERS_WEIGHTS.fullmatch(path.name) and path.name not in names and _is_plain_file(path):
                 path.unlink(missing_ok=True)
     shutil.rmtree(ready, ignore_errors=True)
-    _fsync(target)
+    fsync_path(target)
 
 
 def current_files(directory: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -244,7 +244,8 @@ def _default_file_mode(folder: Path) -> int:
     return mode
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` to disk: a file's data, or a directory's entries after a rename."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

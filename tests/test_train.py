@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -370,6 +371,20 @@ def test_write_text_atomic_keeps_the_old_file_when_a_write_fails(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_text_atomic(path, "new \ud800")  # fails half-way through writing
     assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+
+
+def test_write_text_atomic_flushes_the_directory_after_the_rename(tmp_path, monkeypatch):
+    # Without it a power cut after the rename can bring the old file back (issue 24 item 18).
+    from repeft import checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda *a: (events.append("rename"), real_replace(*a))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"),
+                                                 real_fsync(fd))[1])
+    checkpoint.write_text_atomic(tmp_path / "summary.json", "{}")
+    assert events == ["file", "rename", "dir"]
 
 
 # -- recipes shipped in recipes/ -------------------------------------------------------------------
