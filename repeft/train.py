@@ -183,6 +183,7 @@ class _Examples:
     train: list[Example]
     eval: list[Example] | None
     notes: list[str]
+    answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
 
 
 def _read_data(recipe: Recipe) -> tuple[Recipe, _Data]:
@@ -241,7 +242,7 @@ def _build_examples(recipe: Recipe, data: _Data, tokenizer: Any, processes: int)
             f"data.train has {len(train)} {rows}, fewer than one global batch "
             f"(train.batch_size {recipe.train.batch_size} x {processes} processes = {global_batch})"
         )
-    return _Examples(train, evaluation, notes)
+    return _Examples(train, evaluation, notes, _answer_prompts(recipe, tokenizer, data))
 
 
 def _build_model_and_adapter(recipe: Recipe, data: _Data, tokenizer: Any, accelerator: Accelerator) -> AdapterModel:
@@ -361,7 +362,7 @@ def _prepare(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         labels=data.labels,
-        answers=_answer_prompts(recipe, tokenizer, data),
+        answers=examples.answers,
         notes=examples.notes,
         made_from=data.made_from,
     )
@@ -441,6 +442,9 @@ class _Run:
             self._keep_best_in_checkpoints()
         if candidates:
             self._restore(candidates)
+        # A run that stopped early and was killed before writing its outputs stays stopped when resumed.
+        patience = recipe.eval.patience
+        self.stopped_early = bool(patience) and self.state.evals_without_improvement >= patience
         self.checked_step = self.state.step
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)

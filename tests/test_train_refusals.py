@@ -133,6 +133,21 @@ def test_a_kill_after_the_final_evaluation_does_not_log_it_twice(tmp_path):
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
 
 
+def test_a_run_killed_after_stopping_early_stays_stopped_when_resumed(tmp_path):
+    # min_delta 10: no evaluation after the first improves enough, so patience 1 stops the run at step 2.
+    raw = tiny_recipe(tmp_path, "train.epochs=1", "checkpoint.every=1", "checkpoint.keep=8", "eval.every=1",
+                      "eval.patience=1", "eval.min_delta=10")
+    first = train(recipe_from_dict(raw))
+    assert (first.steps, first.stopped_early) == (2, True)
+    run = tmp_path / "run"
+    stopped = adapter_tensors(run)
+    shutil.rmtree(run / "adapter")  # killed while writing its outputs
+    (run / "summary.json").unlink()
+    resumed = train(recipe_from_dict(apply_overrides(raw, ["checkpoint.resume=auto"])))
+    assert (resumed.steps, resumed.stopped_early) == (2, True)
+    assert max_diff(adapter_tensors(run), stopped) == 0.0
+
+
 # -- data -----------------------------------------------------------------------------------------------
 
 NOT_STRINGS = {
@@ -160,6 +175,8 @@ LATE_DATA_ERRORS = {
     "truncation error": (["data.max_length=12", "data.truncation=error"], "examples are longer than data.max_length=12"),
     "no response token": (["data.max_length=8"], "no example keeps a response token within data.max_length=8"),
     "one global batch": (["train.batch_size=128"], "examples, fewer than one global batch (train.batch_size 128 x 1"),
+    "generation without answers": (["data.eval=builtin:sms_spam", "data.eval_limit=4"],
+                                   "eval.generate / eval.exact_match need prompt/response or messages eval data"),
 }
 
 
