@@ -281,3 +281,23 @@ def test_a_torn_summary_and_an_export_into_a_file_are_one_line_and_exit_2(tmp_pa
     assert cli.main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().endswith("is a file; give a directory to write the export into")
     assert (tmp_path / "out").read_text() == "x"
+
+
+def test_exporting_onto_a_truncated_base_or_with_a_non_model_class_is_one_line_and_exit_2(tmp_path, capsys):
+    train(recipe_from_dict(tiny_recipe(tmp_path, "train.max_steps=1")))
+    base = tmp_path / "base"
+    import transformers as tf
+
+    tf.BertForSequenceClassification(tf.BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"})
+                                     ).save_pretrained(base)
+    export = ["export", str(tmp_path / "run" / "adapter"), "--base", str(base), "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert cli.main([*export, "--model-class", "AutoTokenizer"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "repeft export: error: AutoTokenizer is not a transformers model class; pass --model-class")
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert cli.main(export) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"repeft export: error: cannot load the base model {base}")
+    assert not (tmp_path / "out").exists()
