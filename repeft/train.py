@@ -206,7 +206,8 @@ def _made_from(recipe: Recipe) -> dict[str, Any]:
     for name, source in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if source is not None and parse_source(source, "train") is None:
             files[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-    return {"recipe": recipe.to_dict(), "data_sha256": files}
+    # As trainer_state.json gives it back (lists for tuples, string keys), so that equal compares equal.
+    return json.loads(json.dumps({"recipe": recipe.to_dict(), "data_sha256": files}))
 
 
 def _load_checked_tokenizer(recipe: Recipe, data: _Data, accelerator: Accelerator) -> Any:
@@ -1001,10 +1002,10 @@ def _resume_candidates(recipe: Recipe, data: _Data, accelerator: Accelerator) ->
 def _refuse_earlier_outputs(run_dir: Path, resume: str) -> None:
     """Refuse to start in a directory holding another run's outputs, which the new run would replace.
 
-    ``--resume`` without a checkpoint still restarts a run killed before its first one (it left only
-    ``recipe.yaml`` and ``metrics.jsonl``).
+    ``--resume`` without a checkpoint still restarts a run killed before its first complete one (it left only
+    ``recipe.yaml``, ``metrics.jsonl`` and perhaps a ``checkpoints/`` folder with a half-written one).
     """
-    restartable = ("recipe.yaml", "metrics.jsonl") if resume == "auto" else ()
+    restartable = ("recipe.yaml", "metrics.jsonl", "checkpoints") if resume == "auto" else ()
     present = [name for name in (*RUN_FILES, *RUN_FOLDERS) if (run_dir / name).exists() and name not in restartable]
     if present:
         raise RecipeError(

@@ -43,10 +43,12 @@ def test_a_fresh_run_refuses_a_directory_holding_a_finished_run_without_checkpoi
     with pytest.raises(RecipeError, match=r"already holds a run \(summary.json, adapter\) and no checkpoint"):
         train(recipe_from_dict(apply_overrides(raw, ["checkpoint.resume=auto"])))  # --resume finds no checkpoint
     assert {p.name: p.read_bytes() for p in [*run.iterdir(), *(run / "adapter").iterdir()] if p.is_file()} == finished
-    # A run killed before its first checkpoint left only recipe.yaml and metrics.jsonl: --resume restarts it.
+    # A run killed while writing its first checkpoint left recipe.yaml, metrics.jsonl and a half-written
+    # checkpoint: --resume restarts it.
     shutil.rmtree(run / "adapter")
     (run / "summary.json").unlink()
-    with pytest.raises(RecipeError, match=r"already holds a run \(recipe.yaml, metrics.jsonl\)"):
+    (run / "checkpoints" / ".tmp-step-00000004").mkdir(parents=True)
+    with pytest.raises(RecipeError, match=r"already holds a run \(recipe.yaml, metrics.jsonl, checkpoints\)"):
         train(recipe_from_dict(raw))
     assert train(recipe_from_dict(apply_overrides(raw, ["checkpoint.resume=auto"]))).steps == 8
 
