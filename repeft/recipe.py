@@ -321,7 +321,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if low is not None and value is not None and value < low:
             raise RecipeError(f"{name} must be >= {low}, got {value!r}")
         if high is not None and value is not None and value > high:
-            raise RecipeError(f"{name} must be <= {high:g}, got {value!r}")
+            raise RecipeError(f"{name} must be <= {high}, got {value!r}")
     return cls(**values)
 
 

@@ -242,6 +242,7 @@ def hostile_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
         "corrupt parquet": ([f"data.train={tmp_path / 'bad.parquet'}"], "bad.parquet is not a readable Parquet file"),
         "deeply nested JSON": ([f"data.train={tmp_path / 'deep.jsonl'}"], "deep.jsonl is not usable JSON: it is nested too deeply"),
         "seed -1": (["train.seed=-1"], "train.seed must be >= 0, got -1"),
+        "seed 2**32": (["train.seed=4294967296"], "train.seed must be <= 4294967295, got 4294967296"),
         "lr 3e38": (["optim.lr=3e38"], "optim.lr must be <= 1e+30, got 3e+38"),
         "output.dir a file": ([f"output.dir={tmp_path / 'a-file' / 'run'}"], "a-file is a file, not a directory"),
         "class not a model": (["model.class=AutoTokenizer"], "model.class AutoTokenizer is not a model class"),
@@ -252,7 +253,7 @@ def hostile_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
 
 
 @pytest.mark.parametrize("case", ["non-UTF-8 JSONL", "non-UTF-8 CSV", "torn JSON array", "corrupt parquet",
-                                  "deeply nested JSON", "seed -1", "lr 3e38", "output.dir a file", "class not a model",
+                                  "deeply nested JSON", "seed -1", "seed 2**32", "lr 3e38", "output.dir a file", "class not a model",
                                   "content null", "truncated base weights", "nested trainer_state.json"])
 def test_hostile_inputs_to_train_are_one_line_and_exit_2(tmp_path, capsys, case):
     arguments, expected = hostile_inputs(tmp_path)[case]
