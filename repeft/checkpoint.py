@@ -54,7 +54,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, or cannot be loaded."""
+    """A checkpoint, or a run's own file (``summary.json``), that is missing, damaged, or cannot be loaded."""
+
+
+def read_json_file(path: Path) -> Any:
+    """The JSON value in a file repeft wrote; ``CheckpointError`` if it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged: it is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is damaged: its JSON is nested too deeply") from None
 
 
 def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -62,10 +72,7 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     path = Path(checkpoint) / STATE_NAME
     if not path.is_file():
         raise CheckpointError(f"{checkpoint} is not a repeft checkpoint: it has no {STATE_NAME}")
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is damaged: it is not valid JSON ({exc})") from None
+    state = read_json_file(path)
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path} is damaged: it must be a JSON object with a step count, got {state!r:.100}")

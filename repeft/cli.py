@@ -178,6 +178,8 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
         raise AdapterFileError(f"--out {out} is {path} or inside it; export to a directory outside {path}")
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"--out {out} is a file; give a directory to write the export into")
     run_dir, adapter_dir = _locate(path)
     tokenizer = None
     if run_dir is not None:
@@ -230,6 +232,9 @@ def _recorded_base_path(adapter_dir: Path, base_path: str | None) -> str:
 def _load_recorded_base(adapter_dir: Path, base_path: str, class_name: str | None) -> tuple[Any, Any]:
     """(base model, tokenizer or None) for a bare adapter directory: the class and label names it records."""
     import transformers
+    from safetensors import SafetensorError
+
+    from .recipe import is_model_class
 
     recorded = _recorded_base(adapter_dir)
     try:
@@ -242,6 +247,8 @@ def _load_recorded_base(adapter_dir: Path, base_path: str, class_name: str | Non
         raise _unloadable(base_path, exc) from None
     if class_name is None or not hasattr(transformers, class_name):
         raise FileNotFoundError(f"cannot tell which transformers class loads {base_path}; pass --model-class")
+    if not is_model_class(class_name):
+        raise FileNotFoundError(f"{class_name} is not a transformers model class; pass --model-class")
     labels = {}
     if recorded.get("id2label"):
         id2label = {int(i): name for i, name in recorded["id2label"].items()}
@@ -254,7 +261,7 @@ def _load_recorded_base(adapter_dir: Path, base_path: str, class_name: str | Non
         }
     try:
         base = getattr(transformers, class_name).from_pretrained(base_path, **labels)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # missing, or truncated, weights
         raise _unloadable(base_path, exc) from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
@@ -263,7 +270,7 @@ def _load_recorded_base(adapter_dir: Path, base_path: str, class_name: str | Non
     return base, tokenizer
 
 
-def _unloadable(base_path: str, exc: OSError) -> FileNotFoundError:
+def _unloadable(base_path: str, exc: Exception) -> FileNotFoundError:
     return FileNotFoundError(f"cannot load the base model {base_path} ({exc}); pass --base with its directory")
 
 
@@ -343,7 +350,7 @@ def describe(path: Path) -> dict[str, Any]:
             "checkpoints": [p.name for p in list_checkpoints(path)],
         }
         if (path / "summary.json").is_file():
-            summary = json.loads((path / "summary.json").read_text())
+            summary = _read_summary(path / "summary.json")
             info["summary"] = {k: summary[k] for k in ("steps", "wall_time_s", "eval_before", "eval_after", "best")}
             info["outputs"] = {k: summary[k] for k in ("adapter_dir", "merged_dir", "peft_dir", "metrics_path") if summary[k]}
         if (path / "adapter").is_dir():
@@ -352,6 +359,20 @@ def describe(path: Path) -> dict[str, Any]:
     if (path / "trainer_state.json").is_file():
         return {"kind": "checkpoint", "path": str(path), "state": read_state(path), "adapter": describe(path / "adapter")}
     return _describe_adapter(path)
+
+
+SUMMARY_FIELDS = ("steps", "wall_time_s", "eval_before", "eval_after", "best", "adapter_dir", "merged_dir", "peft_dir",
+                  "metrics_path")
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """A run's ``summary.json``, with the fields ``info`` shows; ``CheckpointError`` if it is damaged."""
+    from .checkpoint import CheckpointError, read_json_file
+
+    summary = read_json_file(path)
+    if not isinstance(summary, dict) or not set(SUMMARY_FIELDS) <= set(summary):
+        raise CheckpointError(f"{path} is damaged: it lacks the fields of a run summary ({', '.join(SUMMARY_FIELDS)})")
+    return summary
 
 
 def _describe_adapter(path: Path) -> dict[str, Any]:

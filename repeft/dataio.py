@@ -211,11 +211,11 @@ def _chat_examples(
     return [{k: torch.tensor(v, dtype=torch.long) for k, v in e.items()} for e in kept]
 
 
-def pack_examples(recipe: Recipe, examples: list[Example], model: torch.nn.Module, notes: list[str]) -> list[Example]:
-    """``data.packing``: the examples packed into rows of up to ``data.max_length`` tokens, on a model that keeps
-    packed examples apart (``instruct.check_packing``); what packing did is added to ``notes``."""
+def pack_examples(recipe: Recipe, examples: list[Example], notes: list[str]) -> list[Example]:
+    """``data.packing``: the examples packed into rows of up to ``data.max_length`` tokens; what packing did is
+    added to ``notes``. Packing builds no model: once one loads, ``instruct.check_packing`` checks that it keeps
+    packed examples apart."""
     packed = instruct.pack(examples, recipe.data.max_length)
-    instruct.check_packing(model, packed)
     notes.append(f"data.train: {len(examples)} examples packed into {len(packed)} rows of up to "
                  f"{recipe.data.max_length} tokens")
     return packed

@@ -61,39 +61,61 @@ def builtin_label_names(source: str) -> list[str] | None:
 
 
 def read_rows(source: str, default_split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a data source: ``builtin:<name>[:<split>]`` or a .jsonl/.json/.csv/.parquet file."""
+    """Rows of a data source: ``builtin:<name>[:<split>]`` or a .jsonl/.json/.csv/.parquet file.
+
+    A file that cannot be read as its format (not UTF-8, torn, nested too deeply) is a ``RecipeError``.
+    """
     builtin = parse_source(source, default_split)
     if builtin is not None:
         name, split = builtin
         return registry.dataset(name).load(split, limit)
     path = Path(source)
+    try:
+        rows = _read_file(path)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise RecipeError(f"{path} is not a readable CSV file ({exc})") from None
+    return rows[:limit] if limit is not None else rows
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    elif suffix == ".parquet":
+            return list(csv.DictReader(fh))
+    if suffix == ".parquet":
         try:
+            import pyarrow
             import pyarrow.parquet as pq
         except ImportError:
             raise RecipeError(f"reading {path} needs pyarrow: pip install 'repeft[parquet]'") from None
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = _read_json(path)
-    return rows[:limit] if limit is not None else rows
+        try:
+            return pq.read_table(path).to_pylist()
+        except pyarrow.ArrowException as exc:
+            raise RecipeError(f"{path} is not a readable Parquet file ({_one_line(exc)})") from None
+    return _read_json(path)
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
+        rows = _parse_json(text, str(path))
     else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RecipeError(f"{path}:{number} is not valid JSON ({exc})") from None
+        rows = [_parse_json(line, f"{path}:{number}") for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not all(isinstance(r, dict) for r in rows):
         raise RecipeError(f"{path} must hold JSON objects, one per example")
     return rows
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{where} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RecipeError(f"{where} is not usable JSON: it is nested too deeply") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

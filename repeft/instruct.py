@@ -96,10 +96,19 @@ def conversation(row: dict[str, Any], fmt: str, columns: dict[str, str], source:
     """The messages of a row in ``fmt`` ("prompt_response" or "messages")."""
     if fmt == "prompt_response":
         prompt, response = (_field(row, columns[k], source) for k in ("prompt", "response"))
-        return [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(response)}]
+        for column, value in ((columns["prompt"], prompt), (columns["response"], response)):
+            if not isinstance(value, str):  # null or a list would be trained as the text "None" or its repr
+                raise RecipeError(f"{source}: an example has {column} {value!r:.60}; it must be a string")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     messages = _field(row, columns["messages"], source)
     if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
         raise RecipeError(f"{source}: column {columns['messages']!r} must hold a list of {{role, content}} messages")
+    for message in messages:
+        if not (isinstance(message["role"], str) and isinstance(message["content"], str)):
+            raise RecipeError(
+                f"{source}: a message has role {message['role']!r:.30} and content {message['content']!r:.60}; "
+                "both must be strings"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise RecipeError(f"{source}: a conversation has no assistant message, so nothing to train on")
     return messages

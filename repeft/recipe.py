@@ -28,6 +28,8 @@ from .config import AdapterConfig
 from .datasource import check_source
 from .errors import RecipeError  # defined apart so the data modules need not import the schema
 from .lora import LoRAConfig
+from .recipe_yaml import parse_yaml
+from .run_files import check_inputs_not_written, check_output_dir
 
 TASKS = ("causal_lm", "sequence_classification", "image_classification")
 # What "best" can mean; loss and perplexity are better lower, the others higher.
@@ -36,10 +38,16 @@ METRICS = ("auto", "accuracy", "loss", "f1_macro", "exact_match")
 TRACKERS = ("all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 # transformers.get_scheduler names that need nothing beyond warmup and total steps.
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+# Far above any useful rate, and below where AdamW's first step (lr / (1 - beta1)) overflows float32.
+MAX_LR = 1e30
 
 
 def _min(bound: float) -> dict[str, Any]:
     return {"min": bound}
+
+
+def _range(low: float, high: float) -> dict[str, Any]:
+    return {"min": low, "max": high}
 
 
 @dataclass
@@ -80,9 +88,9 @@ class DataSpec:
 class OptimSpec:
     """AdamW settings."""
 
-    lr: float = field(default=1e-3, metadata=_min(0.0))
+    lr: float = field(default=1e-3, metadata=_range(0.0, MAX_LR))
     # A new task head (modules_to_save) often wants a larger rate than the adapter; None: ``lr``.
-    head_lr: float | None = field(default=None, metadata=_min(0.0))
+    head_lr: float | None = field(default=None, metadata=_range(0.0, MAX_LR))
     weight_decay: float = field(default=0.0, metadata=_min(0.0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = field(default=1e-8, metadata=_min(0.0))
@@ -106,7 +114,7 @@ class TrainSpec:
     max_steps: int | None = field(default=None, metadata=_min(1))
     batch_size: int = field(default=8, metadata=_min(1))
     grad_accum: int = field(default=1, metadata=_min(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # numpy's seed range
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     log_every: int = field(default=10, metadata=_min(1))
@@ -190,15 +198,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
 
     Relative file paths in ``data`` and ``model`` are taken relative to the
     current directory, as on the command line. ``check_data=False`` skips
-    checking that the data sources exist (exporting a finished run needs none).
+    checking the files a run reads and writes: that the data sources exist,
+    and that the run's outputs would not overwrite them (exporting a finished
+    run needs neither).
     """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must hold a mapping of recipe sections, found {type(raw).__name__}")
     return recipe_from_dict(apply_overrides(raw, overrides or []), check_data)
@@ -215,7 +226,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} must look like section.field=value")
-        value = yaml.safe_load(text) if text else None
+        value = parse_yaml(text, f"override {item!r}") if text else None
         node = raw
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -272,9 +283,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 raise RecipeError(f"missing required field {name}")
             continue
         values[f.name] = _convert(data[key], hints[f.name], name)
-        bound = f.metadata.get("min")
-        if bound is not None and values[f.name] is not None and values[f.name] < bound:
-            raise RecipeError(f"{name} must be >= {bound}, got {values[f.name]!r}")
+        low, high, value = f.metadata.get("min"), f.metadata.get("max"), values[f.name]
+        if low is not None and value is not None and value < low:
+            raise RecipeError(f"{name} must be >= {low}, got {value!r}")
+        if high is not None and value is not None and value > high:
+            raise RecipeError(f"{name} must be <= {high}, got {value!r}")
     return cls(**values)
 
 
@@ -354,6 +367,8 @@ def _to_plain(value: Any) -> Any:
 def _check(recipe: Recipe, check_data: bool) -> None:
     _check_model(recipe)
     if check_data:
+        check_output_dir(recipe.output.dir)
+        check_inputs_not_written(recipe)
         train_kind = check_source("data.train", recipe.data.train)
         if recipe.data.eval is not None:
             check_source("data.eval", recipe.data.eval)
@@ -421,6 +436,8 @@ def _check_model(recipe: Recipe) -> None:
         if not hasattr(transformers, spec.class_name):
             close = difflib.get_close_matches(spec.class_name, dir(transformers), n=3)
             raise RecipeError(f"model.class {spec.class_name!r} is not a transformers class; close names: {close}")
+        if not is_model_class(spec.class_name):
+            raise RecipeError(f"model.class {spec.class_name} is not a model class (a *PreTrainedModel or AutoModel*)")
         if not spec.class_name.endswith(suffixes) and not spec.class_name.startswith("Auto"):
             raise RecipeError(f"model.class {spec.class_name} does not fit task {recipe.task}: use a *{suffixes[0]} class")
     if recipe.task != "image_classification" and spec.tokenizer is None and spec.path is None:
@@ -453,3 +470,12 @@ def _check_model_config(config: dict[str, Any]) -> None:
         transformers.AutoConfig.for_model(**config)
     except (TypeError, ValueError, StrictDataclassError) as exc:  # transformers checks field types
         raise RecipeError(f"model.config: {' '.join(str(exc).split())}") from None
+
+
+def is_model_class(name: str) -> bool:
+    """Whether ``transformers.<name>`` is a model class (not a config, tokenizer or other class)."""
+    import transformers
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    cls = getattr(transformers, name, None)
+    return isinstance(cls, type) and issubclass(cls, (transformers.PreTrainedModel, _BaseAutoModelClass))

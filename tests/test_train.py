@@ -204,7 +204,7 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     train(recipe_from_dict(raw))
     with pytest.raises(RecipeError, match="already holds checkpoints .* --resume"):
         train(recipe_from_dict(raw))
-    with pytest.raises(RecipeError, match="the recipe changed in optim.lr"):
+    with pytest.raises(RecipeError, match="step-00000008: it was made with another optim.lr"):
         train(recipe_from_dict(apply_overrides(raw, ["checkpoint.resume=auto", "optim.lr=0.1"])))
 
 
@@ -335,7 +335,8 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_survives_damaged_run_fi
     err = capsys.readouterr().err
     assert "step-00000006 cannot be loaded" in err
     assert "set aside the damaged step-00000006 as step-00000006.damaged" in err
-    assert ("resuming cannot check that the recipe is unchanged" in err) == (recipe_damage != "older")
+    # Each checkpoint records the recipe it was made from, so the run's recipe.yaml is not needed to compare.
+    assert "resuming cannot check that the recipe is unchanged" not in err
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(run / "checkpoints" / "step-00000003")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-00000003", "step-00000006", "step-00000006.damaged",

@@ -5,8 +5,10 @@
 1. ``launch``: check the launch and join the processes in an ``accelerate.Accelerator``
    (DDP or FSDP2, mixed precision, gradient accumulation);
 2. ``loaders``: read and check the data, before any model loads;
-3. ``resume``: find the checkpoints to resume from (and refuse a changed recipe);
-4. ``build``: the tokenizer and the base model wrapped with the adapter;
+3. ``resume``: find the checkpoints to resume from (and refuse a changed recipe or data, or a directory
+   holding another run);
+4. ``build`` and ``loaders``: the tokenizer, then the examples tokenized, packed and checked, then (only then)
+   the base model wrapped with the adapter;
 5. ``run``: loaders, optimizer and schedule handed to ``accelerate`` in a :class:`~repeft.train.run.Run`;
    then resume from a checkpoint (``resume``) and open the run directory and its log (``outputs``);
 6. ``loop``: the optimizer steps, whose per-step hooks log JSONL metrics, evaluate (``evaluation``)
@@ -32,12 +34,13 @@ from .build import (
     build_model,
     build_model_and_adapter,
     check_tokenizer,
+    load_checked_tokenizer,
     load_tokenizer,
     model_config,
 )
 from .evaluation import evaluate, evaluate_run, format_eval
 from .launch import LaunchError, _check_fsdp, check_launch, make_accelerator
-from .loaders import read_data
+from .loaders import build_run_examples, read_data
 from .loop import TrainingDiverged, loop
 from .outputs import TrainResult, finish, format_summary, open_outputs
 from .resume import BEST_ADAPTER_FILE, RESUME_MAY_CHANGE, keep_best_in_checkpoints, restore, resume_candidates
@@ -76,9 +79,11 @@ def train(recipe: Recipe) -> TrainResult:
     if not accelerator.is_main_process:
         transformers.logging.set_verbosity_error()
     recipe, data = read_data(recipe)
-    candidates = resume_candidates(recipe, accelerator)
-    tokenizer, model = build_model_and_adapter(recipe, data, accelerator)
-    run = prepare(recipe, accelerator, model, tokenizer, data)
+    candidates = resume_candidates(recipe, data.made_from, accelerator)
+    tokenizer = load_checked_tokenizer(recipe, data, accelerator)
+    examples = build_run_examples(recipe, data, tokenizer, accelerator.num_processes)
+    model = build_model_and_adapter(recipe, data, tokenizer, accelerator)
+    run = prepare(recipe, accelerator, model, tokenizer, data, examples)
     _start(run, candidates)
     loop(run)
     return finish(run, started)

@@ -12,6 +12,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 
 from .. import registry
 from ..dataio import sample_texts
@@ -30,17 +31,23 @@ TASK_MODEL_CLASSES = {
 }
 
 
-def build_model_and_adapter(recipe: Recipe, data: RunData, accelerator: Accelerator) -> tuple[Any, AdapterModel]:
-    """The tokenizer (None for images), checked against the data, and the base model wrapped with the adapter."""
-    text = recipe.task != "image_classification"
+def load_checked_tokenizer(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Any:
+    """The tokenizer (None for images), checked against the data, before the model loads."""
+    if recipe.task == "image_classification":
+        return None
     with accelerator.main_process_first():  # the first process unpacks packaged models for the others
-        tokenizer = load_tokenizer(recipe) if text else None
-        if tokenizer is not None:
-            check_tokenizer(recipe, tokenizer, sample_texts(recipe, data.train_rows))
+        tokenizer = load_tokenizer(recipe)
+    check_tokenizer(recipe, tokenizer, sample_texts(recipe, data.train_rows))
+    return tokenizer
+
+
+def build_model_and_adapter(recipe: Recipe, data: RunData, tokenizer: Any, accelerator: Accelerator) -> AdapterModel:
+    """The base model wrapped with the adapter."""
+    with accelerator.main_process_first():  # the first process unpacks packaged models for the others
         base = base_model(recipe, data.labels, tokenizer)
     _prepare_base(recipe, base)
     try:
-        return tokenizer, wrap(base, recipe.adapter)
+        return wrap(base, recipe.adapter)
     except (TargetError, ValueError) as exc:  # the adapter does not fit this model (targets, architecture)
         raise RecipeError(f"adapter: {exc}") from None
 
@@ -142,7 +149,10 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
     extra = {"ignore_mismatched_sizes": True} if labels else {}
     if spec.quantization != "none":
         extra["quantization_config"] = _bnb_config(spec.quantization, dtype)
-    return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
+    try:
+        return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
+    except (OSError, SafetensorError) as exc:  # missing, or truncated, weights
+        raise RecipeError(f"model.path {spec.path!r}: cannot load its weights ({_one_line(exc)})") from None
 
 
 def _bnb_config(quantization: str, compute_dtype: torch.dtype) -> transformers.BitsAndBytesConfig:

@@ -1,4 +1,4 @@
-"""The data of a run, one way: read and validate the rows (before any model loads), encode them, batch them.
+"""The data of a run, one way: read and validate the rows, encode them (both before any model loads), batch them.
 
 Each stage is one call into the data modules, in order: ``datasource.read_rows``;
 ``dataio.label_names`` and ``dataio.check_rows``; ``dataio.build_examples``
@@ -13,7 +13,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from .. import instruct
 from ..dataio import (
+    Example,
     build_examples,
     check_rows,
     collator,
@@ -25,15 +27,29 @@ from ..dataio import (
 from ..datasource import read_rows
 from ..model import AdapterModel
 from ..recipe import Recipe, RecipeError
+from .build import model_config
+from .resume import record_made_from
 
 
 @dataclass
 class RunData:
-    """The rows a run trains and evaluates on, and the class names (empty for causal LM)."""
+    """The rows a run trains and evaluates on, the class names (empty for causal LM), and what the run is made
+    from (``resume.record_made_from``: recorded in each checkpoint, compared on resume)."""
 
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]] | None
     labels: list[str]
+    made_from: dict[str, Any]
+
+
+@dataclass
+class RunExamples:
+    """The tokenized (or image) examples, built and checked before the model loads; what truncation and packing did."""
+
+    train: list[Example]
+    eval: list[Example] | None
+    notes: list[str]
+    answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
 
 
 def read_data(recipe: Recipe) -> tuple[Recipe, RunData]:
@@ -46,31 +62,48 @@ def read_data(recipe: Recipe) -> tuple[Recipe, RunData]:
         check_rows(recipe, eval_rows, "data.eval", labels)
     # The run directory records the label order, so exports can rebuild the same head.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
-    return recipe, RunData(train_rows, eval_rows, labels)
+    return recipe, RunData(train_rows, eval_rows, labels, record_made_from(recipe))
 
 
-def make_loaders(
-    recipe: Recipe, model: AdapterModel, tokenizer: Any, data: RunData, notes: list[str]
-) -> tuple[DataLoader, DataLoader | None]:
-    """Tokenized (or image) examples in a shuffled train loader and an eval loader (None without eval data).
-
-    What truncation and packing did is added to ``notes``.
-    """
-    config = model.base_model.config
-    train_examples = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
-    eval_examples = (
+def build_run_examples(recipe: Recipe, data: RunData, tokenizer: Any, processes: int) -> RunExamples:
+    """Tokenize (or convert) the rows, truncate and pack them, and check there are enough, before the model loads."""
+    notes: list[str] = []
+    config = model_config(recipe, data.labels)
+    train = build_examples(recipe, data.train_rows, "data.train", tokenizer, data.labels, config, notes)
+    evaluation = (
         build_examples(recipe, data.eval_rows, "data.eval", tokenizer, data.labels, config, notes)
         if data.eval_rows
         else None
     )
     if recipe.data.packing:
-        train_examples = pack_examples(recipe, train_examples, model, notes)
+        train = pack_examples(recipe, train, notes)
+    # The train loader drops the last incomplete global batch, so it must hold one whole.
+    global_batch = recipe.train.batch_size * processes
+    if len(train) < global_batch:
+        rows = "packed rows" if recipe.data.packing else "examples"
+        raise RecipeError(
+            f"data.train has {len(train)} {rows}, fewer than one global batch "
+            f"(train.batch_size {recipe.train.batch_size} x {processes} processes = {global_batch})"
+        )
+    return RunExamples(train, evaluation, notes, _answer_prompts(recipe, tokenizer, data))
+
+
+def make_loaders(
+    recipe: Recipe, model: AdapterModel, tokenizer: Any, examples: RunExamples
+) -> tuple[DataLoader, DataLoader | None]:
+    """The examples in a shuffled train loader and an eval loader (None without eval data).
+
+    Packed rows are first checked on the model: it must keep packed examples apart.
+    """
+    if recipe.data.packing:
+        instruct.check_packing(model, examples.train)
+    eval_examples = examples.eval
     if tokenizer is not None and eval_examples:
         # Order does not change the metrics; batches of similar length waste less compute on padding.
         eval_examples.sort(key=lambda e: len(e["input_ids"]))
     collate = collator(recipe.task, tokenizer.pad_token_id if tokenizer is not None else 0)
     train_loader = DataLoader(
-        train_examples, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
+        examples.train, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
     )
     eval_loader = (
         DataLoader(eval_examples, batch_size=recipe.eval.batch_size, collate_fn=collate) if eval_examples else None
@@ -78,7 +111,7 @@ def make_loaders(
     return train_loader, eval_loader
 
 
-def answer_prompts(recipe: Recipe, tokenizer: Any, data: RunData) -> list[tuple[list[int], str]]:
+def _answer_prompts(recipe: Recipe, tokenizer: Any, data: RunData) -> list[tuple[list[int], str]]:
     """(prompt, expected answer) of each eval example, when evaluation generates answers."""
     if not (recipe.eval.generate or recipe.eval.exact_match):
         return []

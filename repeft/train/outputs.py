@@ -81,16 +81,19 @@ class MetricsLog:
 
 
 def _records_until(path: Path, step: int) -> list[str]:
-    """The lines of a metrics log up to ``step`` (a resumed run redoes the later ones); unreadable lines are dropped.
+    """The lines of a metrics log written before the checkpoint of ``step`` (a resumed run redoes the later ones).
 
-    A kill while appending leaves a torn last line.
+    At the checkpoint's own step the final evaluation (``"when": "after"``) and its generations came after it:
+    a run killed after them redoes them too. Unreadable lines (a kill while appending tears the last one)
+    are dropped.
     """
     kept = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            if record["step"] < step or record["step"] == step and record.get("when") != "after":
                 kept.append(line)
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
             continue
     return kept
 

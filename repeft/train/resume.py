@@ -4,26 +4,33 @@ A checkpoint is ``accelerate``'s saved state made adapter-only (the adapter,
 not the frozen base), the optimizer, the schedule and ``trainer_state.json``
 (:class:`State`); with ``output.best`` also the best evaluation's adapter.
 Resuming loads the newest checkpoint that loads on every process, setting
-damaged newer ones aside, and refuses a recipe that changes what is trained.
+damaged newer ones aside. Each checkpoint records what it was made from (the
+recipe, and a digest of each data file): resuming refuses a checkpoint made
+from another recipe or other data, and a fresh start refuses a directory that
+holds another run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from .. import fsdp
 from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, read_state, save_checkpoint, set_aside
+from ..datasource import parse_source
 from ..files import read_adapter_dir
 from ..model import AdapterModel
 from ..recipe import Recipe, RecipeError
+from ..recipe_yaml import parse_yaml
+from ..run_files import refuse_earlier_outputs
 from .launch import LaunchError
 
 if TYPE_CHECKING:
@@ -66,25 +73,66 @@ def _is_number(value: Any) -> bool:
 # -- before the model loads: where to resume from ---------------------------------------------
 
 
-def resume_candidates(recipe: Recipe, accelerator: Accelerator) -> list[Path]:
-    """Checkpoints to resume from, newest first (none: a fresh start); refuses to mix a new run into an old one."""
+def record_made_from(recipe: Recipe) -> dict[str, Any]:
+    """What a checkpoint records of the run that wrote it: the whole recipe (base model, adapter, data sources,
+    seed, optimizer, ...) and a SHA-256 of each data file, so that a changed file under the same name shows."""
+    files = {}
+    for name, source in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        if source is not None and parse_source(source, "train") is None:
+            files[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    # As trainer_state.json gives it back (lists for tuples, string keys), so that equal compares equal.
+    return json.loads(json.dumps({"recipe": recipe.to_dict(), "data_sha256": files}))
+
+
+def resume_candidates(recipe: Recipe, made_from: dict[str, Any], accelerator: Accelerator) -> list[Path]:
+    """Checkpoints to resume from, newest first (none: a fresh start); refuses to mix a new run into an old one,
+    or to continue a checkpoint made from another recipe or other data (``made_from``: what this run is made from)."""
     resume, run_dir = recipe.checkpoint.resume, Path(recipe.output.dir)
     found = list_checkpoints(run_dir)
+    if resume == "never" and found:
+        raise RecipeError(
+            f"output.dir {run_dir} already holds checkpoints (latest {found[-1].name}): continue that run with "
+            "--resume (checkpoint.resume=auto), or choose another output.dir, or delete it"
+        )
     if resume == "never":
-        if found:
-            raise RecipeError(
-                f"output.dir {run_dir} already holds checkpoints (latest {found[-1].name}): continue that run with "
-                "--resume (checkpoint.resume=auto), or choose another output.dir, or delete it"
-            )
-        return []
-    if resume == "auto":
+        candidates = []
+    elif resume == "auto":
         candidates = found[::-1]
     else:
         read_state(resume)  # fails early on a directory that is not a checkpoint
         candidates = [Path(resume)]
-    if candidates:
+    if not any(c.resolve().parent.parent == run_dir.resolve() for c in candidates):
+        refuse_earlier_outputs(run_dir, resume)  # a fresh start, or another run's checkpoint continued here
+    unrecorded = [c for c in candidates if not _check_made_from(c, made_from)]
+    if unrecorded:  # written by an older repeft: compare with the recipe the run directory holds
         _check_unchanged(recipe, run_dir, accelerator)
     return candidates
+
+
+def _check_made_from(checkpoint: Path, made_from: dict[str, Any]) -> bool:
+    """Refuse to resume from a checkpoint made from another recipe or other data; False if it records nothing.
+
+    A damaged checkpoint counts as checked: loading it fails, and resume moves on to an older one.
+    """
+    try:
+        recorded = read_state(checkpoint).get("made_from")
+    except CheckpointError:
+        return True
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("recipe"), dict):
+        return False
+    changed = _changed_fields(recorded["recipe"], made_from["recipe"])
+    digests = recorded.get("data_sha256") if isinstance(recorded.get("data_sha256"), dict) else {}
+    changed += [
+        f"the contents of {name}"
+        for name, digest in digests.items()
+        if name not in changed and made_from["data_sha256"].get(name) != digest
+    ]
+    if changed:
+        raise RecipeError(
+            f"cannot resume from {checkpoint}: it was made with another {', '.join(changed)} "
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change); train afresh in a new output.dir"
+        )
+    return True
 
 
 def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
@@ -95,8 +143,8 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, accelerator: Accelerator) ->
     text = saved.read_text(errors="replace")
     try:
         # repeft ends the file with a newline; one cut short mid-line may still parse, to wrong values.
-        old = yaml.safe_load(text) if text.endswith("\n") else None
-    except yaml.YAMLError:
+        old = parse_yaml(text, str(saved)) if text.endswith("\n") else None
+    except RecipeError:
         old = None
     if not isinstance(old, dict):
         accelerator.print(
@@ -166,7 +214,7 @@ def keep_best_in_checkpoints(run: Run) -> None:
 
 def save(run: Run) -> None:
     """Write the checkpoint of the current step (keeping the newest ``checkpoint.keep``)."""
-    state = {**asdict(run.state), "sharded": run.sharded}
+    state = {**asdict(run.state), "sharded": run.sharded, "made_from": run.made_from}
     save_checkpoint(run.accelerator, run.run_dir, state, run.recipe.checkpoint.keep)
 
 
@@ -190,6 +238,9 @@ def restore(run: Run, candidates: list[Path]) -> None:
             print(f"set aside the damaged {damaged.name} as {set_aside(damaged).name}", file=sys.stderr)
     accelerator.wait_for_everyone()
     run.resumed_from = checkpoint
+    # A run that stopped early and was killed before writing its outputs stays stopped.
+    patience = run.recipe.eval.patience
+    run.stopped_early = bool(patience) and run.state.evals_without_improvement >= patience
     accelerator.print(f"resumed from {checkpoint} at step {run.state.step}")
 
 

@@ -22,7 +22,7 @@ from .. import fsdp
 from ..layers import ModulesToSave
 from ..model import AdapterModel
 from ..recipe import Recipe, RecipeError
-from .loaders import RunData, answer_prompts, make_loaders
+from .loaders import RunData, RunExamples, make_loaders
 from .resume import State, checkpoint_adapter_only
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class Run:
     labels: list[str]  # class names (classification)
     answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
     notes: list[str]  # what truncation and packing did to the data
+    made_from: dict[str, Any]  # what the run is made from, recorded in each checkpoint (resume.record_made_from)
     state: State = field(default_factory=State)
     resumed_from: Path | None = None
     checked_step: int = 0  # the last step at which the loss and the adapter were checked finite
@@ -106,11 +107,12 @@ class LineTrackingStream:
         return getattr(self.stream, name)
 
 
-def prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: RunData) -> Run:
+def prepare(
+    recipe: Recipe, accelerator: Accelerator, model: AdapterModel, tokenizer: Any, data: RunData, examples: RunExamples
+) -> Run:
     """Loaders, optimizer and schedule, handed to ``accelerate``; the run's length in optimizer steps."""
     trainable, total = model.trainable_parameters()
-    notes: list[str] = []
-    train_loader, eval_loader = make_loaders(recipe, model, tokenizer, data, notes)
+    train_loader, eval_loader = make_loaders(recipe, model, tokenizer, examples)
     n_examples = len(train_loader.dataset)
     optimizer = torch.optim.AdamW(
         _param_groups(model, recipe),
@@ -125,14 +127,9 @@ def prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, token
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    # Length: optimizer steps, counted after the loader is sharded across processes.
+    # Length: optimizer steps, counted after the loader is sharded across processes (at least one batch:
+    # loaders.build_run_examples checked there is a global batch).
     batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        global_batch = recipe.train.batch_size * accelerator.num_processes
-        raise RecipeError(
-            f"data.train has {n_examples} examples, fewer than one global batch "
-            f"(train.batch_size {recipe.train.batch_size} x {accelerator.num_processes} processes = {global_batch})"
-        )
     steps_per_epoch = math.ceil(batches_per_epoch / recipe.train.grad_accum)
     total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
     warmup = recipe.schedule.warmup_steps or int(recipe.schedule.warmup_ratio * total_steps)
@@ -165,8 +162,9 @@ def prepare(recipe: Recipe, accelerator: Accelerator, model: AdapterModel, token
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         labels=data.labels,
-        answers=answer_prompts(recipe, tokenizer, data),
-        notes=notes,
+        answers=examples.answers,
+        notes=examples.notes,
+        made_from=data.made_from,
     )
 
 
