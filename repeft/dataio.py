@@ -41,7 +41,7 @@ def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
     if declared is not None:
         return declared
     column = recipe.data.label_column
-    values = [_column(row, column, "data.train", number) for number, row in enumerate(train_rows, 1)]
+    values = [_column(row, column, "data.train", number, "data.label_column") for number, row in enumerate(train_rows, 1)]
     ids = [_as_id(v) for v in values]
     if values and all(i is not None for i in ids):
         return _id_labels(ids, column)
@@ -103,14 +103,15 @@ def check_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str, labels: 
     column = spec.image_column if images else spec.text_column
     empty = []
     for number, row in enumerate(rows, 1):
-        value = _column(row, column, source, number)
+        value = _column(row, column, source, number, "data.image_column" if images else "data.text_column")
         if value is None or not images and not isinstance(value, str):
             wanted = "an image" if images else "a string"
             raise RecipeError(f"{source}: example {number} has {column} {value!r}; it must be {wanted}")
         if not images and not value.strip():
             empty.append(number)
         if labels:
-            _label_id(_column(row, spec.label_column, source, number), labels, f"{source}: example {number}")
+            label = _column(row, spec.label_column, source, number, "data.label_column")
+            _label_id(label, labels, f"{source}: example {number}")
     if len(empty) == len(rows):
         raise RecipeError(f"{source}: every example has an empty {column}; is data.text_column the right column?")
     if empty:
@@ -125,11 +126,15 @@ def sample_texts(recipe: Recipe, rows: list[dict[str, Any]], n: int = 200) -> li
     return [message["content"] for messages in conversations(recipe, rows, "data.train") for message in messages]
 
 
-def _column(row: dict[str, Any], column: str, source: str, number: int) -> Any:
+def _column(row: dict[str, Any], column: str, source: str, number: int, field: str) -> Any:
+    """``row[column]``, or a ``RecipeError`` naming the recipe ``field`` that chose the column."""
     try:
         return row[column]
     except KeyError:
-        raise RecipeError(f"{source}: example {number} has no column {column!r} (columns: {sorted(row)})") from None
+        raise RecipeError(
+            f"{source}: example {number} has no column {column!r} (columns: {sorted(row)}); "
+            f"set {field} to the column that holds it"
+        ) from None
 
 
 def _label_id(value: Any, labels: list[str], where: str) -> int:

@@ -173,3 +173,14 @@ def test_generation_is_greedy_decoding_and_batching_does_not_change_it(tokenizer
     batched = instruct.generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
     assert batched == [greedy(p) for p in prompts]
     assert instruct.exact_match(["spam ", "ham"], ["spam", "spam"]) == 0.5
+
+
+def test_the_generation_log_shows_the_end_of_a_prompt_in_whole_words():
+    # It printed prompt[-60:] as a repr: cut mid-word, with raw \n escapes (issue 27 item 5).
+    from repeft.train.evaluation import prompt_tail
+
+    prompt = "<|user|>\nIs this SMS message spam or ham?\nFree entry in 2 a wkly comp to win FA Cup final tkts\n<|assistant|>\n"
+    shown = prompt_tail(prompt, width=60)
+    assert shown.startswith("… ") and shown.endswith("tkts ⏎ <|assistant|>") and "\\n" not in shown
+    assert shown.removeprefix("… ").split(" ")[0] in prompt.split()  # a whole word, not its end
+    assert prompt_tail("<|user|>\nhi\n<|assistant|>\n") == "<|user|> ⏎ hi ⏎ <|assistant|>"

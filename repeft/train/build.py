@@ -53,10 +53,21 @@ def build_model_and_adapter(recipe: Recipe, data: RunData, tokenizer: Any, accel
 
 
 def base_model(recipe: Recipe, labels: list[str], tokenizer: Any) -> transformers.PreTrainedModel:
-    """``build_model``, with the tokenizer's padding id where the model's config has none."""
+    """``build_model``, with the tokenizer's special token ids in its config and generation config.
+
+    The tokenizer encoded the data, so its ids are the ones that mean end of
+    sequence and padding: ``generate`` stops at its end of sequence, a decoder's
+    classifier finds the last token by its padding, and a merged export says
+    so (a model built from ``model.config`` would otherwise keep the config
+    class's defaults, e.g. LlamaConfig's ``eos_token_id=2``).
+    """
     base = build_model(recipe, labels)
-    if tokenizer is not None and getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id  # classifiers of decoder models find the last token by it
+    if tokenizer is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, name, None)
+            for config in (base.config, getattr(base, "generation_config", None)):
+                if value is not None and config is not None:
+                    setattr(config, name, value)
     return base
 
 

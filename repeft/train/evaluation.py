@@ -128,7 +128,23 @@ def _generate(run: Run, when: str) -> dict[str, float]:
         record = {"type": "generation", "step": run.state.step, "when": when, "prompt": prompt_text,
                   "expected": expected, "answer": answer}
         run.log.write(record)
-        run.say(f"generation (step {run.state.step}): {prompt_text[-60:]!r} -> {answer!r} (expected {expected!r})")
+        run.say(f"generation (step {run.state.step}): {prompt_tail(prompt_text)} -> {answer!r} (expected {expected!r})")
     if not spec.exact_match:
         return {}
     return {"exact_match": instruct.exact_match(answers, [expected for _, expected in prompts])}
+
+
+def prompt_tail(text: str, width: int = 80) -> str:
+    """The end of a prompt for one log line: line breaks shown as ``⏎``, cut at a word with ``…`` if longer than ``width``.
+
+    The end is where a prompt's question and its generation prompt are; a cut in mid-word or raw ``\\n``
+    escapes made the old log hard to read.
+
+    >>> prompt_tail("<|user|>\\nIs this spam?\\nWIN a free prize now\\n<|assistant|>\\n", width=46)
+    '… spam? ⏎ WIN a free prize now ⏎ <|assistant|>'
+    """
+    flat = " ⏎ ".join(" ".join(line.split()) for line in text.strip().split("\n"))
+    if len(flat) <= width:
+        return flat
+    tail = flat[-width:]
+    return "… " + (tail.split(" ", 1)[1] if " " in tail else tail)
