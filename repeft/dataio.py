@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import instruct
-from .datasource import builtin_label_names
+from .datasource import declared_label_names
 from .errors import RecipeError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
     """
     if recipe.data.labels:
         return list(recipe.data.labels)
-    declared = builtin_label_names(recipe.data.train)
+    declared = declared_label_names(recipe.data.train, recipe.data.label_column)
     if declared is not None:
         return declared
     column = recipe.data.label_column

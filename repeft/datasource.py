@@ -1,10 +1,13 @@
-"""Where a recipe's examples come from: ``builtin:<name>[:<split>]`` or a .jsonl/.json/.csv/.parquet file.
+"""Where a recipe's examples come from: ``builtin:<name>[:<split>]``, a .jsonl/.json/.csv/.parquet file,
+or a Hugging Face ``datasets`` one (a ``save_to_disk`` folder or an ``.arrow`` file).
 
 The first step of the data path (read -> validate in ``dataio`` -> encode ->
 collate): a source is checked when the recipe loads (:func:`check_source`,
 so a typo fails before anything runs) and read into plain dict rows when a run
 starts (:func:`read_rows`). JSONL, JSON and CSV are read with the standard
-library; Parquet needs ``pyarrow`` (``pip install 'repeft[parquet]'``).
+library; Parquet needs ``pyarrow`` (``pip install 'repeft[parquet]'``) and
+``datasets`` folders the ``datasets`` library (``pip install 'repeft[datasets]'``),
+which also gives the names of a ``ClassLabel`` column.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from typing import Any
 from . import registry
 from .errors import RecipeError
 
-FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 BUILTIN_PREFIX = "builtin:"
+# What datasets' save_to_disk writes: a Dataset folder holds state.json, a DatasetDict folder dataset_dict.json.
+DATASET_FOLDER_FILES = ("state.json", "dataset_dict.json")
+FORMATS_IN_WORDS = (
+    f"a file ending in {', '.join(FILE_FORMATS)}, a folder written by datasets' save_to_disk, or builtin:<name>"
+)
 
 
 def parse_source(source: str, default_split: str) -> tuple[str, str] | None:
@@ -41,23 +49,29 @@ def check_source(name: str, source: str) -> str | None:
         if split not in ds.splits:
             raise RecipeError(f"{name}: builtin:{ds_name} has splits {list(ds.splits)}, not {split!r}")
         return ds.kind
-    suffix = Path(source).suffix.lower()
-    if suffix not in FILE_FORMATS:
-        raise RecipeError(
-            f"{name} {source!r}: use a file ending in {', '.join(FILE_FORMATS)} or builtin:<name> "
-            f"(builtin datasets: {registry.dataset_names()})"
-        )
-    if not Path(source).is_file():
-        raise RecipeError(f"{name}: file {source} does not exist")
+    path = Path(source)
+    if path.is_dir():
+        if not any((path / marker).is_file() for marker in DATASET_FOLDER_FILES):
+            raise RecipeError(f"{name}: folder {source} was not written by datasets' save_to_disk; use {FORMATS_IN_WORDS}")
+        return None
+    if path.suffix.lower() not in FILE_FORMATS:
+        raise RecipeError(f"{name} {source!r}: use {FORMATS_IN_WORDS} (builtin datasets: {registry.dataset_names()})")
+    if not path.is_file():
+        raise RecipeError(f"{name}: file {source} does not exist; use {FORMATS_IN_WORDS}")
     return None
 
 
-def builtin_label_names(source: str) -> list[str] | None:
-    """The class names a builtin dataset declares; None for a file or a builtin without them."""
+def declared_label_names(source: str, label_column: str) -> list[str] | None:
+    """The class names a source declares: a builtin's, or a ``datasets`` ``ClassLabel`` column's; else None."""
     builtin = parse_source(source, "train")
-    if builtin is None or not registry.dataset(builtin[0]).labels:
+    if builtin is not None:
+        labels = registry.dataset(builtin[0]).labels
+        return list(labels) if labels else None
+    if not _is_datasets_source(Path(source)):
         return None
-    return list(registry.dataset(builtin[0]).labels)
+    feature = _hf_dataset(Path(source), "train").features.get(label_column)
+    names = getattr(feature, "names", None)  # datasets.ClassLabel
+    return list(names) if names else None
 
 
 def read_rows(source: str, default_split: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -70,6 +84,11 @@ def read_rows(source: str, default_split: str, limit: int | None = None) -> list
         name, split = builtin
         return registry.dataset(name).load(split, limit)
     path = Path(source)
+    if _is_datasets_source(path):
+        dataset = _hf_dataset(path, default_split)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        return dataset.to_list()
     try:
         rows = _read_file(path)
     except UnicodeDecodeError as exc:
@@ -77,6 +96,27 @@ def read_rows(source: str, default_split: str, limit: int | None = None) -> list
     except csv.Error as exc:
         raise RecipeError(f"{path} is not a readable CSV file ({exc})") from None
     return rows[:limit] if limit is not None else rows
+
+
+def _is_datasets_source(path: Path) -> bool:
+    return path.is_dir() or path.suffix.lower() == ".arrow"
+
+
+def _hf_dataset(path: Path, split: str) -> Any:
+    """The ``datasets.Dataset`` at ``path``; a DatasetDict folder gives its ``split``."""
+    try:
+        import datasets
+    except ImportError:
+        raise RecipeError(f"reading {path} needs the datasets library: pip install 'repeft[datasets]'") from None
+    try:
+        loaded = datasets.Dataset.from_file(str(path)) if path.is_file() else datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{path} is not a readable datasets folder or Arrow file ({_one_line(exc)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise RecipeError(f"{path} holds the splits {sorted(loaded)}, not {split!r}; point at {path / sorted(loaded)[0]}")
+        return loaded[split]
+    return loaded
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:

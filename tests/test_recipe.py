@@ -69,7 +69,7 @@ def test_yaml_file_overrides_and_shorthand(tmp_path):
         ({"adapter__method": "dora"}, "adapter: unknown adapter method 'dora'; known methods:"),
         ({"adapter__r": -1}, "adapter: r must be a positive integer"),
         ({"data__train": "missing.jsonl"}, "data.train: file missing.jsonl does not exist"),
-        ({"data__train": "train.txt"}, "data.train 'train.txt': use a file ending in .jsonl, .json, .csv, .parquet"),
+        ({"data__train": "train.txt"}, "data.train 'train.txt': use a file ending in .jsonl, .json, .csv, .parquet, .arrow, a folder written by datasets' save_to_disk"),
         ({"data__train": "builtin:imdb"}, "data.train: unknown builtin dataset 'imdb'; builtin datasets:"),
         ({"data__train": "builtin:sms_spam:dev"}, "builtin:sms_spam has splits ['train', 'test'], not 'dev'"),
         ({"data__train": "builtin:digits"}, "data.train is a image dataset but task sequence_classification needs text"),

@@ -407,6 +407,35 @@ def test_every_shipped_recipe_runs_reduced(tmp_path, monkeypatch, path):
     assert result.steps == 3 and Path(result.adapter_dir, "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("layout", ["dataset dict", "split folders", "arrow files"])
+def test_a_hugging_face_dataset_on_disk_trains_and_keeps_its_class_label_names(tmp_path, monkeypatch, layout):
+    # Recipes refused save_to_disk folders and Arrow files, the format Hugging Face users keep data in (issue 27 item 4).
+    datasets = pytest.importorskip("datasets")
+
+    features = datasets.Features({"sms": datasets.Value("string"), "label": datasets.ClassLabel(names=["ham", "spam"])})
+    rows = {"sms": ["see you at lunch", "WINNER! free prize", "call me later", "claim your cash now"] * 8,
+            "label": [0, 1, 0, 1] * 8}
+    splits = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows, features=features) for s in ("train", "test")})
+    splits.save_to_disk(tmp_path / "sms")
+    sources = {
+        "dataset dict": (tmp_path / "sms", tmp_path / "sms"),  # data.train reads split train, data.eval split test
+        "split folders": (tmp_path / "sms" / "train", tmp_path / "sms" / "test"),
+        "arrow files": tuple(next((tmp_path / "sms" / s).glob("*.arrow")) for s in ("train", "test")),
+    }[layout]
+    monkeypatch.chdir(ROOT)
+    overrides = [*REDUCED, *TINY_MODEL, f"data.train={sources[0]}", f"data.eval={sources[1]}", "data.text_column=sms",
+                 "data.train_limit=null", "data.eval_limit=null", f"output.dir={tmp_path / 'run'}"]
+    result = train(load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides))
+    meta = json.loads(Path(result.adapter_dir, "adapter_config.json").read_text())
+    assert meta["base_model"]["id2label"] == {"0": "ham", "1": "spam"}  # ClassLabel's names, not 0 and 1
+
+
+def test_an_unknown_data_path_names_the_formats(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(RecipeError, match="folder .* was not written by datasets' save_to_disk; use a file ending in"):
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"data.train={tmp_path / 'folder'}"])
+
+
 def test_a_merged_causal_lm_stops_at_its_tokenizer_s_end_of_sequence(tmp_path, monkeypatch):
     # The instruct recipe's Llama is built from a config whose class default is eos_token_id=2, while the byte
     # tokenizer's is 1: the merged export's generate() never stopped (issue 27 item 5).

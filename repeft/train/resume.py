@@ -79,9 +79,20 @@ def record_made_from(recipe: Recipe) -> dict[str, Any]:
     files = {}
     for name, source in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if source is not None and parse_source(source, "train") is None:
-            files[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+            files[name] = _sha256(Path(source))
     # As trainer_state.json gives it back (lists for tuples, string keys), so that equal compares equal.
     return json.loads(json.dumps({"recipe": recipe.to_dict(), "data_sha256": files}))
+
+
+def _sha256(path: Path) -> str:
+    """A data file's SHA-256; a folder's (datasets' save_to_disk) covers every file's name and bytes."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def resume_candidates(recipe: Recipe, made_from: dict[str, Any], accelerator: Accelerator) -> list[Path]:
