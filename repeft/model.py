@@ -62,6 +62,16 @@ TASK_HEAD_SUFFIXES = {
 }
 
 
+def default_modules_to_save(base: nn.Module) -> list[str] | None:
+    """The task head an adapter trains in full when its ``modules_to_save`` is ``None`` (e.g. ``["classifier"]``)."""
+    class_name = type(base).__name__
+    for suffix, heads in TASK_HEAD_SUFFIXES.items():
+        if class_name.endswith(suffix):
+            found = [h for h in heads if find_modules(base, [h])]
+            return found[:1] or None
+    return None
+
+
 def architecture(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None:
@@ -251,12 +261,7 @@ class AdapterModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def _default_modules_to_save(self) -> list[str] | None:
-        class_name = type(self.base_model).__name__
-        for suffix, heads in TASK_HEAD_SUFFIXES.items():
-            if class_name.endswith(suffix):
-                found = [h for h in heads if find_modules(self.base_model, [h])]
-                return found[:1] or None
-        return None
+        return default_modules_to_save(self.base_model)
 
     def _add_modules_to_save(self, adapter_name: str, patterns: list[str]) -> None:
         base = self.base_model
