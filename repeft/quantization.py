@@ -208,13 +208,36 @@ def float_module_names(
     names |= set(find_modules(skeleton, modules_to_save))
     saved = _checkpoint_keys(Path(path))
     if saved is not None:
-        prefix = getattr(skeleton, "base_model_prefix", "") + "."
-        saved = {key.removeprefix(prefix) for key in saved}
-        names |= {
-            name for name, module in modules.items()
-            if is_linear_like(module) and f"{name}.weight".removeprefix(prefix) not in saved
-        }
+        loaded = _loaded_names(skeleton, saved)
+        names |= {name for name, module in modules.items() if is_linear_like(module) and f"{name}.weight" not in loaded}
     return sorted(names)
+
+
+def _loaded_names(model: nn.Module, keys: set[str]) -> set[str]:
+    """The parameter names of ``model`` that ``from_pretrained`` loads checkpoint ``keys`` into.
+
+    transformers >= 5 renames checkpoint keys as it loads them (e.g. a ViT
+    checkpoint's ``attention.attention.query`` is the model's ``attention.q_proj``)
+    and adds or strips the base model prefix (``bert.``); its own renaming
+    functions are used here, as PEFT uses them. Older versions only add or strip the prefix.
+    """
+    state = model.state_dict()
+    prefix = model.base_model_prefix
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {f"{prefix}.{key}" if f"{prefix}.{key}" in state else key.removeprefix(f"{prefix}.") for key in keys}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    loaded = set()
+    for key in keys:
+        name, _ = rename_source_key(key, renamings, converters, prefix, state)
+        if name not in state and key in state:  # as transformers does: a key the model already has is not renamed
+            name = key
+        loaded.add(name if name in state else rename_source_key(key, [], [], prefix, state)[0])
+    return loaded
 
 
 def _checkpoint_keys(path: Path) -> set[str] | None:
