@@ -234,9 +234,9 @@ def _loaded_names(model: nn.Module, keys: set[str]) -> set[str]:
     loaded = set()
     for key in keys:
         name, _ = rename_source_key(key, renamings, converters, prefix, state)
-        if name not in state and key in state:  # as transformers does: a key the model already has is not renamed
-            name = key
-        loaded.add(name if name in state else rename_source_key(key, [], [], prefix, state)[0])
+        if name not in state:  # as transformers does: then only the base model prefix is added or stripped
+            name, _ = rename_source_key(key, [], [], prefix, state)
+        loaded.add(name)
     return loaded
 
 
