@@ -26,7 +26,7 @@ from .peft_interop import export_peft, from_peft, get_peft_model_state_dict, set
 from .prefix import PrefixConfig, fold_prefix  # noqa: E402
 from .replora import RepLoRAConfig  # noqa: E402
 from .export import MergedExport, export_merged  # noqa: E402
-from .quantization import prepare_quantized_model  # noqa: E402
+from .quantization import float_module_names, prepare_quantized_model  # noqa: E402
 from .targeting import TargetError  # noqa: E402
 from .vapt import VAPTConfig  # noqa: E402
 from .vpt import VPTConfig  # noqa: E402
@@ -54,6 +54,7 @@ __all__ = [
     "ZeroInitConfig",
     "export_merged",
     "export_peft",
+    "float_module_names",
     "fold_prefix",
     "from_peft",
     "get_peft_model",

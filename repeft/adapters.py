@@ -20,6 +20,16 @@ from .layers import AdapterLayer, ModulesToSave
 from .methods import method
 from .targeting import TargetError, find_modules
 
+def default_modules_to_save(base: nn.Module) -> list[str] | None:
+    """The task head an adapter trains in full when its ``modules_to_save`` is ``None`` (e.g. ``["classifier"]``)."""
+    class_name = type(base).__name__
+    for suffix, heads in TASK_HEAD_SUFFIXES.items():
+        if class_name.endswith(suffix):
+            found = [h for h in heads if find_modules(base, [h])]
+            return found[:1] or None
+    return None
+
+
 class UnknownAdapterError(KeyError, ValueError):
     """No adapter of that name. PEFT raises ValueError here; earlier repeft KeyError, so both catch it."""
 
@@ -104,12 +114,7 @@ class AdapterManagementMixin:
         self.set_adapter(adapter_name if self.active_adapter is None else self.active_adapter)
 
     def _default_modules_to_save(self) -> list[str] | None:
-        class_name = type(self.base_model).__name__
-        for suffix, heads in TASK_HEAD_SUFFIXES.items():
-            if class_name.endswith(suffix):
-                found = [h for h in heads if find_modules(self.base_model, [h])]
-                return found[:1] or None
-        return None
+        return default_modules_to_save(self.base_model)
 
     def _add_modules_to_save(self, adapter_name: str, patterns: list[str]) -> None:
         base = self.base_model

@@ -9,6 +9,9 @@ their output. What is specific to quantized weights lives here:
   whichever layout bitsandbytes holds it;
 - ``keep_standard_layout``: stop bitsandbytes repacking 4-bit weights for
   its inference-only CPU kernel under a model that trains;
+- ``float_module_names``: the modules to leave in float when loading a
+  model quantized (``llm_int8_skip_modules``): the heads the adapter trains
+  and the modules the checkpoint lacks;
 - ``prepare_quantized_model``: the usual QLoRA training set-up.
 
 Merged export from a quantized base is in ``export.py``; merging *in place*
@@ -22,7 +25,9 @@ imported the package, so looking it up in ``sys.modules`` is enough to detect th
 from __future__ import annotations
 
 import copy
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,6 +157,127 @@ def _standard_layout(packed: torch.Tensor, state) -> tuple[torch.Tensor, Any]:
     return data, state
 
 
+def float_module_names(
+    model_class: type,
+    path: str | Path,
+    config: Any = None,
+    modules_to_save: list[str] | None = None,
+) -> list[str]:
+    """Module paths to keep in float when ``model_class`` loads ``path`` quantized: ``llm_int8_skip_modules``.
+
+    Three kinds of module must not become bitsandbytes layers:
+
+    - the heads the adapter trains in full: ``modules_to_save``, or when it
+      is ``None`` the task head ``repeft.wrap`` picks (``classifier``,
+      ``score``, ...). A trained copy of a 4/8-bit layer has no float weight
+      to train;
+    - linear layers whose weight the checkpoint lacks (a new classification
+      head, a pooler a checkpoint did not save): transformers initialises
+      them in float inside a bitsandbytes layer that nothing ever quantizes,
+      and its forward fails (NF4/FP4: an assertion on the missing
+      quantization state; int8: no ``CB``). Found by comparing the
+      checkpoint's safetensors keys with the model's modules, for a local
+      directory; other checkpoints skip this check (``prepare_quantized_model``
+      still turns such layers back into ``nn.Linear``);
+    - what transformers keeps in float by default (output embeddings, tied
+      weights), since an explicit ``llm_int8_skip_modules`` replaces its defaults.
+
+    The model is built on the meta device to find them: no weights are read.
+
+    >>> from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    >>> skip = float_module_names(AutoModelForSequenceClassification, path, config)  # doctest: +SKIP
+    >>> skip  # doctest: +SKIP
+    ['classifier']
+    >>> qconfig = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip)  # doctest: +SKIP
+    """
+    import transformers
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from .adapters import default_modules_to_save
+    from .targeting import find_modules, is_linear_like
+
+    if config is None:
+        config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = getattr(model_class, "from_config", model_class)(config)
+    if modules_to_save is None:
+        modules_to_save = default_modules_to_save(skeleton) or []
+    modules = dict(skeleton.named_modules())
+    # transformers' defaults are parameter names less ".weight"; a bias name there skips no module.
+    names = {key for key in get_keys_to_not_convert(skeleton) if key in modules}
+    names |= set(find_modules(skeleton, modules_to_save))
+    saved = _checkpoint_keys(Path(path))
+    if saved is not None:
+        loaded = _loaded_names(skeleton, saved)
+        names |= {name for name, module in modules.items() if is_linear_like(module) and f"{name}.weight" not in loaded}
+    return sorted(names)
+
+
+def _loaded_names(model: nn.Module, keys: set[str]) -> set[str]:
+    """The parameter names of ``model`` that ``from_pretrained`` loads checkpoint ``keys`` into.
+
+    transformers >= 5 renames checkpoint keys as it loads them (e.g. a ViT
+    checkpoint's ``attention.attention.query`` is the model's ``attention.q_proj``)
+    and adds or strips the base model prefix (``bert.``); its own renaming
+    functions are used here, as PEFT uses them. Older versions only add or strip the prefix.
+    """
+    state = model.state_dict()
+    prefix = model.base_model_prefix
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {f"{prefix}.{key}" if f"{prefix}.{key}" in state else key.removeprefix(f"{prefix}.") for key in keys}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    loaded = set()
+    for key in keys:
+        name, _ = rename_source_key(key, renamings, converters, prefix, state)
+        if name not in state:  # as transformers does: then only the base model prefix is added or stripped
+            name, _ = rename_source_key(key, [], [], prefix, state)
+        loaded.add(name)
+    return loaded
+
+
+def _checkpoint_keys(path: Path) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint (headers only); ``None`` for any other checkpoint."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def float_unquantized_layers(model: nn.Module) -> list[str]:
+    """Turn each bitsandbytes layer that holds a plain float weight back into ``nn.Linear``; return their paths.
+
+    transformers makes every targeted linear layer a bitsandbytes one before
+    loading, and quantizes the weights it loads; a layer whose weight the
+    checkpoint lacks keeps the float weight it was initialised with, which no
+    bitsandbytes layer can run. The ``nn.Linear`` takes the same parameters.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return []
+    restored = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and type(module.weight) is nn.Parameter:
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+            model.set_submodule(name, linear)
+            restored.append(name)
+    return restored
+
+
 def prepare_quantized_model(
     model: nn.Module,
     gradient_checkpointing: bool = True,
@@ -162,6 +288,11 @@ def prepare_quantized_model(
 
     The counterpart of PEFT's ``prepare_model_for_kbit_training``:
 
+    - turns bitsandbytes layers that were never quantized (their weights were
+      missing from the checkpoint, e.g. a new classifier) back into
+      ``nn.Linear`` (``float_unquantized_layers``): they cannot run as they
+      are. Pass ``float_module_names`` to ``llm_int8_skip_modules`` instead to
+      keep them, and the heads you train, out of bitsandbytes from the start;
     - freezes every parameter (the adapter ``repeft.wrap`` adds is then the only
       thing that trains);
     - casts the parameters that are not quantized (norm layers, embeddings, the
@@ -187,6 +318,7 @@ def prepare_quantized_model(
             "prepare_quantized_model freezes every parameter, the adapter's too: call it on the "
             "transformers model before repeft.wrap"
         )
+    float_unquantized_layers(model)
     model.requires_grad_(False)
     if upcast_dtype is not None:
         for module in model.modules():

@@ -114,7 +114,11 @@ def dequantized_reference(quantized, repacked=False):
 
     ``repacked``: the weights the 4-bit layers compute with after ``cpu_repack``.
     """
-    reference = quant_llama()
+    return dequantized_into(quant_llama(), quantized, repacked)
+
+
+def dequantized_into(reference, quantized, repacked=False):
+    """``reference`` (float, of ``quantized``'s architecture) with bitsandbytes' dequantization of its weights."""
     for name, module in quantized.named_modules():
         if isinstance(module, bnb.nn.Linear4bit) and repacked:
             weight = repacked_dequantization(module)
@@ -125,7 +129,8 @@ def dequantized_reference(quantized, repacked=False):
             weight = module.weight.data.float() * scb.float()[:, None] / 127
         else:
             continue
-        reference.get_submodule(name.replace(".base_layer", "")).weight.data.copy_(weight)
+        path = name.replace(".base_layer", "").removeprefix("base_model.")
+        reference.get_submodule(path).weight.data.copy_(weight)
     return reference
 
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from .. import registry
 from ..dataio import sample_texts
 from ..model import AdapterModel, wrap
-from ..quantization import prepare_quantized_model
+from ..quantization import float_module_names, prepare_quantized_model
 from ..recipe import Recipe, RecipeError
 from ..targeting import TargetError
 
@@ -158,21 +158,27 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
         return model.to(dtype)
     # ignore_mismatched_sizes: a checkpoint's head for other classes is replaced, as for the label count.
     extra = {"ignore_mismatched_sizes": True} if labels else {}
+    path = registry.resolve_model(spec.path)
     if spec.quantization != "none":
-        extra["quantization_config"] = _bnb_config(spec.quantization, dtype)
+        # The heads the adapter trains and the modules the checkpoint lacks stay in float.
+        skip = float_module_names(cls, path, config, recipe.adapter.modules_to_save)
+        extra["quantization_config"] = _bnb_config(spec.quantization, dtype, skip)
     try:
-        return cls.from_pretrained(registry.resolve_model(spec.path), config=config, dtype=dtype, **extra)
+        return cls.from_pretrained(path, config=config, dtype=dtype, **extra)
     except (OSError, SafetensorError) as exc:  # missing, or truncated, weights
         raise RecipeError(f"model.path {spec.path!r}: cannot load its weights ({_one_line(exc)})") from None
 
 
-def _bnb_config(quantization: str, compute_dtype: torch.dtype) -> transformers.BitsAndBytesConfig:
-    """bitsandbytes settings of ``model.quantization``: QLoRA's NF4 (or FP4) with double quantization, or LLM.int8."""
+def _bnb_config(quantization: str, compute_dtype: torch.dtype, skip: list[str]) -> transformers.BitsAndBytesConfig:
+    """bitsandbytes settings of ``model.quantization``: QLoRA's NF4 (or FP4) with double quantization, or LLM.int8.
+
+    ``skip``: the modules left in float (``llm_int8_skip_modules``, read by the 4-bit loader too).
+    """
     if quantization == "int8":
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
     )
 
 
