@@ -17,7 +17,8 @@ DATA = Path(__file__).resolve().parent / "data"
 SAVED = {
     "replora_form_mlp": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"), {"form": "mlp"}),
     "prefix_one_mlp": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
-                       {"mlp_per_layer": False, "mlp_hidden": 8, "norga_activation": "sigmoid"}),
+                       {"mlp_per_layer": False, "mlp_hidden": 8, "norga_activation": "sigmoid",
+                        "init": "normal", "prefix_dropout": 0.0, "norga_layers": None}),
     "zero_init_deepshare": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
                             {"prompt_network": "deepshare", "activation": "gelu"}),
     "vapt": (lambda: tiny_vision_model("vit"), tiny_images, {"mlp_dropout": 0.0}),
