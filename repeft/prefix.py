@@ -43,7 +43,6 @@ from .config import AdapterConfig, option
 from .methods import register_method
 
 
-
 def _identity(scores: torch.Tensor) -> torch.Tensor:
     return scores
 

@@ -65,8 +65,9 @@ def twin_rows():
 
 def test_prefix_dropout_draws_a_mask_per_example_in_training_and_is_off_in_eval():
     batch = twin_rows()  # two identical examples
-    model = repeft.wrap(tiny_model("llama"), repeft.PrefixConfig(n_prefix=8, prefix_dropout=0.5))
-    plain = repeft.wrap(tiny_model("llama"), repeft.PrefixConfig(n_prefix=8, prefix_dropout=0.0))
+    # NoRGa too: its gate scores the dropped-out keys, one set per example.
+    model = repeft.wrap(tiny_model("llama"), repeft.PrefixConfig(n_prefix=8, prefix_dropout=0.5, norga=True))
+    plain = repeft.wrap(tiny_model("llama"), repeft.PrefixConfig(n_prefix=8, prefix_dropout=0.0, norga=True))
     plain.attention_adapters.adapters["default"].load_state_dict(adapter_of(model).state_dict())
     expected = logits(plain, batch)
     assert torch.equal(logits(model, batch), expected)  # eval: no dropout
