@@ -70,3 +70,15 @@ def test_smoke_run_writes_paired_results(tmp_path):
         assert r["final_accuracy"] == pytest.approx(norga_continual.final_average_accuracy(matrix))
     assert set(saved["paired"]["prefix+NoRGa - prefix"]) == set(norga_continual.METRICS)
     assert result["records"][1]["norga_gate_after_task0"]["alpha"]
+
+
+def test_classifier_alignment_learns_the_seen_classes_from_their_gaussians_only():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 6)
+    stats = {c: (5 * torch.eye(4)[c], 0.1 * torch.eye(4)) for c in (1, 3)}
+    args = norga_continual.parse_args(["--smoke"])
+    args.ca_epochs, args.ca_lr = 20, 0.05
+    norga_continual.align_classifier(head, stats, [1, 3], args)
+    with torch.no_grad():
+        logits = head(torch.stack([stats[1][0], stats[3][0]]))
+    assert logits[:, [1, 3]].argmax(-1).tolist() == [0, 1]  # each class mean goes to its class

@@ -20,6 +20,15 @@ Set-up, following the reference (its ``norga_prompt_engine.py``) where this scal
 * NoRGa (``prefix+NoRGa``): the gate's alpha and tau (1 at the start) train
   with task 0's prefix and are then frozen and shared by every later task's
   prefix, as the reference freezes its ``act_scale`` after task 0;
+* classifier alignment after each task from the second on (HiDe-Prompt's, as
+  MoE_PromptCL runs it): each class keeps the mean and covariance (+1e-4 I)
+  of the head's input (BERT's pooled output) over its training examples,
+  computed with its task's prefix when the task ends; the head alone then
+  trains on features sampled from those Gaussians for every class seen so far
+  (SGD, momentum 0.9, weight decay 5e-4, cosine, ``--ca-lr`` 0.005 and
+  ``--ca-epochs`` 80 as in its configs; 5 x batch-size samples per class and
+  epoch). This is what lets one head compare classes of different tasks;
+  statistics, not examples, so still no replay;
 * test, after each task, on the test examples of every task seen so far, with
   the task identity **inferred** (the reference's setting): a frozen MiniLM
   (no adapter) embeds each text (mean-pooled, normalised), the nearest class
@@ -41,7 +50,8 @@ Differences from the reference, all of scale: MiniLM on text instead of a
 ViT-B/16 on images; prefixes in all 6 layers (the reference: layers 0-4 of 12;
 ``--norga-layers`` restricts the gate); the task inference is a nearest class
 mean on the frozen model, not a trained task-identity head with classifier
-alignment; no orthogonality loss; prefixes start from repeft's reference
+alignment (the alignment of the final head is the reference's); no
+orthogonality loss, no prompt momentum; prefixes start from repeft's reference
 initialisation (small uniform), not U(-1, 1); AdamW at one fixed rate for a
 fixed number of steps per task, not the reference's epochs and schedule.
 
@@ -78,10 +88,10 @@ import repeft
 N_TASKS, CLASSES_PER_TASK = 5, 8
 CONDITIONS = ("prefix", "prefix+NoRGa")
 METRICS = ("final_accuracy", "forgetting", "final_accuracy_task_given", "forgetting_task_given")
-DEFAULT = {"seeds": [0, 1, 2, 3, 4], "steps": 100, "batch_size": 16, "lr": 1e-2, "max_len": 48}
-FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 500, "batch_size": 32, "lr": 1e-2, "max_len": 80}
+DEFAULT = {"seeds": [0, 1, 2, 3, 4], "steps": 100, "batch_size": 16, "lr": 1e-2, "max_len": 48, "ca_epochs": 80}
+FULL = {"seeds": [0, 1, 2, 3, 4], "steps": 500, "batch_size": 32, "lr": 1e-2, "max_len": 80, "ca_epochs": 80}
 # A few examples per class and two steps per task: every code path, in seconds.
-SMOKE = {"seeds": [0], "steps": 2, "batch_size": 4, "lr": 1e-2, "max_len": 16}
+SMOKE = {"seeds": [0], "steps": 2, "batch_size": 4, "lr": 1e-2, "max_len": 16, "ca_epochs": 2}
 SMOKE_PER_CLASS = {"train": 3, "test": 2}
 
 
@@ -93,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--n-prefix", type=int, default=5, help="prefix key/value pairs per layer and task")
     parser.add_argument("--norga-activation", default="sigmoid", choices=sorted(repeft.prefix.NORGA_ACTIVATIONS))
     parser.add_argument("--norga-layers", type=int, nargs="+", help="layers NoRGa gates (default: all)")
+    parser.add_argument("--ca-lr", type=float, default=0.005, help="classifier alignment: SGD rate")
+    parser.add_argument("--ca-epochs", type=int, help="classifier alignment: epochs (default 80; --smoke: 2)")
     parser.add_argument("--smoke", action="store_true", help="a few examples per class, 2 steps per task, seed 0")
     args = parser.parse_args(argv)
     return resolve_args(args, SMOKE if args.smoke else DEFAULT, FULL)
@@ -205,6 +217,45 @@ def add_task_prefix(model: repeft.AdapterModel | None, base: nn.Module, task: in
 
 
 @torch.inference_mode()
+def class_statistics(model: repeft.AdapterModel, split: Split, indices: list[int],
+                     device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{class: (mean, covariance + 1e-4 I)}`` of the head's input (BERT's pooled output) under the active prefix."""
+    model.eval()
+    features = torch.cat([model.base_model.bert(**to_device(split.collate(indices[i:i + 64]), device))
+                          .pooler_output.float().cpu() for i in range(0, len(indices), 64)])
+    labels = split.labels[indices]
+    stats = {}
+    for c in labels.unique().tolist():
+        f = features[labels == c]
+        stats[c] = (f.mean(0), torch.cov(f.T) + 1e-4 * torch.eye(f.shape[1]))
+    return stats
+
+
+def align_classifier(head: nn.Linear, stats: dict[int, tuple[torch.Tensor, torch.Tensor]], seen: list[int],
+                     args) -> None:
+    """Train ``head`` alone on features sampled from each seen class's Gaussian, logits masked to ``seen``."""
+    device = head.weight.device
+    allowed = torch.zeros(head.out_features, dtype=torch.bool, device=device)
+    allowed[seen] = True
+    optimizer = torch.optim.SGD(head.parameters(), lr=args.ca_lr, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.ca_epochs)
+    gaussians = {c: torch.distributions.MultivariateNormal(*stats[c]) for c in seen}
+    per_class = 5 * args.batch_size
+    for _ in range(args.ca_epochs):
+        features = torch.cat([gaussians[c].sample((per_class,)) for c in seen]).to(device)
+        labels = torch.tensor(seen, device=device).repeat_interleave(per_class)
+        order = torch.randperm(len(labels), device=device)
+        for start in range(0, len(order), per_class):
+            batch = order[start:start + per_class]
+            logits = head(features[batch]).masked_fill(~allowed, float("-inf"))
+            loss = nn.functional.cross_entropy(logits, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+
+
+@torch.inference_mode()
 def predict(model: nn.Module, split: Split, indices: list[int], device: torch.device) -> torch.Tensor:
     """Predicted labels of ``indices``, in their order (batched by length)."""
     model.eval()
@@ -228,7 +279,7 @@ def run_condition(condition: str, seed: int, args, task, data) -> dict:
     set_seed(seed)  # the same head for both conditions
     base = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=n_classes)
     model, generator = None, torch.Generator().manual_seed(seed)  # the same batch order for both conditions
-    inferred, given, task_inference, curves = [], [], [], []
+    inferred, given, task_inference, curves, stats = [], [], [], [], {}
     t0, c0 = time.perf_counter(), time.process_time()
     for t, classes in enumerate(tasks):
         model = add_task_prefix(model, base, t, config)
@@ -238,6 +289,9 @@ def run_condition(condition: str, seed: int, args, task, data) -> dict:
         curves.append(train(MaskedLogits(model, current), task.train, data["train_by_task"][t], cfg, args.device,
                             generator))
         seen = [c for ts in tasks[:t + 1] for c in ts]
+        stats.update(class_statistics(model, task.train, data["train_by_task"][t], args.device))
+        if t > 0:
+            align_classifier(model.base_model.classifier, stats, seen, args)
         allowed = torch.zeros(n_classes, dtype=torch.bool)
         allowed[seen] = True
         masked = MaskedLogits(model, allowed)
@@ -322,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  "far); *_task_given metrics: given",
                 "conditions": {c: prefix_config(c.endswith("+NoRGa"), args) for c in CONDITIONS},
                 "train": {"steps_per_task": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                          "head_lr": args.head_lr},
+                          "head_lr": args.head_lr, "classifier_alignment": {"lr": args.ca_lr,
+                                                                            "epochs": args.ca_epochs}},
                 "seeds": args.seeds, "device": args.device, "command": sys.argv, "environment": environment(),
                 "wall_seconds": round(time.perf_counter() - t_start, 1), "summary": summary,
                 "paired": {"prefix+NoRGa - prefix": comparison}, "records": records}
