@@ -55,7 +55,7 @@ orthogonality loss, no prompt momentum; prefixes start from repeft's reference
 initialisation (small uniform), not U(-1, 1); AdamW at one fixed rate for a
 fixed number of steps per task, not the reference's epochs and schedule.
 
-    python benchmarks/papers/norga_continual.py --seeds 0 1 2 3 4   # ~30 min on 2 idle CPU cores
+    python benchmarks/papers/norga_continual.py --seeds 0 1 2 3 4   # ~2,600 CPU-s: 25-45 min on 2 idle cores
     python benchmarks/papers/norga_continual.py --smoke --out /tmp   # seconds: the test's run
 
 Writes results/norga_continual[_TAG].json.
