@@ -160,7 +160,8 @@ class AttentionCall:
         """Run the model's original attention with extra keys in front of the tokens', one softmax over both.
 
         ``keys`` and ``values`` are ``(kv_heads, n, head_dim)``, shared by the
-        batch, without rotary. Every query sees every extra key: causality and
+        batch, or ``(batch, kv_heads, n, head_dim)``, one set per example (e.g.
+        after dropout); without rotary. Every query sees every extra key: causality and
         padding concern only the tokens. ``prefix_bias``, ``(batch, heads,
         q_len, n)``, is added to the extra keys' scores; it travels as their
         columns of an additive mask, so the model's own sdpa or eager call
@@ -169,7 +170,7 @@ class AttentionCall:
         batch = self.key.shape[0]
         key = torch.cat([keys.expand(batch, -1, -1, -1), self.key], dim=2)
         value = torch.cat([values.expand(batch, -1, -1, -1), self.value], dim=2)
-        return self.base(key, value, self._prefixed_mask(keys.shape[1], prefix_bias))
+        return self.base(key, value, self._prefixed_mask(keys.shape[-2], prefix_bias))
 
     def _prefixed_mask(self, n: int, prefix_bias: torch.Tensor | None) -> torch.Tensor | None:
         base = self.base_mask()
@@ -188,15 +189,16 @@ class AttentionCall:
         return torch.cat([prefix_bias.to(dtype), base], dim=-1)
 
     def scores(self, keys: torch.Tensor) -> torch.Tensor:
-        """Every query's attention logits for extra ``keys`` ``(kv_heads, n, head_dim)``: ``(batch, heads, q_len, n)``.
+        """Every query's attention logits for extra ``keys``: ``(batch, heads, q_len, n)``.
 
-        They are what the model computes for its own keys: scaled, one key head
+        ``keys`` as ``base_with_prefix`` takes them, ``([batch,] kv_heads, n, head_dim)``.
+        The logits are what the model computes for its own keys: scaled, one key head
         per group of query heads, and soft-capped where the model caps its
         logits (Gemma 2's ``attn_logit_softcapping``); no mask.
         """
         query = self.query
-        keys = keys.repeat_interleave(query.shape[1] // keys.shape[0], dim=0)
-        scores = self.scaling * torch.einsum("bhqd,hnd->bhqn", query, keys)
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[-3], dim=-3)
+        scores = self.scaling * (query @ keys.transpose(-1, -2))
         softcap = self.kwargs.get("softcap")
         return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 

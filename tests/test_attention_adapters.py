@@ -188,6 +188,9 @@ VARIANTS = {
     "prefix": lambda: METHODS["prefix"](),
     "prefix-mlp-per-layer-norga": lambda: METHODS["prefix"](mlp_per_layer=True, norga=True, norga_alpha=0.7, norga_tau=1.3),
     "prefix-one-mlp-norga-tanh": lambda: METHODS["prefix"](mlp_per_layer=False, norga=True, norga_activation="tanh"),
+    # The reference gates only the layers that carry its prefixes (0-4 of 12); here the gate acts on layer 1 only.
+    "prefix-norga-layer-1-softplus": lambda: METHODS["prefix"](norga=True, norga_layers=[1], norga_alpha=0.7,
+                                                               norga_activation="softplus"),
     "zero_init-linear": lambda: repeft.ZeroInitConfig(n_prompt=3),
     "zero_init-nonlinear": METHODS["zero_init"],
     "zero_init-deepshare": lambda: METHODS["zero_init"](prompt_network="deepshare", activation="gelu"),
@@ -237,8 +240,12 @@ def test_matches_hand_written_attention(family, variant, implementation):
     for layer, (attn, x, rotary, out) in enumerate(captured_attention(model, inputs)):
         args = (family, text, layer, attn, x, rotary, mask)
         if variant.startswith("prefix"):
-            act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}[config.norga_activation]
-            norga = (adapter.norga_alpha[layer], adapter.norga_tau[layer], act) if config.norga else None
+            act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh,
+                   "softplus": lambda s: s.clamp(min=0) + torch.log1p(torch.exp(-s.abs()))}[config.norga_activation]
+            gated = sorted(config.norga_layers or range(len(adapter.norga_alpha))) if config.norga else []
+            norga = None
+            if layer in gated:  # one alpha, tau per gated layer, in layer order
+                norga = (adapter.norga_alpha[gated.index(layer)], adapter.norga_tau[gated.index(layer)], act)
             expected = hand_written_attention(*args, prefix=adapter.prefix(layer), norga=norga)
         elif layer < adapter.first_layer:
             expected = hand_written_attention(*args)
@@ -419,12 +426,13 @@ def test_vanilla_attention_has_no_gates_and_the_same_initial_prompts():
     assert torch.equal(gated.prompts, vanilla.prompts)  # same seed, same start: only the attention differs
 
 
-def test_independent_prefix_starts_where_shared_does():
+def test_independent_prefix_under_init_normal_starts_where_shared_does():
     shared, _ = wrap("llama", METHODS["prefix"](), seed=0)
     torch.manual_seed(1)
-    shared_adapter = repeft.prefix.build_prefix(shared.attention_adapters.geometry, METHODS["prefix"]())
+    shared_adapter = repeft.prefix.build_prefix(shared.attention_adapters.geometry, METHODS["prefix"](init="normal"))
     torch.manual_seed(1)
-    independent = repeft.prefix.build_prefix(shared.attention_adapters.geometry, METHODS["prefix"](structure="independent"))
+    independent = repeft.prefix.build_prefix(shared.attention_adapters.geometry,
+                                             METHODS["prefix"](structure="independent", init="normal"))
     for layer in range(2):
         for a, b in zip(shared_adapter.prefix(layer), independent.prefix(layer)):
             torch.testing.assert_close(a, b)
@@ -513,7 +521,13 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused():
     ({"n_prefix": 0}, "n_prefix must be a positive integer"),
     ({"structure": "mixed"}, "structure must be 'shared' or 'independent'"),
     ({"embed_dim": -1}, "embed_dim must be a positive integer"),
-    ({"norga_activation": "relu"}, "norga_activation must be one of"),
+    ({"norga_activation": "swish"}, "norga_activation must be one of"),
+    ({"init": "xavier"}, "init must be 'reference' or 'normal'"),
+    ({"prefix_dropout": 1.0}, r"prefix_dropout must be a number in \[0, 1\)"),
+    ({"norga": True, "norga_layers": []}, "norga_layers must be distinct layer indices"),
+    ({"norga": True, "norga_layers": [0, 0]}, "norga_layers must be distinct layer indices"),
+    ({"norga": True, "norga_layers": [-1]}, "norga_layers must be distinct layer indices"),
+    ({"norga_layers": [0]}, "set norga=True"),
 ])
 def test_bad_prefix_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

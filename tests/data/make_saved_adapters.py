@@ -3,7 +3,8 @@
 They pin down that adapters saved before a format change still load and compute
 what they did. The directories here were written by repeft at commit 7779353,
 before issue 15 added RepLoRA's ``form``, zero-init's ``prompt_network`` and
-VAPT's ``mlp_dropout`` and changed the prefix defaults::
+VAPT's ``mlp_dropout`` and changed the prefix defaults (and before issue 25
+added the prefix's ``init``, ``prefix_dropout`` and ``norga_layers``)::
 
     git archive 7779353 | tar -x -C /tmp/old && PYTHONPATH=/tmp/old:tests python tests/data/make_saved_adapters.py
 
