@@ -206,6 +206,7 @@ def add_task_prefix(model: repeft.AdapterModel | None, base: nn.Module, task: in
         model = repeft.wrap(base, config, adapter_name=name)
     else:
         model.add_adapter(name, config)
+        model.set_adapter(name)  # adding does not switch (as in PEFT)
     if config.norga and task > 0:
         # MoE_PromptCL trains the gate (act_scale) on the first task only; every task then shares it frozen.
         first, new = (model.attention_adapters.adapters[f"task{t}"] for t in (0, task))
