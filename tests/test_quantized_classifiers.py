@@ -30,7 +30,9 @@ from transformers import AutoConfig, BitsAndBytesConfig, BertForSequenceClassifi
 
 import repeft
 from repeft.quantization import quant_type
-from test_quantization import QCONFIGS, avx512bf16_cpu, dequantized_into, portable_cpu  # noqa: F401 (fixtures)
+from test_quantization import (  # noqa: F401 (fixtures)
+    QCONFIGS, avx512bf16_cpu, dequantized_into, logits, portable_cpu, train_steps,
+)
 from tiny_models import tiny_images, tiny_model, tiny_vision_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="the bnb extra (pip install repeft[bnb]) is not installed")
@@ -71,24 +73,6 @@ def load_vit(path, qname, skip=True, **extra):
 def float_vit(path):
     torch.manual_seed(0)
     return ViTForImageClassification.from_pretrained(path, config=vit_config(path)).eval()
-
-
-def logits(model, batch, train=False):
-    model.train(train)
-    with torch.no_grad():
-        out = model(**batch).logits
-    model.eval()
-    return out
-
-
-def train_steps(model, batch, steps=3, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 def test_float_module_names_finds_heads_missing_modules_and_transformers_defaults(vit_dirs, tmp_path):

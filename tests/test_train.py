@@ -664,6 +664,11 @@ def test_user_errors_reach_the_cli_as_one_line_and_exit_2(tmp_path, capsys, case
     if family is not None:
         save_tokenizerless_model(family, tmp_path / family)
         arguments = [*arguments, f"model.path={tmp_path / family}"]
+    assert expected in train_error(tmp_path, capsys, arguments)
+
+
+def train_error(tmp_path: Path, capsys, arguments: list[str]) -> str:
+    """The one line ``repeft train`` of a two-step tiny recipe prints for ``arguments``, checked to exit 2 with no traceback."""
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "train.max_steps=2")))
     capsys.readouterr()
@@ -671,4 +676,5 @@ def test_user_errors_reach_the_cli_as_one_line_and_exit_2(tmp_path, capsys, case
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("repeft train: error: ") and expected in last
+    assert last.startswith("repeft train: error: ")
+    return last

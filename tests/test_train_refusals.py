@@ -21,6 +21,7 @@ from test_train import (  # noqa: F401  (the fixture applies here too)
     max_diff,
     one_thread_and_fresh_accelerate,
     tiny_recipe,
+    train_error,
     write_text_data,
 )
 from test_train_loop import instruct_recipe
@@ -257,14 +258,7 @@ def hostile_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
                                   "content null", "truncated base weights", "nested trainer_state.json"])
 def test_hostile_inputs_to_train_are_one_line_and_exit_2(tmp_path, capsys, case):
     arguments, expected = hostile_inputs(tmp_path)[case]
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "train.max_steps=2")))
-    capsys.readouterr()
-    assert cli.main(["train", str(recipe_path), *arguments]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("repeft train: error: ") and expected in last
+    assert expected in train_error(tmp_path, capsys, arguments)
 
 
 def test_a_torn_summary_and_an_export_into_a_file_are_one_line_and_exit_2(tmp_path, capsys):
