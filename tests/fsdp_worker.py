@@ -27,7 +27,8 @@ STEPS, ROWS, SEQ = 3, 8, 10
 CASES = {
     "lora": repeft.LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "replora": repeft.RepLoRAConfig(r=4, mlp_hidden=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "prefix": repeft.PrefixConfig(n_prefix=3),
+    # Dropout masks are drawn per process: the sharded and the single copy agree only without it.
+    "prefix": repeft.PrefixConfig(n_prefix=3, prefix_dropout=0.0),
     "zero_init": repeft.ZeroInitConfig(n_prompt=3),
 }
 
