@@ -257,3 +257,36 @@ def test_dora_on_the_triton_kernel_matches_torch():
                     p.add_(torch.randn_like(p) * 0.3)
             logits[kernel] = model(**batch).logits
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("quantization", [{"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, {"load_in_8bit": True}], ids=["nf4", "int8"])
+def test_qdora_matches_peft_on_a_bitsandbytes_base(quantization, tmp_path, monkeypatch):
+    # The norm is taken of the dequantized weight, as PEFT takes it.
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)  # one 4-bit layout, whatever the CPU
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+
+    def quantized():
+        config = BitsAndBytesConfig(**quantization)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu").eval()
+
+    peft_model = peft.get_peft_model(quantized(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], use_dora=True))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    model = as_repeft(peft_model, quantized(), tmp_path)
+    batch = tiny_batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, peft_model.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_dora_trains_on_a_bfloat16_model():
+    model = repeft.wrap(tiny_model("llama").to(torch.bfloat16), repeft.LoraConfig(r=4, use_dora=True, lora_dropout=0.1))
+    model.train()
+    model(**tiny_batch("llama")).loss.backward()
+    magnitudes = [p for name, p in model.named_parameters() if name.endswith(MAGNITUDE)]
+    assert magnitudes and all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
