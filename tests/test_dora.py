@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import repeft
-from tiny_models import tiny_batch, tiny_model
+from repeft.layers import AdapterLayer
+from repeft.methods import methods
+from tiny_models import FAMILIES, GENERATIVE_FAMILIES, logits, tiny_batch, tiny_model, train_steps
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,3 +293,35 @@ def test_dora_trains_on_a_bfloat16_model():
     model(**tiny_batch("llama")).loss.backward()
     magnitudes = [p for name, p in model.named_parameters() if name.endswith(MAGNITUDE)]
     assert magnitudes and all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+
+
+LORA_FAMILIES = [f for f in FAMILIES if f in methods()["lora"].families]
+
+
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_the_conformance_checklist_with_dora_on_every_lora_family(family, tmp_path):
+    # tests/test_conformance.py's checklist, with the LoRA example config plus use_dora, on each family LoRA claims.
+    reference = tiny_model(family)
+    batch = tiny_batch(family)
+    config = dataclasses.replace(methods()["lora"].example_config(), use_dora=True)
+    model = repeft.wrap(copy.deepcopy(reference), config)
+    assert torch.equal(logits(model, batch), logits(reference, batch))
+    magnitudes = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith(MAGNITUDE)}
+    train_steps(model, batch, steps=2)
+    trained = logits(model, batch)
+    assert not torch.allclose(trained, logits(reference, batch))
+    assert magnitudes and all(not torch.equal(model.get_parameter(n), m) for n, m in magnitudes.items())
+    model.save_adapter(tmp_path / "adapter")
+    assert torch.equal(logits(repeft.load_adapter(copy.deepcopy(reference), tmp_path / "adapter"), batch), trained)
+    if family in GENERATIVE_FAMILIES:
+        ids = tiny_batch(family, batch=2, seq=6, seed=2)["input_ids"]
+        kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_logits": True, "return_dict_in_generate": True}
+        cached, uncached = model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, uncached.sequences)
+    model.merge()
+    torch.testing.assert_close(logits(model, batch), trained, atol=1e-4, rtol=0)
+    model.unmerge()
+    torch.testing.assert_close(logits(model, batch), trained, atol=1e-5, rtol=0)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, batch), trained, atol=1e-4, rtol=0)
