@@ -18,13 +18,19 @@ from tiny_models import FAMILIES, GENERATIVE_FAMILIES, logits, tiny_batch, tiny_
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+# Llama's projections have no bias, GPT-2's Conv1D (fan_in_fan_out) and BERT's nn.Linear have one.
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value", "dense"]}
 MAGNITUDE = "lora_magnitude_vector"
 
 
 def peft_dora(family: str, **overrides):
     """A PEFT DoRA model of ``family`` with every adapter tensor moved off its init, and a copy of its base."""
     base = tiny_model(family)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("bias"):  # transformers initialises biases to zero: give DoRA's bias handling work
+                p.normal_(std=0.3)
     reference = copy.deepcopy(base)
     config = dict(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True, fan_in_fan_out=family == "gpt2")
     model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides}))
@@ -78,7 +84,7 @@ def test_identity_at_init_and_only_adapter_parameters_train(family):
     torch.testing.assert_close(getattr(layer.adapters["default"], MAGNITUDE), weight.norm(dim=1))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_same_logits_and_gradients_as_peft(family, tmp_path):
     peft_model, reference = peft_dora(family)
     model = as_repeft(peft_model, reference, tmp_path, trainable=True)
@@ -95,7 +101,7 @@ def test_same_logits_and_gradients_as_peft(family, tmp_path):
         torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_dropout_as_peft_applies_it(family, tmp_path):
     # PEFT rescales the dropped-out input's base output by (m / ||W + s B A|| - 1): the same random masks
     # (same seed, drawn in the same order) must give the same training-mode logits.
