@@ -201,7 +201,7 @@ def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
         if isinstance(module, LoRALinear):
             weight = dequantize_weight(module.base_layer)
             if module.merged_adapter is None and adapter in module.adapters:
-                weight += module.delta_weight(adapter).to(weight.device)
+                weight = module.merged_weight(adapter, weight)[0]
             put_weight(path, module.base_layer, weight)
             return
         if isinstance(module, AdapterLayer):

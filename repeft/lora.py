@@ -4,7 +4,8 @@
 ``base_layer``. Each adapter in it is a *factors* module exposing
 ``factors() -> (A, B)``: plain LoRA returns its parameters, RepLoRA computes
 them with small MLPs. Everything downstream (the fused matmul, merging,
-PEFT export) only sees A and B.
+PEFT export) only sees A and B. With ``use_dora`` the factors module also
+holds DoRA's magnitude vector (``repeft.dora``), for either method.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import dora
 from .config import AdapterConfig, as_name_list, option
 from .kernels import BACKENDS, add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
@@ -68,6 +70,7 @@ class LoRAConfig(AdapterConfig):
     lora_dropout: float = option(0.0, minimum=0.0, below=1.0)
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA's magnitude vector on top of the factors (repeft.dora)
     kernel: str = option("auto", choices=BACKENDS)
     dtype: str = option("float32", choices=tuple(DTYPES))
     # PEFT's LoraConfig fields, same meaning (https://huggingface.co/docs/peft, LoraConfig).
@@ -103,6 +106,12 @@ class LoRAConfig(AdapterConfig):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is a LoRA option; {type(self).__name__} initialises "
                 "its own parameters (see its docs)"
+            )
+        if self.use_dora and self.kernel == "triton" and self.lora_dropout > 0:
+            raise ValueError(
+                "kernel='triton' with use_dora=True and lora_dropout > 0: DoRA with dropout needs the base output of "
+                "the dropped-out input beside the plain one, which the fused kernel does not compute; use "
+                "kernel='auto' (fused where it can be) or lora_dropout=0"
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only says where layers_to_transform finds layer indices; set layers_to_transform too")
@@ -162,6 +171,8 @@ class LoRALinear(AdapterLayer):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.merged_adapter: str | None = None
+        # DoRA's gain m / ||W + s B A||_row at merge time: unmerge divides it out (None for plain LoRA).
+        self._merged_gain: torch.Tensor | None = None
         # Set by AdapterModel for a mixed-adapter batch: this layer's adapters used in the batch,
         # each row's index into them (-1: none) and their scalings, both on the layer's device,
         # a cache for their stacked factors that lives as long as the mixed call, and how many
@@ -185,17 +196,23 @@ class LoRALinear(AdapterLayer):
         adapter = self.active
         if adapter is None or self.merged_adapter is not None:
             return self.base_layer(x, *args, **kwargs)
+        if dora.magnitude(adapter) is not None:
+            return dora.dora_forward(self, adapter, x, *args, **kwargs)
         lora_A, lora_B = (f.to(x.dtype) for f in adapter.factors())
         lora_args = (lora_A, lora_B, adapter.scaling, adapter.dropout_p, self.training)
         if type(self.base_layer) is nn.Linear:
             base = self.base_layer
             return lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
+        return add_lora(self.base_out(x, *args, **kwargs), x, *lora_args)
+
+    def base_out(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output, as a tensor the low-rank term may be added to in place."""
         out = self.base_layer(x, *args, **kwargs)
         if out._is_view() and not self.fan_in_fan_out:
             # bitsandbytes' 8-bit matmul returns a view made inside its autograd Function,
             # which autograd forbids updating in place (Conv1D's view of an addmm is fine).
             out = out.clone()
-        return add_lora(out, x, *lora_args)
+        return out
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of the batch with its own adapter (index -1: the base layer alone)."""
@@ -208,15 +225,12 @@ class LoRALinear(AdapterLayer):
                     f"has {x.shape[0]} rows: give exactly one adapter name per row"
                 )
             index = index.repeat_interleave(rows_per_name)
-        out = self.base_layer(x, *args, **kwargs)
         if not names:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         adapters = [self.adapters[n] for n in names]
         lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
         backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
-        if out._is_view() and not self.fan_in_fan_out:
-            out = out.clone()  # as in forward (bitsandbytes' 8-bit output)
-        return add_lora_mixed(out, x, lora_A, lora_B, scaling, index, backend=backend)
+        return add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
 
     def _stacked_factors(self, adapters: list, x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters' A and B stacked, lower ranks padded with zeros (they add nothing).
@@ -259,8 +273,20 @@ class LoRALinear(AdapterLayer):
             )
         return weight
 
+    def merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``weight`` (laid out like the base layer's) with adapter ``name`` folded in, and DoRA's gain (or None).
+
+        LoRA: ``W + s B A`` in ``weight``'s dtype. DoRA: ``m / ||W + s B A||_row * (W + s B A)``, computed in fp32.
+        """
+        delta = self.delta_weight(name).to(weight.device)
+        adapter = self.adapters[name]
+        if dora.magnitude(adapter) is None:
+            return weight + delta.to(weight.dtype), None
+        gain = dora.merge_gain(self, adapter, weight, delta)
+        return (gain * (weight.float() + delta)).to(weight.dtype), gain
+
     def merge(self, name: str, untie: bool = False) -> None:
-        """Add ``s * B @ A`` to the base weight.
+        """Fold the adapter into the base weight: add ``s * B @ A`` (DoRA: and rescale each output row).
 
         ``untie=True`` for a weight shared with another module (GPT-2's ``lm_head``
         is its input embedding): the merged weight becomes this layer's own
@@ -269,7 +295,7 @@ class LoRALinear(AdapterLayer):
         if self.merged_adapter is not None:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
-        merged = weight.detach() + self.delta_weight(name).to(weight.dtype)
+        merged, gain = self.merged_weight(name, weight.detach())
         if not torch.isfinite(merged).all():
             # Checked before writing: an overflowed weight could not be unmerged back to the base.
             raise ValueError(
@@ -283,6 +309,7 @@ class LoRALinear(AdapterLayer):
             self.base_layer.weight = weight
         weight.data.copy_(merged)
         self.merged_adapter = name
+        self._merged_gain = gain
 
     def unmerge(self) -> None:
         if self.merged_adapter is None:
@@ -291,8 +318,13 @@ class LoRALinear(AdapterLayer):
             self.base_layer.weight = self._tied_weight.pop()
         else:
             weight = self._float_weight()
-            weight.data -= self.delta_weight(self.merged_adapter).to(weight.dtype)
+            delta = self.delta_weight(self.merged_adapter)
+            if self._merged_gain is None:
+                weight.data -= delta.to(weight.dtype)
+            else:
+                weight.data.copy_(weight.float() / self._merged_gain - delta)
         self.merged_adapter = None
+        self._merged_gain = None
 
     def unwrapped(self) -> nn.Module:
         return self.base_layer
@@ -333,7 +365,9 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
             base.set_submodule(path, layer)
         layers[path] = layer
     for path, factors in make_factors(layers).items():
-        layers[path].adapters[name] = place_beside(factors, layers[path].base_layer)
+        layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
+        if config.use_dora:
+            dora.add_magnitude(layers[path], factors, DTYPES[config.dtype])
 
 
 @register_method(

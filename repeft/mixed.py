@@ -101,6 +101,13 @@ class MixedBatchMixin:
         other = sorted({n for n in names if n in self.configs and self.configs[n].method not in MIXED_BATCH_METHODS})
         if other:
             raise ValueError(f"adapter_names works with {MIXED_BATCH_METHODS} adapters; {other} are not")
+        with_dora = sorted({n for n in names if getattr(self.configs.get(n), "use_dora", False)})
+        if with_dora:
+            # As in PEFT: each row would need its own adapter's magnitude and weight norm.
+            raise ValueError(
+                f"adapter_names: DoRA adapters {with_dora} cannot share a batch with other adapters; run them in "
+                "batches of their own (set_adapter), or merge one with merge()"
+            )
         return names
 
 

@@ -2,7 +2,8 @@
 
 PEFT stores ``base_model.model.<module>.lora_A.weight`` (r x d_in) and
 ``lora_B.weight`` (d_out x r) plus an ``adapter_config.json`` with
-``peft_type: LORA``. RepLoRA exports its materialised A and B, so any
+``peft_type: LORA``; a DoRA adapter adds ``<module>.lora_magnitude_vector``
+(d_out) and ``use_dora: true``. RepLoRA exports its materialised A and B, so any
 PEFT-compatible loader or server can use it. No ``peft`` import is needed.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, reading, write_adapter_dir
 from .fsdp import refuse_sharded
 from .layers import ModulesToSave
+from .dora import MAGNITUDE, magnitude
 from .lora import LoRAConfig, LoRALinear
 from .model import AdapterModel, _restore_grads_on_failure
 from .targeting import find_modules
@@ -26,7 +28,6 @@ from .targeting import find_modules
 PEFT_PREFIX = "base_model.model."
 # PEFT LoRA features repeft has no equivalent for; importing them would change the model's maths.
 UNSUPPORTED = {
-    "use_dora": (False, None),
     "bias": ("none", None),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
@@ -56,6 +57,8 @@ def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str) -> tuple[
                 lora_A, lora_B = layer.adapters[adapter_name].factors()
             tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
             tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
+            if magnitude(layer.adapters[adapter_name]) is not None:
+                tensors[f"{PEFT_PREFIX}{path}.{MAGNITUDE}"] = magnitude(layer.adapters[adapter_name])
             targets.append(path)
             fan_in_fan_out.add(layer.fan_in_fan_out)
         elif isinstance(layer, ModulesToSave):
@@ -111,6 +114,10 @@ def _repeft_names(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[s
         if not key.startswith(PEFT_PREFIX):
             raise AdapterFileError(f"{source}: unexpected tensor name {key!r} (PEFT LoRA names start with {PEFT_PREFIX!r})")
         key = key.removeprefix(PEFT_PREFIX)
+        # PEFT's files name DoRA's magnitude ``<module>.lora_magnitude_vector``, its modules ``...vector.weight``.
+        if key.endswith(f".{MAGNITUDE}") or key.endswith(f".{MAGNITUDE}.weight"):
+            renamed[key.removesuffix(".weight")] = value
+            continue
         for part in ("lora_A", "lora_B"):
             if key.endswith(f".{part}.weight"):
                 path = key.removesuffix(f".{part}.weight")
@@ -141,6 +148,7 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "target_modules": targets,
         "modules_to_save": saved or None,
         "fan_in_fan_out": fan_in_fan_out == {True},
@@ -205,6 +213,7 @@ def from_peft(
             lora_alpha=meta["lora_alpha"],
             lora_dropout=meta.get("lora_dropout", 0.0),
             use_rslora=meta.get("use_rslora", False),
+            use_dora=meta.get("use_dora", False),
             # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.
             target_modules="|".join(re.escape(t) for t in targets),
             modules_to_save=_present(model, meta.get("modules_to_save") or []),

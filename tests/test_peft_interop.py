@@ -87,11 +87,11 @@ def test_a_peft_sequence_classification_adapter_imports(tmp_path):
 
 def test_unsupported_peft_options_are_refused(tmp_path):
     base = tiny_model("llama")
-    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    peft_model.save_pretrained(tmp_path / "dora")
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True))
+    peft_model.save_pretrained(tmp_path / "qalora")
     fresh = tiny_model("llama")
-    with pytest.raises(repeft.AdapterFileError, match="use_dora=True is not supported"):
-        repeft.from_peft(fresh, tmp_path / "dora")
+    with pytest.raises(repeft.AdapterFileError, match="use_qalora=True is not supported"):
+        repeft.from_peft(fresh, tmp_path / "qalora")
     assert all(p.requires_grad for p in fresh.parameters())
 
 
