@@ -177,6 +177,9 @@ def _has_type(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -195,6 +198,9 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        key, item = (_describe(a).split(" ", 1)[1] for a in typing.get_args(hint))
+        return f"a mapping of {key}s to {item}s"
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
     return names.get(hint, f"a {getattr(hint, '__name__', hint)}")
 

@@ -10,6 +10,7 @@ holds DoRA's magnitude vector (``repeft.dora``), for either method.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -81,6 +82,9 @@ class LoRAConfig(AdapterConfig):
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
     exclude_modules: list[str] | str | None = None
+    # Per-module r and lora_alpha: {pattern: value}, a pattern matching a module name or its dotted end (regex).
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):
@@ -113,6 +117,15 @@ class LoRAConfig(AdapterConfig):
                 "the dropped-out input beside the plain one, which the fused kernel does not compute; use "
                 "kernel='auto' (fused where it can be) or lora_dropout=0"
             )
+        if self.method != "lora" and (self.rank_pattern or self.alpha_pattern):
+            raise ValueError(
+                f"rank_pattern / alpha_pattern are LoRA options; {type(self).__name__} needs one r for the projections "
+                "that share its parameters"
+            )
+        bad = {k: v for k, v in (self.rank_pattern or {}).items() if v < 1}
+        bad.update({k: v for k, v in (self.alpha_pattern or {}).items() if not 0 < v < 1e6})
+        if bad:
+            raise ValueError(f"rank_pattern ranks must be >= 1 and alpha_pattern values in (0, 1e6), got {bad}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only says where layers_to_transform finds layer indices; set layers_to_transform too")
 
@@ -134,6 +147,21 @@ class LoRAConfig(AdapterConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def for_module(self, path: str) -> LoRAConfig:
+        """This config with ``r`` and ``lora_alpha`` as ``rank_pattern`` / ``alpha_pattern`` give them for ``path``.
+
+        As in PEFT, the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", path)`` wins.
+
+        >>> LoRAConfig(r=8, rank_pattern={"v_proj": 2}).for_module("model.layers.0.self_attn.v_proj").r
+        2
+        """
+        changes = {}
+        for field_name, patterns in (("r", self.rank_pattern), ("lora_alpha", self.alpha_pattern)):
+            key = next((p for p in patterns or {} if re.match(rf"(.*\.)?({p})$", path)), None)
+            if key is not None:
+                changes[field_name] = patterns[key]
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 class LoRAFactors(nn.Module):
@@ -377,5 +405,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
 def inject_lora(model, name: str, config: LoRAConfig) -> None:
     inject_low_rank(
         model, name, config,
-        lambda layers: {path: LoRAFactors(layer.in_features, layer.out_features, config) for path, layer in layers.items()},
+        lambda layers: {
+            path: LoRAFactors(layer.in_features, layer.out_features, config.for_module(path)) for path, layer in layers.items()
+        },
     )

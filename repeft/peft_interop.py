@@ -29,8 +29,6 @@ PEFT_PREFIX = "base_model.model."
 # PEFT LoRA features repeft has no equivalent for; importing them would change the model's maths.
 UNSUPPORTED = {
     "bias": ("none", None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
     "use_qalora": (False, None),
     "lora_bias": (False, None),
     "target_parameters": (None, []),
@@ -149,6 +147,8 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
+        "rank_pattern": config.rank_pattern or {},
+        "alpha_pattern": config.alpha_pattern or {},
         "target_modules": targets,
         "modules_to_save": saved or None,
         "fan_in_fan_out": fan_in_fan_out == {True},
@@ -204,9 +204,6 @@ def from_peft(
     renamed, targets = _repeft_names(tensors, str(root))
     if not targets:
         raise AdapterFileError(f"{root}: no lora_A tensors found in {WEIGHTS_NAME}")
-    ranks = {renamed[f"{t}.lora_A"].shape[0] for t in targets}
-    if ranks != {meta["r"]}:
-        raise AdapterFileError(f"{root}: config says r={meta['r']!r} but tensors have rank(s) {sorted(ranks)}")
     try:
         config = LoRAConfig(
             r=meta["r"],
@@ -214,6 +211,8 @@ def from_peft(
             lora_dropout=meta.get("lora_dropout", 0.0),
             use_rslora=meta.get("use_rslora", False),
             use_dora=meta.get("use_dora", False),
+            rank_pattern=meta.get("rank_pattern") or None,
+            alpha_pattern=meta.get("alpha_pattern") or None,
             # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.
             target_modules="|".join(re.escape(t) for t in targets),
             modules_to_save=_present(model, meta.get("modules_to_save") or []),
@@ -221,6 +220,11 @@ def from_peft(
         )
     except ValueError as exc:
         raise AdapterFileError(f"{root / CONFIG_NAME}: {exc}") from None
+    wrong = [(t, config.for_module(t).r, renamed[f"{t}.lora_A"].shape[0]) for t in targets
+             if renamed[f"{t}.lora_A"].shape[0] != config.for_module(t).r]
+    if wrong:
+        path, said, found = wrong[0]
+        raise AdapterFileError(f"{root}: config says r={said!r} for {path} but its tensors have rank {found}")
     wrapped = model if isinstance(model, AdapterModel) else None
     with _restore_grads_on_failure(model):
         if wrapped is None:

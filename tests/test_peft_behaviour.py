@@ -283,3 +283,41 @@ def test_get_peft_model_autocast_adapter_dtype_like_peft():
         assert dtypes(ours) == dtypes(theirs) == {torch.float32 if autocast else torch.bfloat16}
     with pytest.raises(ValueError, match=r"\['mixed'\] not supported by repeft"):
         repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(), mixed=True)
+
+
+PATTERNS = {"rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 24}}
+
+
+def test_rank_and_alpha_patterns_like_peft(tmp_path):
+    theirs, ours = both(**PATTERNS)
+
+    def ranks_and_scalings(model):
+        out = {}
+        for name, module in model.named_modules():
+            if isinstance(module, repeft.lora.LoRALinear):
+                factors = module.adapters["default"]
+                out[name.removeprefix("base_model.")] = (factors.lora_A.shape[0], factors.scaling)
+            elif isinstance(module, peft.tuners.lora.LoraLayer):
+                out[name.removeprefix("base_model.model.")] = (module.r["default"], module.scaling["default"])
+        return out
+
+    assert ranks_and_scalings(ours) == ranks_and_scalings(theirs)
+    assert {r for r, _ in ranks_and_scalings(ours).values()} == {2, 4, 6}
+    batch = tiny_batch("llama")
+    randomized(ours)
+    repeft.export_peft(ours, tmp_path / "to_peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "to_peft")
+    torch.testing.assert_close(loaded(**batch).logits, ours(**batch).logits, atol=1e-5, rtol=0)
+    randomized(theirs).save_pretrained(tmp_path / "from_peft")
+    imported = repeft.from_peft(tiny_model("llama"), tmp_path / "from_peft")
+    torch.testing.assert_close(imported(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "ours")
+    torch.testing.assert_close(reloaded(**batch).logits, ours(**batch).logits, atol=0, rtol=0)
+
+
+def test_rank_patterns_are_refused_where_parameters_are_shared():
+    with pytest.raises(ValueError, match="rank_pattern / alpha_pattern are LoRA options; RepLoRAConfig needs one r"):
+        repeft.RepLoRAConfig(rank_pattern={"v_proj": 2})
+    with pytest.raises(ValueError, match="rank_pattern must be a mapping of strings to integers"):
+        repeft.LoraConfig(rank_pattern={"v_proj": "2"})
