@@ -57,9 +57,11 @@ def run_pytest(peft_repo: Path, mode: str, files: list[str], junit: Path, select
 
 
 def peft_commit(peft_repo: Path, given: str | None) -> str:
-    if given:
-        return given
-    found = subprocess.run(["git", "-C", str(peft_repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return given or git_head(peft_repo)
+
+
+def git_head(repo: Path) -> str:
+    found = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     return found.stdout.strip() if found.returncode == 0 else "unknown"
 
 
@@ -73,16 +75,20 @@ def main() -> None:
     parser.add_argument("--peft-commit", default=None, help="PEFT's commit, when the checkout has no .git")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peft_compat")
     parser.add_argument("--work", type=Path, default=None, help="keep both runs' junit XML and logs here")
+    parser.add_argument("--reuse-work", action="store_true", help="do not run; re-read the runs kept in --work")
     args = parser.parse_args()
     peft_repo = args.peft_repo.resolve()
 
+    if args.reuse_work and args.work is None:
+        parser.error("--reuse-work reads the runs kept in --work; name the folder")
     with tempfile.TemporaryDirectory(prefix="peft-compat-") as tmp:
         work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "selection.txt").unlink(missing_ok=True)
         selection = work / "selection.txt"
-        run_pytest(peft_repo, "peft", args.files, work / "peft.xml", selection, args)
-        run_pytest(peft_repo, "repeft", args.files, work / "repeft.xml", selection, args)
+        if not args.reuse_work:
+            work.mkdir(parents=True, exist_ok=True)
+            selection.unlink(missing_ok=True)  # the baseline appends the tests it picks
+            run_pytest(peft_repo, "peft", args.files, work / "peft.xml", selection, args)
+            run_pytest(peft_repo, "repeft", args.files, work / "repeft.xml", selection, args)
         selected = selection.read_text().splitlines() if selection.exists() else []
         baseline = compat_results.read_junit(work / "peft.xml")
         shimmed = compat_results.read_junit(work / "repeft.xml", peft_shim.id_renames())
@@ -91,13 +97,15 @@ def main() -> None:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "peft_commit": peft_commit(peft_repo, args.peft_commit),
+        "repeft_commit": git_head(ROOT),
         "files": args.files, "max_tests_per_file": args.max_tests, "timeout_s": args.timeout, "k": args.k,
         "total": compat_results.total(groups), "groups": groups,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "peft_compat.json", json.dumps(report, indent=2) + "\n")
     table = compat_results.markdown(groups)
-    header = f"PEFT {report['peft_commit'][:12]}, {report['date']}, at most {args.max_tests or 'all'} LoRA tests per file\n\n"
+    sample = f"at most {args.max_tests} LoRA tests per file" if args.max_tests else "every LoRA test"
+    header = f"PEFT's own tests at {report['peft_commit'][:12]}, {report['date']}, {sample}, {' '.join(args.files)}\n\n"
     write_atomic(args.out / "peft_compat.md", header + table)
     print(header + table)
 

@@ -160,7 +160,9 @@ def total(groups: dict[str, dict]) -> dict:
     for g in groups.values():
         outcomes.update(g["outcomes"])
     passed = outcomes["passed"]
-    return {"peft_passed": peft_passed, "repeft_passed": passed,
+    return {"selected": sum(g["selected"] for g in groups.values()),
+            "needs_network": sum(g["needs_network"] for g in groups.values()),
+            "peft_passed": peft_passed, "repeft_passed": passed,
             "share": round(passed / peft_passed, 4) if peft_passed else None, "outcomes": dict(outcomes.most_common())}
 
 
