@@ -93,7 +93,7 @@ def test_compare_counts_only_tests_that_pass_under_peft(tmp_path):
     assert "| test_a | 9 | 8 | 1 | 12.5% |" in table and "| total |" in table
 
 
-def test_shim_resolves_peft_names_to_repeft_and_refuses_the_rest_on_use():
+def test_shim_resolves_peft_names_to_repeft_and_refuses_the_rest_on_use(monkeypatch):
     assert peft_shim.resolve("peft", "LoraConfig") is repeft.LoraConfig
     assert peft_shim.resolve("peft", "prepare_model_for_kbit_training") is repeft.prepare_quantized_model
     assert peft_shim.resolve("peft.import_utils", "is_bnb_available")() is False
@@ -101,10 +101,21 @@ def test_shim_resolves_peft_names_to_repeft_and_refuses_the_rest_on_use():
     assert layer.__name__ == "LoraLayer"  # parametrised ids print it as PEFT's would
     with pytest.raises(ImportError, match="peft.tuners.lora.LoraLayer is not provided by repeft"):
         isinstance(object(), layer)
+    monkeypatch.setattr(peft_shim, "_collecting", True)
     config = peft_shim.resolve("peft", "IA3Config")(target_modules=["q"])  # test modules build configs at import
     with pytest.raises(peft_shim.NotInRepeft, match="peft.IA3Config"):
         config.target_modules
     assert not isinstance(repeft.LoraConfig(), peft_shim.resolve("peft", "PromptLearningConfig"))
+
+
+def test_placeholders_can_be_built_while_collecting_but_not_inside_a_test(monkeypatch):
+    config_class = peft_shim.resolve("peft", "VeloraConfig")
+    monkeypatch.setattr(peft_shim, "_collecting", True)
+    config_class(num_groups=-1)  # a test module's parametrisation, built at import
+    peft_shim.collection_done()
+    # A test expecting VeloraConfig to raise ValueError must not see "nothing raised" (a silent pass or a false failure).
+    with pytest.raises(peft_shim.NotInRepeft, match="peft.VeloraConfig"):
+        config_class(num_groups=-1)
 
 
 @pytest.fixture

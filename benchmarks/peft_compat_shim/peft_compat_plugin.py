@@ -80,6 +80,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = [item for _, item in kept]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    peft_shim.collection_done()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     seconds = float(os.environ.get("PEFT_COMPAT_TIMEOUT", "0"))

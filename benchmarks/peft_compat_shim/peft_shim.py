@@ -57,7 +57,7 @@ def _missing(qualname: str) -> NotInRepeft:
 
 
 class _PlaceholderInstance:
-    """What calling a placeholder gives: test modules build configs at import time; using one raises."""
+    """What calling a placeholder gives while pytest collects; using it raises."""
 
     def __init__(self, qualname: str) -> None:
         object.__setattr__(self, "_qualified", qualname)
@@ -74,11 +74,22 @@ class _PlaceholderInstance:
         return f"<{self._qualified}(...): {SHIM_MARK}>"
 
 
+_collecting = True  # the plugin sets it False once pytest has collected the tests
+
+
+def collection_done() -> None:
+    """From now on calling a placeholder raises: inside a test, building a PEFT object repeft lacks must stop it."""
+    global _collecting
+    _collecting = False
+
+
 class _PlaceholderMeta(type):
     """Placeholders are classes, so PEFT's parametrised test ids (which print class names) stay the same."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        return _PlaceholderInstance(cls.__qualified__)
+        if _collecting:  # test modules build configs at import time; using one raises
+            return _PlaceholderInstance(cls.__qualified__)
+        raise _missing(cls.__qualified__)
 
     def __getattr__(cls, attr: str) -> Any:
         if attr.startswith("__"):
