@@ -10,6 +10,7 @@ rejecting unknown fields by name. Fields declare their bounds with ``option``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -71,12 +72,23 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None  # PEFT's name for the method, where PEFT has it
     # Fields added after adapters were first saved, with the value those older files meant:
     # a saved config that lacks the field was written when this was the only behaviour.
     saved_before: ClassVar[dict[str, Any]] = {}
 
     modules_to_save: list[str] | None = None
     inference_mode: bool = False
+    # What PEFT's configs record of the base model (PeftConfig): kept, not used.
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        # A bare "unexpected keyword argument" from the dataclass __init__ would not say what to do instead.
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(_unknown_options(cls, unknown))
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if self.modules_to_save is not None:
@@ -135,6 +147,16 @@ class AdapterConfig:
         spec = methods().get(method) if isinstance(method, str) else None
         # Anything else (not a mapping, no or an unknown method) is from_dict's to explain.
         return AdapterConfig.from_dict({**spec.config.saved_before, **data} if spec else data)
+
+
+def _unknown_options(cls: type, unknown: list[str]) -> str:
+    allowed = sorted(f.name for f in dataclasses.fields(cls))
+    hints = [f"{name!r}: did you mean {match[0]!r}?" for name in unknown
+             if (match := difflib.get_close_matches(name, allowed, n=1, cutoff=0.8))]
+    return (
+        f"{cls.__name__} has no option {unknown}: a PEFT option repeft does not support (docs/api.md, PEFT's names) "
+        f"or a typo{' (' + '; '.join(hints) + ')' if hints else ''}. {cls.__name__} takes {allowed}"
+    )
 
 
 def _check_field(name: str, value: Any, hint: Any, bounds: typing.Mapping[str, Any]) -> None:

@@ -64,6 +64,7 @@ class LoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
+    peft_type: ClassVar[str | None] = "LORA"
 
     r: int = option(8, minimum=1)
     # Positive, and small enough that s * B A x cannot overflow float32 (1e308 would load, then every forward is inf).

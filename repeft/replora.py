@@ -75,6 +75,7 @@ class RepLoRAConfig(LoRAConfig):
     """
 
     method: ClassVar[str] = "replora"
+    peft_type: ClassVar[str | None] = None  # not a PEFT method: it exports to PEFT as plain LoRA (export_peft)
     saved_before: ClassVar[dict[str, Any]] = {"form": "mlp"}
 
     mlp_hidden: int = option(32, minimum=1)

@@ -321,3 +321,16 @@ def test_rank_patterns_are_refused_where_parameters_are_shared():
         repeft.RepLoRAConfig(rank_pattern={"v_proj": 2})
     with pytest.raises(ValueError, match="rank_pattern must be a mapping of strings to integers"):
         repeft.LoraConfig(rank_pattern={"v_proj": "2"})
+
+
+def test_peft_s_base_fields_are_taken_and_unknown_options_refused_by_name():
+    # PEFT's test helpers pass base_model_name_or_path to every config; a bare "unexpected keyword argument"
+    # stopped 2,018 of PEFT's LoRA tests (benchmarks/peft_compat.py).
+    config = repeft.LoraConfig(r=4, base_model_name_or_path="tiny-llama", revision="main")
+    assert (config.base_model_name_or_path, config.revision) == ("tiny-llama", "main")
+    assert config.peft_type == peft.LoraConfig().peft_type == "LORA"
+    assert repeft.RepLoRAConfig.peft_type is None  # exported to PEFT as plain LoRA, not a PEFT method
+    with pytest.raises(ValueError, match=r"LoRAConfig has no option \['lora_bias'\]: a PEFT option repeft does not"):
+        repeft.LoraConfig(lora_bias=True)
+    with pytest.raises(ValueError, match="did you mean 'lora_alpha'"):
+        repeft.LoraConfig(lora_aplha=16)
