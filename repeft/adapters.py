@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig
@@ -19,6 +21,14 @@ from .kernels import check_backend_runs_here
 from .layers import AdapterLayer, ModulesToSave
 from .methods import method
 from .targeting import TargetError, find_modules
+
+def with_base_dtype(config: AdapterConfig, base: nn.Module) -> AdapterConfig:
+    """``config`` with the base model's floating dtype as the adapter's (PEFT's ``autocast_adapter_dtype=False``)."""
+    if not hasattr(config, "dtype"):
+        return config
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+    return dataclasses.replace(config, dtype=str(dtype).removeprefix("torch."))
+
 
 def default_modules_to_save(base: nn.Module) -> list[str] | None:
     """The task head an adapter trains in full when its ``modules_to_save`` is ``None`` (e.g. ``["classifier"]``)."""
@@ -77,12 +87,26 @@ class AdapterManagementMixin:
         prefix = "base_model."
         return [p.removeprefix(prefix) for p, layer in self.adapter_layers() if isinstance(layer, ModulesToSave)]
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: AdapterConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Attach a new adapter; as in PEFT it becomes active only if none was (``set_adapter`` switches).
+
+        ``autocast_adapter_dtype=False`` (PEFT's argument) gives the adapter the
+        base's floating dtype instead of the config's (float32 by default);
+        ``low_cpu_mem_usage=True`` (adapter weights on the meta device, to be
+        loaded later) is refused by name.
 
         >>> model.add_adapter("math", repeft.LoRAConfig(r=4))  # doctest: +SKIP
         >>> model.set_adapter("math")  # doctest: +SKIP
         """
+        if low_cpu_mem_usage:
+            raise ValueError("add_adapter(low_cpu_mem_usage=True) is not supported by repeft: adapters are built whole")
+        config = peft_config if autocast_adapter_dtype else with_base_dtype(peft_config, self.base_model)
         if adapter_name in self.configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if not adapter_name or "." in adapter_name:

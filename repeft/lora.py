@@ -36,6 +36,12 @@ INITIALISATIONS = (True, False, "gaussian")
 LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
+class PeftType(str, enum.Enum):
+    """PEFT's method names, for ``config.peft_type``; repeft's LoRA is PEFT's LORA."""
+
+    LORA = "LORA"
+
+
 class TaskType(str, enum.Enum):
     """PEFT's task types; repeft finds a task model's head from its class, so the type is recorded only."""
 
@@ -64,7 +70,7 @@ class LoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str | None] = "LORA"
+    peft_type: ClassVar[PeftType | None] = PeftType.LORA
 
     r: int = option(8, minimum=1)
     # Positive, and small enough that s * B A x cannot overflow float32 (1e308 would load, then every forward is inf).

@@ -18,7 +18,6 @@ mixin in its own module:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import AdapterManagementMixin
+from .adapters import AdapterManagementMixin, with_base_dtype
 from .config import AdapterConfig
 from .merging import MergeMixin
 from .mixed import MixedBatchMixin, batch_rows
@@ -188,10 +187,7 @@ def get_peft_model(
             f"get_peft_model: {[k for k, v in refused.items() if v]} not supported by repeft (PEFT's mixed adapter "
             "types, Hub revisions of the base and meta-device adapters); leave them at their defaults"
         )
-    if not autocast_adapter_dtype and hasattr(peft_config, "dtype"):
-        base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        peft_config = dataclasses.replace(peft_config, dtype=str(base_dtype).removeprefix("torch."))
-    return wrap(model, peft_config, adapter_name)
+    return wrap(model, peft_config if autocast_adapter_dtype else with_base_dtype(peft_config, model), adapter_name)
 
 
 def load_adapter(

@@ -54,8 +54,11 @@ class PeftNamesMixin:
     disable_adapters = AdapterManagementMixin.disable_adapter_layers
     enable_adapters = AdapterManagementMixin.enable_adapter_layers
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """PEFT's name for ``merge``; ``adapter_names`` holds the one adapter to merge."""
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's name for ``merge``; ``adapter_names`` holds the one adapter to merge.
+
+        Every repeft merge is a safe merge (merged weights are checked finite before they are written).
+        """
         names = [None] if adapter_names is None else list(adapter_names)
         if len(names) != 1:
             raise ValueError(f"repeft merges one adapter; merge_adapter(adapter_names={names}) needs one name")

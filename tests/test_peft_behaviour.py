@@ -243,7 +243,7 @@ def test_merge_adapter_and_merge_and_unload_take_peft_s_arguments():
     _, ours = both()
     batch = tiny_batch("llama")
     expected = randomized(ours)(**batch).logits
-    ours.merge_adapter()
+    ours.merge_adapter(safe_merge=True)
     torch.testing.assert_close(ours(**batch).logits, expected, atol=1e-5, rtol=0)
     ours.unmerge_adapter()
     with pytest.raises(ValueError, match="repeft merges one adapter"):
@@ -281,6 +281,9 @@ def test_get_peft_model_autocast_adapter_dtype_like_peft():
             return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
 
         assert dtypes(ours) == dtypes(theirs) == {torch.float32 if autocast else torch.bfloat16}
+        theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["v_proj"]), autocast_adapter_dtype=autocast)
+        ours.add_adapter("other", repeft.LoraConfig(r=2, target_modules=["v_proj"]), autocast_adapter_dtype=autocast)
+        assert dtypes(ours) == dtypes(theirs)
     with pytest.raises(ValueError, match=r"\['mixed'\] not supported by repeft"):
         repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(), mixed=True)
 
@@ -329,6 +332,7 @@ def test_peft_s_base_fields_are_taken_and_unknown_options_refused_by_name():
     config = repeft.LoraConfig(r=4, base_model_name_or_path="tiny-llama", revision="main")
     assert (config.base_model_name_or_path, config.revision) == ("tiny-llama", "main")
     assert config.peft_type == peft.LoraConfig().peft_type == "LORA"
+    assert config.peft_type.value == peft.LoraConfig().peft_type.value == "LORA"  # an enum member, as in PEFT
     assert repeft.RepLoRAConfig.peft_type is None  # exported to PEFT as plain LoRA, not a PEFT method
     with pytest.raises(ValueError, match=r"LoRAConfig has no option \['lora_bias'\]: a PEFT option repeft does not"):
         repeft.LoraConfig(lora_bias=True)
