@@ -68,6 +68,13 @@ class PeftNamesMixin:
         """PEFT's name for ``unmerge``."""
         self.unmerge()
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's weighted combination of adapters: not in repeft, refused by name."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported by repeft: it runs one adapter at a time; merge_and_unload one "
+            "adapter, wrap the merged model and add the next, or combine with PEFT"
+        )
+
     @property
     def active_adapters(self) -> AdapterNames:
         """The active adapter as a list, read as PEFT's property or called as transformers' method.

@@ -338,3 +338,12 @@ def test_peft_s_base_fields_are_taken_and_unknown_options_refused_by_name():
         repeft.LoraConfig(lora_bias=True)
     with pytest.raises(ValueError, match="did you mean 'lora_alpha'"):
         repeft.LoraConfig(lora_aplha=16)
+
+
+def test_combining_adapters_is_refused_by_name():
+    _, ours = both()
+    ours.add_adapter("other", repeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="add_weighted_adapter is not supported by repeft"):
+        ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "combined")
+    with pytest.raises(ValueError, match="repeft runs one adapter at a time"):
+        ours.set_adapter(["default", "other"])
