@@ -225,3 +225,33 @@ def test_dora_and_replora_on_an_embedding_are_refused_by_name(config, match):
 def test_trainable_token_indices_is_refused_by_name():
     with pytest.raises(ValueError, match=r"no option \['trainable_token_indices'\]"):
         repeft.LoraConfig(r=4, target_modules=["embed_tokens"], trainable_token_indices=[0, 1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_generate_with_cache_equals_without(family):
+    model = trained(family)
+    prompt = tiny_batch(family)["input_ids"][:, :4]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(input_ids=prompt, use_cache=True, **kwargs)
+        uncached = model.generate(input_ids=prompt, use_cache=False, **kwargs)
+        mixed = model.generate(input_ids=prompt, adapter_names=["default", "__base__"], **kwargs)
+        with model.disable_adapter():
+            base_rows = model.generate(input_ids=prompt, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(mixed[0], cached[0]) and torch.equal(mixed[1], base_rows[1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = tiny_batch("llama")
+    grads = []
+    for checkpointing in (False, True):
+        model = repeft.wrap(tiny_model("llama"), repeft.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_embedding_A" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
