@@ -255,3 +255,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and any("lora_embedding_A" in n for n in grads[0])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_peft_s_merge_of_a_tied_embedding_also_changes_the_head_which_repeft_s_does_not():
+    """Why repeft unties: PEFT 0.21.2 merges into the shared weight, so its merged model is not its unmerged one."""
+    theirs = peft.get_peft_model(tiny_model("gpt2"), peft.LoraConfig(r=4, target_modules=["wte"], init_lora_weights=False))
+    batch = tiny_batch("gpt2")
+    expected = logits(theirs, batch)
+    theirs.merge_adapter()
+    assert (logits(theirs, batch) - expected).abs().max() > 1e-2
