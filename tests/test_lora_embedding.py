@@ -186,6 +186,9 @@ def test_tied_gpt2_embedding_merges_untied_and_matches_the_unmerged_model(tmp_pa
     model.save_merged(tmp_path / "merged")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-5, rtol=0)
+    repeft.export_merged(model, tmp_path / "exported")  # merges from the unmerged layers, on the meta-built copy
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    torch.testing.assert_close(logits(exported, batch), expected, atol=1e-5, rtol=0)
     plain = model.merge_and_unload()
     torch.testing.assert_close(logits(plain, batch), expected, atol=1e-5, rtol=0)
 
