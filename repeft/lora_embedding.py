@@ -49,10 +49,10 @@ class LoRAEmbeddingFactors(nn.Module):
 
 
 class LoRAEmbedding(LoRALinear):
-    """An ``nn.Embedding`` plus named low-rank adapters (see the module docstring)."""
+    """An ``nn.Embedding`` plus named low-rank adapters (see the module docstring).
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)  # in_features = num_embeddings, out_features = embedding_dim
+    Built as ``LoRAEmbedding(embedding)``: ``in_features`` is ``num_embeddings``, ``out_features`` ``embedding_dim``.
+    """
 
     @property
     def bias(self) -> None:
