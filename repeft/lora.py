@@ -402,11 +402,13 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     order) and returns ``{path: factors module}``: a method whose layers share
     parameters (RepLoRA's shared seeds) sees the whole set at once.
     """
-    from .lora_embedding import LoRAEmbedding  # it subclasses LoRALinear
+    from .lora_embedding import LoRAEmbedding, warn_about_shared_embeddings  # it subclasses LoRALinear
 
     base = model.base_model
     paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
-    _refuse_embeddings(config, [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)])
+    embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
+    _refuse_embeddings(config, embeddings)
+    warn_about_shared_embeddings(base, embeddings)
     layers = {}
     for path in paths:
         layer = base.get_submodule(path)

@@ -20,6 +20,8 @@ Only the forward differs: A's columns are looked up, not multiplied.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,3 +106,26 @@ def _embed_scale(base: nn.Module) -> torch.Tensor | None:
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         return scale
     return None
+
+
+def warn_about_shared_embeddings(model: nn.Module, paths: list[str]) -> None:
+    """Warn when a targeted embedding's weight is also another embedding module's that is not targeted.
+
+    T5's ``shared`` holds the weight its encoder's and decoder's ``embed_tokens`` also hold, but the model
+    never calls ``shared``: adapting only it changes nothing (PEFT does the same, silently).
+    """
+    targeted = set(paths)
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Embedding) and name:
+            holders.setdefault(id(module.weight), []).append(name)
+    for path in paths:
+        weight = model.get_submodule(path).weight
+        others = [n for n in holders.get(id(weight), []) if n not in targeted and not n.startswith(path + ".")]
+        if others:
+            warnings.warn(
+                f"target_modules adapt the embedding {path!r}, whose weight the embeddings {others} also use; they "
+                "stay unadapted, and where the model calls them, not it, the adapter changes nothing. Target "
+                "them too, or instead",
+                stacklevel=5,
+            )

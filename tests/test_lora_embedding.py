@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -267,3 +268,12 @@ def test_peft_s_merge_of_a_tied_embedding_also_changes_the_head_which_repeft_s_d
     expected = logits(theirs, batch)
     theirs.merge_adapter()
     assert (logits(theirs, batch) - expected).abs().max() > 1e-2
+
+
+def test_an_embedding_whose_weight_other_embeddings_hold_warns_that_they_stay_unadapted():
+    # T5 calls encoder.embed_tokens and decoder.embed_tokens, never `shared`, though all three hold one weight.
+    with pytest.warns(UserWarning, match=r"'shared', whose weight the embeddings \['encoder.embed_tokens', 'decoder.embed_tokens'\]"):
+        repeft.wrap(tiny_model("t5"), repeft.LoraConfig(r=4, target_modules=["shared"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repeft.wrap(tiny_model("t5"), repeft.LoraConfig(r=4, target_modules=["shared", "embed_tokens"]))
