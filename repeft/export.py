@@ -193,7 +193,7 @@ def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
         if isinstance(plain.get_submodule(path), Conv1D) and not isinstance(layer, Conv1D):
             weight = weight.T
         put(f"{path}.weight", weight.contiguous())
-        if layer.bias is not None:
+        if getattr(layer, "bias", None) is not None:  # an embedding has none
             put(f"{path}.bias", layer.bias)
 
     def visit(module: nn.Module, path: str) -> None:

@@ -199,8 +199,9 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        # Conv1D stores its weight as (d_in, d_out): "fan_in_fan_out" in PEFT's words.
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        # Conv1D stores its weight as (d_in, d_out): "fan_in_fan_out" in PEFT's words; so does an
+        # embedding, a linear map of one-hot tokens (repeft.lora_embedding).
+        self.fan_in_fan_out = isinstance(base_layer, (Conv1D, nn.Embedding))
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -240,6 +241,10 @@ class LoRALinear(AdapterLayer):
             return lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
         return add_lora(self.base_out(x, *args, **kwargs), x, *lora_args)
 
+    def new_factors(self, config: LoRAConfig) -> LoRAFactors:
+        """The free factors of a new LoRA adapter on this layer."""
+        return LoRAFactors(self.in_features, self.out_features, config)
+
     def base_out(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output, as a tensor the low-rank term may be added to in place."""
         out = self.base_layer(x, *args, **kwargs)
@@ -251,7 +256,18 @@ class LoRALinear(AdapterLayer):
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of the batch with its own adapter (index -1: the base layer alone)."""
-        names, index, scaling, stacked, rows_per_name = self.row_adapters
+        names, index = self._row_index(x)
+        scaling, stacked = self.row_adapters[2:4]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [self.adapters[n] for n in names]
+        lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
+        backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
+        return add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
+
+    def _row_index(self, x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """The mixed batch's adapter names here and each row of ``x``'s index into them (-1: none)."""
+        names, index, _, _, rows_per_name = self.row_adapters
         if x.shape[0] != index.shape[0]:
             # generate() repeats each prompt's row for beams / return sequences (repeat_interleave).
             if x.shape[0] != index.shape[0] * rows_per_name:
@@ -260,12 +276,7 @@ class LoRALinear(AdapterLayer):
                     f"has {x.shape[0]} rows: give exactly one adapter name per row"
                 )
             index = index.repeat_interleave(rows_per_name)
-        if not names:
-            return self.base_layer(x, *args, **kwargs)
-        adapters = [self.adapters[n] for n in names]
-        lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
-        backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
-        return add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
+        return names, index
 
     def _stacked_factors(self, adapters: list, x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters' A and B stacked, lower ranks padded with zeros (they add nothing).
@@ -391,18 +402,45 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     order) and returns ``{path: factors module}``: a method whose layers share
     parameters (RepLoRA's shared seeds) sees the whole set at once.
     """
+    from .lora_embedding import LoRAEmbedding, warn_about_shared_embeddings  # it subclasses LoRALinear
+
     base = model.base_model
+    paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
+    embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
+    _refuse_embeddings(config, embeddings)
+    warn_about_shared_embeddings(base, embeddings)
     layers = {}
-    for path in config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths())):
+    for path in paths:
         layer = base.get_submodule(path)
         if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer)
+            layer = LoRAEmbedding(layer) if isinstance(layer, nn.Embedding) else LoRALinear(layer)
             base.set_submodule(path, layer)
         layers[path] = layer
     for path, factors in make_factors(layers).items():
         layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
         if config.use_dora:
             dora.add_magnitude(layers[path], factors, DTYPES[config.dtype])
+
+
+def _unwrapped(layer: nn.Module) -> nn.Module:
+    return layer.base_layer if isinstance(layer, LoRALinear) else layer
+
+
+def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
+    """LoRA adapts embeddings as PEFT does; DoRA and RepLoRA there are refused by name, before anything changes."""
+    if not embeddings:
+        return
+    if config.method != "lora":
+        raise TargetError(
+            f"target_modules select the embedding {embeddings[0]!r}: {type(config).__name__} shares seeds between "
+            "attention projections and does not adapt embeddings; leave it out of target_modules (LoRAConfig adapts "
+            "embeddings; modules_to_save trains one in full)"
+        )
+    if config.use_dora:
+        raise TargetError(
+            f"target_modules select the embedding {embeddings[0]!r}: DoRA on embeddings is not supported by repeft; "
+            "leave it out of target_modules, or use use_dora=False (plain LoRA adapts embeddings)"
+        )
 
 
 @register_method(
@@ -413,6 +451,6 @@ def inject_lora(model, name: str, config: LoRAConfig) -> None:
     inject_low_rank(
         model, name, config,
         lambda layers: {
-            path: LoRAFactors(layer.in_features, layer.out_features, config.for_module(path)) for path, layer in layers.items()
+            path: layer.new_factors(config.for_module(path)) for path, layer in layers.items()
         },
     )

@@ -3,7 +3,9 @@
 PEFT stores ``base_model.model.<module>.lora_A.weight`` (r x d_in) and
 ``lora_B.weight`` (d_out x r) plus an ``adapter_config.json`` with
 ``peft_type: LORA``; a DoRA adapter adds ``<module>.lora_magnitude_vector``
-(d_out) and ``use_dora: true``. RepLoRA exports its materialised A and B, so any
+(d_out) and ``use_dora: true``; an embedding's factors are
+``<module>.lora_embedding_A`` (r x num_embeddings) and ``lora_embedding_B``
+(embedding_dim x r). RepLoRA exports its materialised A and B, so any
 PEFT-compatible loader or server can use it. No ``peft`` import is needed.
 """
 
@@ -22,6 +24,7 @@ from .fsdp import refuse_sharded
 from .layers import ModulesToSave
 from .dora import MAGNITUDE, magnitude
 from .lora import LoRAConfig, LoRALinear
+from .lora_embedding import LoRAEmbedding
 from .model import AdapterModel, _restore_grads_on_failure
 from .targeting import find_modules
 
@@ -50,7 +53,12 @@ def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str) -> tuple[
         if adapter_name not in layer.adapters:
             continue
         path = path.removeprefix("base_model.")
-        if isinstance(layer, LoRALinear):
+        if isinstance(layer, LoRAEmbedding):
+            # PEFT's names for an embedding's factors are repeft's own (ParameterDict entries: no ".weight").
+            for key, value in layer.adapters[adapter_name].state_dict().items():
+                tensors[f"{PEFT_PREFIX}{path}.{key}"] = value
+            targets.append(path)
+        elif isinstance(layer, LoRALinear):
             with torch.no_grad():
                 lora_A, lora_B = layer.adapters[adapter_name].factors()
             tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
@@ -100,7 +108,8 @@ def set_peft_model_state_dict(
             f"adapter {adapter_name!r} is {model.configs[adapter_name].method}: its parameters are not PEFT's lora_A "
             "and lora_B (those are computed), so a PEFT state dict loads into a LoRA adapter only"
         )
-    renamed, _ = _repeft_names(peft_model_state_dict, "peft_model_state_dict")
+    renamed, targets = _repeft_names(peft_model_state_dict, "peft_model_state_dict")
+    _drop_saved_embeddings(model, renamed, targets, "peft_model_state_dict")
     model.load_adapter_tensors(adapter_name, renamed, source="peft_model_state_dict")
     return nn.modules.module._IncompatibleKeys([], [])
 
@@ -116,16 +125,45 @@ def _repeft_names(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[s
         if key.endswith(f".{MAGNITUDE}") or key.endswith(f".{MAGNITUDE}.weight"):
             renamed[key.removesuffix(".weight")] = value
             continue
-        for part in ("lora_A", "lora_B"):
-            if key.endswith(f".{part}.weight"):
-                path = key.removesuffix(f".{part}.weight")
+        for part, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
+                             ("lora_embedding_A", ".lora_embedding_A"), ("lora_embedding_B", ".lora_embedding_B")):
+            if key.endswith(suffix):
+                path = key.removesuffix(suffix)
                 renamed[f"{path}.{part}"] = value
-                if part == "lora_A":
+                if part.endswith("A"):
                     targets.append(path)
                 break
         else:
             renamed[key] = value
     return renamed, targets
+
+
+def _rank(renamed: dict[str, torch.Tensor], path: str) -> int:
+    """The rank of the factors imported for the module at ``path`` (a linear layer's or an embedding's)."""
+    lora_A = renamed.get(f"{path}.lora_A", renamed.get(f"{path}.lora_embedding_A"))
+    return lora_A.shape[0]
+
+
+def _drop_saved_embeddings(model: nn.Module, renamed: dict[str, torch.Tensor], targets: list[str], source: str) -> None:
+    """Drop the base embedding weights PEFT saves beside an embedding's adapter (``save_embedding_layers``).
+
+    PEFT would load them into the base model; where they equal the model's own they change nothing, and where
+    they differ (a resized or retrained vocabulary) the adapter is refused by name.
+    """
+    base = model.get_base_model() if isinstance(model, AdapterModel) else model
+    for path in targets:
+        key = f"{path}.base_layer.weight"
+        if key not in renamed:
+            continue
+        saved = renamed.pop(key)
+        own = base.get_submodule(path)
+        own = getattr(own, "base_layer", own).weight
+        if saved.shape != own.shape or not torch.equal(saved.to(own.dtype).cpu(), own.detach().cpu()):
+            raise AdapterFileError(
+                f"{source}: the adapter carries its own base weights for {path} (PEFT's save_embedding_layers: a "
+                "resized or retrained vocabulary) that differ from this model's; repeft does not replace base "
+                "weights: load the model those weights belong to, or merge with peft and wrap the merged model"
+            )
 
 
 def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
@@ -204,6 +242,7 @@ def from_peft(
     renamed, targets = _repeft_names(tensors, str(root))
     if not targets:
         raise AdapterFileError(f"{root}: no lora_A tensors found in {WEIGHTS_NAME}")
+    _drop_saved_embeddings(model, renamed, targets, str(root))
     try:
         config = LoRAConfig(
             r=meta["r"],
@@ -220,8 +259,7 @@ def from_peft(
         )
     except ValueError as exc:
         raise AdapterFileError(f"{root / CONFIG_NAME}: {exc}") from None
-    wrong = [(t, config.for_module(t).r, renamed[f"{t}.lora_A"].shape[0]) for t in targets
-             if renamed[f"{t}.lora_A"].shape[0] != config.for_module(t).r]
+    wrong = [(t, config.for_module(t).r, _rank(renamed, t)) for t in targets if _rank(renamed, t) != config.for_module(t).r]
     if wrong:
         path, said, found = wrong[0]
         raise AdapterFileError(f"{root}: config says r={said!r} for {path} but its tensors have rank {found}")

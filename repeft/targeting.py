@@ -54,7 +54,7 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 
 # Layers PEFT's LoRA adapts that repeft's does not: a spec selecting one is refused by name, never skipped.
-UNSUPPORTED_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class TargetError(ValueError):
@@ -64,6 +64,11 @@ class TargetError(ValueError):
 def is_linear_like(module: nn.Module) -> bool:
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer LoRA adapts when a target spec names it: linear-like, or an embedding (repeft.lora_embedding)."""
+    return is_linear_like(module) or isinstance(module, nn.Embedding)
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -120,7 +125,7 @@ def resolve_targets(
         except re.error as exc:
             raise TargetError(f"target_modules regex {spec!r} does not compile: {exc}") from None
         _refuse_unsupported(spec, [(n, m) for n, m in modules if regex.fullmatch(n)])
-        found = [n for n, m in modules if regex.fullmatch(n) and is_linear_like(m)]
+        found = [n for n, m in modules if regex.fullmatch(n) and is_adaptable(m)]
         if not found:
             raise TargetError(
                 f"target_modules regex {spec!r} matches no linear layer of {type(model).__name__}"
@@ -138,13 +143,13 @@ def resolve_targets(
             unmatched.append(pattern)
             continue
         _refuse_unsupported(pattern, hits)
-        wrong = [(n, m) for n, m in hits if not is_linear_like(m)]
+        wrong = [(n, m) for n, m in hits if not is_adaptable(m)]
         if wrong:
             name, module = wrong[0]
             raise TargetError(
                 f"target_modules entry {pattern!r} matches {name!r}, a {type(module).__name__}; "
-                "LoRA adapters attach to nn.Linear, GPT-2 Conv1D and bitsandbytes Linear4bit/"
-                "Linear8bitLt layers. Name the linear layers inside it instead."
+                "LoRA adapters attach to nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit/"
+                "Linear8bitLt and nn.Embedding layers. Name the linear layers inside it instead."
             )
         found.extend(n for n, _ in hits)
     if not found:
@@ -166,7 +171,7 @@ def _refuse_unsupported(pattern: str, hits: list[tuple[str, nn.Module]]) -> None
         if isinstance(module, UNSUPPORTED_LAYERS):
             raise TargetError(
                 f"target_modules {pattern!r} selects {name!r}, a {type(module).__name__}; repeft's LoRA adapts "
-                "linear layers only (PEFT's also adapts embeddings and convolutions). Leave it out of target_modules "
+                "linear layers and embeddings (PEFT's also adapts convolutions). Leave it out of target_modules "
                 "(train it in full with modules_to_save instead, if it must learn)"
             )
 

@@ -6,6 +6,7 @@ and a repeft model of the same base and compares what they do.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -43,12 +44,19 @@ def test_a_target_list_matching_nothing_at_all_is_still_an_error():
 
 
 @pytest.mark.parametrize("spec", [r".*(embed_tokens|q_proj)", ["embed_tokens", "q_proj"]])
-def test_an_embedding_that_peft_would_adapt_is_refused_by_name_not_skipped(spec):
+def test_an_embedding_that_peft_would_adapt_is_adapted_as_peft_adapts_it(spec):
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=spec))
-    assert "model.embed_tokens" in adapted_paths(theirs)  # PEFT adapts it: skipping it silently would differ
-    base = tiny_model("llama")
-    with pytest.raises(repeft.TargetError, match="selects 'model.embed_tokens', a Embedding; repeft's LoRA adapts"):
-        repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=spec))
+    ours = repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4, target_modules=spec))
+    assert "model.embed_tokens" in adapted_paths(ours)  # skipping it silently would differ
+    assert adapted_paths(ours) == adapted_paths(theirs)
+
+
+def test_a_convolution_that_peft_would_adapt_is_refused_by_name_not_skipped():
+    base = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    assert "0" in adapted_paths(theirs)  # PEFT adapts it: skipping it silently would differ
+    with pytest.raises(repeft.TargetError, match="selects '0', a Conv1d; repeft's LoRA adapts linear layers and embeddings"):
+        repeft.wrap(base, repeft.LoRAConfig(r=2, target_modules=["0", "2"]))
     assert not any(p.requires_grad is False for p in base.parameters())  # the failed wrap left the model as it was
 
 
