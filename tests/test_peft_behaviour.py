@@ -7,7 +7,6 @@ and a repeft model of the same base and compares what they do.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
