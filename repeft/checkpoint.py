@@ -12,7 +12,7 @@ never the sharded base. A checkpoint found damaged when resuming is moved
 aside to ``step-00000050.damaged`` (see :func:`set_aside`).
 
 The run's own small files (``recipe.yaml``, ``summary.json``, a rewritten
-``metrics.jsonl``) are replaced whole with :func:`write_text_atomic`.
+``metrics.jsonl``) are replaced whole with ``repeft.files.write_text_atomic``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import fsync_path
+from .files import write_text_atomic
 from .fsdp import state_without_model
 
 if TYPE_CHECKING:  # `repeft info` reads checkpoints without importing accelerate
@@ -85,26 +84,6 @@ def set_aside(checkpoint: Path) -> Path:
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(checkpoint, aside)
     return aside
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: a reader, or a kill, sees the old file or the new one.
-
-    >>> write_text_atomic("runs/x/summary.json", "{}")  # doctest: +SKIP
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # two writers never share one
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to the run's other files
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())  # the data is on disk before the new name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)  # the rename itself survives a power cut
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:

@@ -23,11 +23,11 @@ naming the file and the fix.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -38,6 +38,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; saves and loads run unlocked, and only kills are covered
+    fcntl = None
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -113,11 +118,13 @@ def directory_lock(directory: Path, exclusive: bool) -> Iterator[None]:
 
     Locking the directory's own descriptor needs no lock file, so a reader
     writes nothing. Where the directory cannot be opened (it does not exist
-    yet) or the file system has no ``flock``, the block runs unlocked.
+    yet) or there is no ``flock`` (Windows, some file systems), the block runs unlocked.
     """
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY) if fcntl is not None else None
     except OSError:
+        fd = None
+    if fd is None:
         yield
         return
     try:
@@ -261,6 +268,26 @@ def _alive(pid: str) -> bool:
     except (ValueError, PermissionError):
         return True  # not ours to judge: leave it
     return True
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader, or a kill, sees the old file or the new one.
+
+    >>> write_text_atomic("runs/x/summary.json", "{}")  # doctest: +SKIP
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # two writers never share one
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the new name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)  # the rename itself survives a power cut
 
 
 def write_adapter_dir(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -366,7 +366,7 @@ def test_resume_with_no_loadable_checkpoint_is_one_clear_error(tmp_path, capsys)
 
 
 def test_write_text_atomic_keeps_the_old_file_when_a_write_fails(tmp_path):
-    from repeft.checkpoint import write_text_atomic
+    from repeft.files import write_text_atomic
 
     path = tmp_path / "summary.json"
     write_text_atomic(path, "old\n")
@@ -378,14 +378,14 @@ def test_write_text_atomic_keeps_the_old_file_when_a_write_fails(tmp_path):
 
 def test_write_text_atomic_flushes_the_directory_after_the_rename(tmp_path, monkeypatch):
     # Without it a power cut after the rename can bring the old file back (issue 24 item 18).
-    from repeft import checkpoint
+    from repeft import files
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(checkpoint.os, "replace", lambda *a: (events.append("rename"), real_replace(*a))[1])
+    monkeypatch.setattr(files.os, "replace", lambda *a: (events.append("rename"), real_replace(*a))[1])
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"),
                                                  real_fsync(fd))[1])
-    checkpoint.write_text_atomic(tmp_path / "summary.json", "{}")
+    files.write_text_atomic(tmp_path / "summary.json", "{}")
     assert events == ["file", "rename", "dir"]
 
 

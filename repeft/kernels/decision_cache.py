@@ -1,4 +1,4 @@
-"""The on-disk cache of ``auto``'s kernel decisions (``REPEFT_KERNEL_CACHE``): a JSON object, key -> entry.
+"""``auto``'s kernel decisions (``Decision``) and their on-disk cache (``REPEFT_KERNEL_CACHE``): a JSON object, key -> entry.
 
 The cache only saves time, so it never breaks a forward: a file that cannot be
 read, is not a JSON object, or holds entries that are not decisions is ignored
@@ -12,20 +12,50 @@ and processes saving at once all keep their entries.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+from ..files import write_text_atomic
 
 ENV_VAR = "REPEFT_KERNEL_CACHE"
 
 _warned: set[str] = set()  # cache files this process already warned about
 
 
-def read(path: str, is_valid: Callable[[Any], bool]) -> dict[str, dict]:
-    """The entries of the cache file at ``path`` that pass ``is_valid`` (``{}`` when there is no file)."""
+@dataclass
+class Decision:
+    """What ``auto`` uses for one bucket, and why."""
+
+    backend: str
+    reason: str
+    bucket: dict[str, Any]
+    torch_ms: float | None = None
+    fused_ms: float | None = None
+    max_error: float | None = None
+
+
+_DECISION_FIELDS = {f.name for f in dataclasses.fields(Decision)}
+_DECISION_NUMBERS = ("torch_ms", "fused_ms", "max_error")
+
+
+def is_decision(entry: Any) -> bool:
+    """Whether ``entry`` is a decision as ``add`` writes it (``Decision(**entry)`` then holds)."""
+    if not isinstance(entry, dict) or not {"backend", "reason", "bucket"} <= set(entry) <= _DECISION_FIELDS:
+        return False
+    numbers_ok = all(
+        entry.get(name) is None or (isinstance(entry[name], (int, float)) and not isinstance(entry[name], bool))
+        for name in _DECISION_NUMBERS
+    )
+    return entry["backend"] in ("triton", "torch") and isinstance(entry["reason"], str) \
+        and isinstance(entry["bucket"], dict) and numbers_ok
+
+
+def read(path: str) -> dict[str, dict]:
+    """The entries of the cache file at ``path`` that are decisions (``{}`` when there is no file)."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -37,22 +67,22 @@ def read(path: str, is_valid: Callable[[Any], bool]) -> dict[str, dict]:
     if not isinstance(data, dict):
         _warn_once(path, f"it holds a JSON {type(data).__name__}, not an object of decisions")
         return {}
-    valid = {key: entry for key, entry in data.items() if is_valid(entry)}
+    valid = {key: entry for key, entry in data.items() if is_decision(entry)}
     if len(valid) < len(data):
         _warn_once(path, f"{len(data) - len(valid)} of its {len(data)} entries are not kernel decisions")
     return valid
 
 
-def add(path: str, key: str, entry: dict, is_valid: Callable[[Any], bool]) -> dict[str, dict]:
+def add(path: str, key: str, entry: dict) -> dict[str, dict]:
     """Save ``entry`` under ``key``, keeping the valid entries already on disk; return all of them.
 
     If the file cannot be written, warns once and returns ``{key: entry}``.
     """
     try:
         with _lock(path):
-            entries = read(path, is_valid)
+            entries = read(path)
             entries[key] = entry
-            _replace_json(path, entries)
+            write_text_atomic(path, json.dumps(entries, indent=1))
     except OSError as exc:
         _warn_once(path, f"cannot write it ({type(exc).__name__}: {exc}); decisions stay in this process")
         return {key: entry}
@@ -85,18 +115,3 @@ def _lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _replace_json(path: str, data: dict) -> None:
-    """Replace ``path`` by ``data`` as JSON in one step, through a temporary file of its own."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from . import decision_cache
+from .decision_cache import Decision
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "REPEFT_KERNEL"
@@ -58,18 +59,6 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _triton_ops = None  # repeft.kernels.lora_ops once imported
 _decisions: dict[tuple, Decision] = {}
 _disk: dict[str, dict] | None = None  # the on-disk cache, read on first use
-
-
-@dataclass
-class Decision:
-    """What ``auto`` uses for one bucket, and why."""
-
-    backend: str
-    reason: str
-    bucket: dict[str, Any]
-    torch_ms: float | None = None
-    fused_ms: float | None = None
-    max_error: float | None = None
 
 
 def load_triton_ops():
@@ -495,24 +484,8 @@ def _disk_cache() -> dict[str, dict]:
     if not path:
         return {}
     if _disk is None:
-        _disk = decision_cache.read(path, _is_decision)
+        _disk = decision_cache.read(path)
     return _disk
-
-
-_DECISION_FIELDS = {f.name for f in dataclasses.fields(Decision)}
-_DECISION_NUMBERS = ("torch_ms", "fused_ms", "max_error")
-
-
-def _is_decision(entry: Any) -> bool:
-    """Whether ``entry`` is a decision as ``_save_to_disk`` writes it (``Decision(**entry)`` then holds)."""
-    if not isinstance(entry, dict) or not {"backend", "reason", "bucket"} <= set(entry) <= _DECISION_FIELDS:
-        return False
-    numbers_ok = all(
-        entry.get(name) is None or (isinstance(entry[name], (int, float)) and not isinstance(entry[name], bool))
-        for name in _DECISION_NUMBERS
-    )
-    return entry["backend"] in ("triton", "torch") and isinstance(entry["reason"], str) \
-        and isinstance(entry["bucket"], dict) and numbers_ok
 
 
 def _save_to_disk(key: str, decision: Decision) -> None:
@@ -520,4 +493,4 @@ def _save_to_disk(key: str, decision: Decision) -> None:
     entry = dataclasses.asdict(decision)
     cache = _disk_cache()
     cache[key] = entry
-    cache.update(decision_cache.add(path, key, entry, _is_decision))
+    cache.update(decision_cache.add(path, key, entry))

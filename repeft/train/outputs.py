@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from accelerate import Accelerator
 
 from .. import fsdp
-from ..checkpoint import write_text_atomic
+from ..files import write_text_atomic
 from ..export import export_merged
 from ..model import AdapterModel, load_adapter
 from ..peft_interop import export_peft
