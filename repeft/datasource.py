@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import RecipeError
+from .errors import RecipeError, one_line
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 BUILTIN_PREFIX = "builtin:"
@@ -111,7 +111,7 @@ def _hf_dataset(path: Path, split: str) -> Any:
     try:
         loaded = datasets.Dataset.from_file(str(path)) if path.is_file() else datasets.load_from_disk(str(path))
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"{path} is not a readable datasets folder or Arrow file ({_one_line(exc)})") from None
+        raise RecipeError(f"{path} is not a readable datasets folder or Arrow file ({one_line(exc)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise RecipeError(f"{path} holds the splits {sorted(loaded)}, not {split!r}; point at {path / sorted(loaded)[0]}")
@@ -133,7 +133,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         try:
             return pq.read_table(path).to_pylist()
         except pyarrow.ArrowException as exc:
-            raise RecipeError(f"{path} is not a readable Parquet file ({_one_line(exc)})") from None
+            raise RecipeError(f"{path} is not a readable Parquet file ({one_line(exc)})") from None
     return _read_json(path)
 
 
@@ -155,7 +155,3 @@ def _parse_json(text: str, where: str) -> Any:
         raise RecipeError(f"{where} is not valid JSON ({exc})") from None
     except RecursionError:
         raise RecipeError(f"{where} is not usable JSON: it is nested too deeply") from None
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

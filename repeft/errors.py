@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class RecipeError(ValueError):
     """A recipe field with a wrong name, type or value, or data that cannot be used as the recipe says."""
+
+
+def one_line(exc: Exception) -> str:
+    """A library's error message on one line, to quote inside a ``RecipeError``."""
+    return " ".join(str(exc).split())

@@ -18,6 +18,7 @@ from .. import registry
 from ..dataio import sample_texts
 from ..model import AdapterModel, wrap
 from ..quantization import float_module_names, prepare_quantized_model
+from ..errors import one_line
 from ..recipe import Recipe, RecipeError
 from ..targeting import TargetError
 
@@ -92,7 +93,7 @@ def load_tokenizer(recipe: Recipe) -> Any:
             tokenizer = transformers.AutoTokenizer.from_pretrained(registry.resolve_model(name))
         except (OSError, ValueError) as exc:
             raise RecipeError(
-                f"model.tokenizer: cannot load a tokenizer from {name!r} ({_one_line(exc)}); set model.tokenizer to a "
+                f"model.tokenizer: cannot load a tokenizer from {name!r} ({one_line(exc)}); set model.tokenizer to a "
                 f"tokenizer directory, a registered model or one of {registry.tokenizer_names()}"
             ) from None
     if tokenizer.pad_token is None:
@@ -143,7 +144,7 @@ def model_config(recipe: Recipe, labels: list[str] | None = None) -> transformer
     try:
         return transformers.AutoConfig.from_pretrained(registry.resolve_model(spec.path), **label_kwargs)
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"model.path {spec.path!r}: cannot read its config ({_one_line(exc)})") from None
+        raise RecipeError(f"model.path {spec.path!r}: cannot read its config ({one_line(exc)})") from None
 
 
 def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedModel:
@@ -166,7 +167,7 @@ def build_model(recipe: Recipe, labels: list[str]) -> transformers.PreTrainedMod
     try:
         return cls.from_pretrained(path, config=config, dtype=dtype, **extra)
     except (OSError, SafetensorError) as exc:  # missing, or truncated, weights
-        raise RecipeError(f"model.path {spec.path!r}: cannot load its weights ({_one_line(exc)})") from None
+        raise RecipeError(f"model.path {spec.path!r}: cannot load its weights ({one_line(exc)})") from None
 
 
 def _bnb_config(quantization: str, compute_dtype: torch.dtype, skip: list[str]) -> transformers.BitsAndBytesConfig:
@@ -180,7 +181,3 @@ def _bnb_config(quantization: str, compute_dtype: torch.dtype, skip: list[str]) 
         load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
     )
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
