@@ -259,7 +259,8 @@ def from_peft(
         )
     except ValueError as exc:
         raise AdapterFileError(f"{root / CONFIG_NAME}: {exc}") from None
-    wrong = [(t, config.for_module(t).r, _rank(renamed, t)) for t in targets if _rank(renamed, t) != config.for_module(t).r]
+    ranks = [(t, config.for_module(t).r, _rank(renamed, t)) for t in targets]
+    wrong = [(path, said, found) for path, said, found in ranks if said != found]
     if wrong:
         path, said, found = wrong[0]
         raise AdapterFileError(f"{root}: config says r={said!r} for {path} but its tensors have rank {found}")
