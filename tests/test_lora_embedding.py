@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import repeft
 from repeft.lora_embedding import LoRAEmbedding
+from test_dora import as_repeft
 from tiny_models import logits, tiny_batch, tiny_model, train_steps
 
 peft = pytest.importorskip("peft")
@@ -36,11 +37,6 @@ def peft_lora(family: str, **overrides):
                   fan_in_fan_out=family == "gpt2")
     torch.manual_seed(3)
     return peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides})), reference
-
-
-def as_repeft(peft_model, reference, tmp_path, **kwargs):
-    peft_model.save_pretrained(tmp_path / "peft")
-    return repeft.from_peft(reference, tmp_path / "peft", **kwargs)
 
 
 def named_grads(model) -> dict[str, torch.Tensor]:
