@@ -52,7 +52,7 @@ def counts(rank: int, targets: list[str]) -> dict[str, int]:
     """Parameter counts of the wrapped meta-device model: base, adapter, one decoder layer, head, block linears."""
     with torch.device("meta"):
         model = repeft.wrap(LlamaForCausalLM(LlamaConfig(**LLAMA2_7B)), repeft.LoRAConfig(r=rank, target_modules=targets))
-    base = model.base_model
+    base = model.get_base_model()
     layer = base.model.layers[0]
     return {
         "base": sum(p.numel() for p in model.parameters() if not p.requires_grad),

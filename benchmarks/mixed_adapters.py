@@ -59,7 +59,7 @@ def build_models(args, device):
     torch.manual_seed(1)
     with torch.no_grad():
         for path, layer in repeft_model.adapter_layers():
-            peft_layer = peft_model.base_model.model.get_submodule(path.removeprefix("base_model."))
+            peft_layer = peft_model.base_model.model.get_submodule(path.removeprefix("base_model.model."))
             for name, factors in layer.adapters.items():
                 factors.lora_B.normal_(std=0.02)
                 peft_layer.lora_A[name].weight.copy_(factors.lora_A)

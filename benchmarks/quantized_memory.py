@@ -43,7 +43,7 @@ VARIANTS = {
 
 def base_weight_bytes(model: repeft.AdapterModel) -> dict[str, int]:
     """Bytes of the base model's stored tensors: block linear layers vs the rest, each storage once."""
-    base = model.base_model
+    base = model.get_base_model()
     linear = tuple(
         f"{name}." for name, m in base.named_modules()
         if isinstance(m, nn.Linear) and ".adapters." not in name and not name.endswith("lm_head")

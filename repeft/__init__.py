@@ -53,6 +53,7 @@ __all__ = [
     "VPTConfig",
     "ZeroInitConfig",
     "export_merged",
+    "adapter_trainer",
     "export_peft",
     "float_module_names",
     "fold_prefix",
@@ -68,8 +69,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # transformers.Trainer takes seconds to import; only pay for it when it is used.
-    if name == "AdapterTrainer":
-        from .trainer import AdapterTrainer
+    if name in ("AdapterTrainer", "adapter_trainer"):
+        from . import trainer
 
-        return AdapterTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'repeft' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from .kernels import check_backend_runs_here
 from .layers import AdapterLayer, ModulesToSave
 from .methods import method
 from .targeting import TargetError, find_modules
+from .tuner import MODEL_PREFIX
 
 def with_base_dtype(config: AdapterConfig, base: nn.Module) -> AdapterConfig:
     """``config`` with the base model's floating dtype as the adapter's (PEFT's ``autocast_adapter_dtype=False``)."""
@@ -84,8 +85,7 @@ class AdapterManagementMixin:
 
     def modules_to_save_paths(self) -> list[str]:
         """Paths (relative to the base model) of modules trained in full, which adapters must not target."""
-        prefix = "base_model."
-        return [p.removeprefix(prefix) for p, layer in self.adapter_layers() if isinstance(layer, ModulesToSave)]
+        return [p.removeprefix(MODEL_PREFIX) for p, layer in self.adapter_layers() if isinstance(layer, ModulesToSave)]
 
     def add_adapter(
         self,
@@ -106,7 +106,7 @@ class AdapterManagementMixin:
         """
         if low_cpu_mem_usage:
             raise ValueError("add_adapter(low_cpu_mem_usage=True) is not supported by repeft: adapters are built whole")
-        config = peft_config if autocast_adapter_dtype else with_base_dtype(peft_config, self.base_model)
+        config = peft_config if autocast_adapter_dtype else with_base_dtype(peft_config, self.get_base_model())
         if adapter_name in self.configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if not adapter_name or "." in adapter_name:
@@ -129,7 +129,7 @@ class AdapterManagementMixin:
             # not run adapter dropout, nor RepLoRA skip its eval-mode factor cache.
             for _, layer in self.adapter_layers():
                 if adapter_name in layer.adapters:
-                    layer.train(self.base_model.training)
+                    layer.train(self.get_base_model().training)
         except BaseException:
             self._remove_adapter_entries(adapter_name)
             raise
@@ -138,10 +138,10 @@ class AdapterManagementMixin:
         self.set_adapter(adapter_name if self.active_adapter is None else self.active_adapter)
 
     def _default_modules_to_save(self) -> list[str] | None:
-        return default_modules_to_save(self.base_model)
+        return default_modules_to_save(self.get_base_model())
 
     def _add_modules_to_save(self, adapter_name: str, patterns: list[str]) -> None:
-        base = self.base_model
+        base = self.get_base_model()
         for pattern in patterns:
             paths = find_modules(base, [pattern])
             if not paths:

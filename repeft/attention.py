@@ -307,7 +307,7 @@ def attention_adapters(model) -> AttentionAdapters:
     existing = model._modules.get(LAYER_NAME)
     if existing is not None:
         return existing
-    base = model.base_model
+    base = model.get_base_model()
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
@@ -351,4 +351,4 @@ def attention_adapters(model) -> AttentionAdapters:
 def add_attention_adapter(model, name: str, make: Callable[[Geometry], AttentionAdapter]) -> None:
     """Injector helper: attach ``make(geometry)`` as adapter ``name`` of the model's attention layer."""
     layer = attention_adapters(model)
-    layer.adapters[name] = place_beside(make(layer.geometry), model.base_model)
+    layer.adapters[name] = place_beside(make(layer.geometry), model.get_base_model())

@@ -96,7 +96,7 @@ def export_merged(
     if model.active_adapter is None:
         raise ValueError("the model has no active adapter to merge")
     model._check_mergeable(model.active_adapter)
-    base = model.base_model
+    base = model.get_base_model()
     if not hasattr(base, "save_pretrained"):
         raise TypeError(f"export_merged writes a transformers checkpoint; {type(base).__name__} has no save_pretrained")
     refuse_overwriting_base(base_model_dir(base), out_dir)
@@ -151,7 +151,7 @@ def _describe(qconfig: BitsAndBytesConfig) -> str:
 
 def _merged_float_model(model: AdapterModel, dtype: torch.dtype) -> nn.Module:
     """A plain transformers model (same class, no quantization config) holding the merged float weights."""
-    base = model.base_model
+    base = model.get_base_model()
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -222,7 +222,7 @@ def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
             if child is not None:
                 visit(child, prefix + name)
 
-    visit(model.base_model, "")
+    visit(model.get_base_model(), "")
     return state, unsaved
 
 

@@ -158,7 +158,7 @@ def coarse_unit_warning(model: nn.Module, limit: float = 0.5) -> str | None:
         return None
     return (
         f"FSDP unit {unit or '(the root)'} holds {share:.0%} of the weights, which every process gathers whole "
-        f"while it runs; {type(getattr(model, 'base_model', model)).__name__} names no decoder-layer class for accelerate's per-layer "
+        f"while it runs; {type(model.get_base_model() if hasattr(model, 'get_base_model') else model).__name__} names no decoder-layer class for accelerate's per-layer "
         "policy: set fsdp_transformer_layer_cls_to_wrap in the accelerate config to its layer class (e.g. BertLayer)"
     )
 

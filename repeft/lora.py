@@ -404,7 +404,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     """
     from .lora_embedding import LoRAEmbedding, warn_about_shared_embeddings  # it subclasses LoRALinear
 
-    base = model.base_model
+    base = model.get_base_model()
     paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
     embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
     _refuse_embeddings(config, embeddings)

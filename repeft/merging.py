@@ -20,6 +20,7 @@ from .config import AdapterConfig
 from .export_guards import base_model_dir, refuse_non_finite, refuse_overwriting_base
 from .files import staged_write
 from .fsdp import refuse_sharded
+from .tuner import MODEL_PREFIX
 
 
 class MergeMixin:
@@ -59,7 +60,7 @@ class MergeMixin:
             raise ValueError(f"adapter {self.merged_adapter()!r} is already merged; call unmerge() first")
         if adapter_name != self.active_adapter:
             self.set_adapter(adapter_name)
-        shared = shared_parameters(self.base_model)
+        shared = shared_parameters(self.get_base_model())
         try:
             for path, layer in self.adapter_layers():
                 if hasattr(layer, "merge") and adapter_name in layer.adapters:
@@ -67,11 +68,11 @@ class MergeMixin:
                     try:
                         layer.merge(adapter_name, untie=untie)
                     except ValueError as exc:
-                        raise ValueError(f"{path.removeprefix('base_model.')}: {exc}") from None
+                        raise ValueError(f"{path.removeprefix(MODEL_PREFIX)}: {exc}") from None
                     if untie and not self._tie_flags:
                         # The merged weight is the layer's own now: the config must say so, or
                         # save_pretrained drops it as a duplicate and from_pretrained ties it again.
-                        self._tie_flags = untie_word_embeddings(getattr(self.base_model, "config", None))
+                        self._tie_flags = untie_word_embeddings(getattr(self.get_base_model(), "config", None))
         except BaseException:
             # A layer that refuses (e.g. a quantized base) must not leave the others merged.
             self.unmerge()
@@ -122,15 +123,15 @@ class MergeMixin:
             self._replace(path, layer.unloaded())
         self.configs.clear()
         self._tie_flags = []  # merged weights stay untied
-        return self.base_model
+        return self.get_base_model()
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's state dict with the active adapter merged, in the plain model's key names."""
         with self._merged():
-            layers = {p.removeprefix("base_model."): layer for p, layer in self.adapter_layers()}
+            layers = {p.removeprefix(MODEL_PREFIX): layer for p, layer in self.adapter_layers()}
             state = {
                 k: v.detach().clone()
-                for k, v in self.base_model.state_dict().items()
+                for k, v in self.get_base_model().state_dict().items()
                 if not any(k.startswith(p + ".") for p in layers)
             }
             for path, layer in layers.items():
@@ -149,12 +150,12 @@ class MergeMixin:
 
         >>> model.save_merged("out/merged")  # doctest: +SKIP
         """
-        refuse_overwriting_base(base_model_dir(self.base_model), save_directory)
+        refuse_overwriting_base(base_model_dir(self.get_base_model()), save_directory)
         with self._merged():
             state = self.merged_state_dict()
             refuse_non_finite(state)
             with staged_write(save_directory) as tmp:
-                self.base_model.save_pretrained(tmp, state_dict=state, **kwargs)
+                self.get_base_model().save_pretrained(tmp, state_dict=state, **kwargs)
 
 
 def shared_parameters(model: nn.Module) -> set[int]:

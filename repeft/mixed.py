@@ -30,7 +30,7 @@ class MixedBatchMixin:
 
     def _rows_per_prompt(self, generate_kwargs: dict[str, Any]) -> int:
         """How many rows ``generate`` makes of each prompt: max(num_beams, num_return_sequences), as transformers."""
-        config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        config = generate_kwargs.get("generation_config") or getattr(self.get_base_model(), "generation_config", None)
 
         def setting(name: str) -> int:
             value = generate_kwargs.get(name)

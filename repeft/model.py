@@ -34,6 +34,7 @@ from .mixed import MixedBatchMixin, batch_rows
 from .peft_names import PeftNamesMixin
 from .quantization import keep_standard_layout
 from .saving import SaveLoadMixin, architecture
+from .tuner import AdapterTuner
 
 
 class AdapterModel(AdapterManagementMixin, SaveLoadMixin, MergeMixin, MixedBatchMixin, PeftNamesMixin, nn.Module):
@@ -55,13 +56,18 @@ class AdapterModel(AdapterManagementMixin, SaveLoadMixin, MergeMixin, MixedBatch
 
     def __reduce__(self):
         # The subclass is made at run time, so pickle rebuilds it from the base model's class.
-        return _empty_adapter_model, (type(self.base_model),), self.__getstate__()
+        return _empty_adapter_model, (type(self.get_base_model()),), self.__getstate__()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.base_model.link(self)
 
     def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
         if isinstance(base_model, AdapterModel):
             raise TypeError("model is already wrapped; use model.add_adapter(name, config) to add another adapter")
-        self.base_model = base_model
+        # PEFT's layout: ``base_model`` is the tuner, the transformers model is ``base_model.model``.
+        self.base_model = AdapterTuner(base_model, self)
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.architecture = architecture(base_model)
@@ -78,7 +84,8 @@ class AdapterModel(AdapterManagementMixin, SaveLoadMixin, MergeMixin, MixedBatch
         except AttributeError:
             if name == "base_model" or "_modules" not in self.__dict__:
                 raise
-            return getattr(self._modules["base_model"], name)
+            # Straight to the transformers model: the tuner hands some names back to this wrapper.
+            return getattr(self._modules["base_model"].model, name)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward; ``adapter_names`` gives each row of the batch its own adapter.
@@ -88,9 +95,9 @@ class AdapterModel(AdapterManagementMixin, SaveLoadMixin, MergeMixin, MixedBatch
         >>> out = model(input_ids, adapter_names=["math", "__base__", "code"])  # doctest: +SKIP
         """
         if adapter_names is None:
-            return self.base_model(*args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
         with self._mixed_batch(adapter_names, batch_rows(args, kwargs)):
-            return self.base_model(*args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """``generate`` of the wrapped model; ``adapter_names`` as in ``forward``, one name per prompt.
@@ -99,9 +106,9 @@ class AdapterModel(AdapterManagementMixin, SaveLoadMixin, MergeMixin, MixedBatch
         run that prompt's adapter.
         """
         if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names, batch_rows(args, kwargs), self._rows_per_prompt(kwargs)):
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
 
     # -- parameters ---------------------------------------------------------------------
 

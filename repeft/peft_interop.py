@@ -27,6 +27,7 @@ from .lora import LoRAConfig, LoRALinear
 from .lora_embedding import LoRAEmbedding
 from .model import AdapterModel, _restore_grads_on_failure
 from .targeting import find_modules
+from .tuner import MODEL_PREFIX
 
 PEFT_PREFIX = "base_model.model."
 # PEFT LoRA features repeft has no equivalent for; importing them would change the model's maths.
@@ -52,7 +53,7 @@ def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str) -> tuple[
     for path, layer in model.adapter_layers():
         if adapter_name not in layer.adapters:
             continue
-        path = path.removeprefix("base_model.")
+        path = path.removeprefix(MODEL_PREFIX)
         if isinstance(layer, LoRAEmbedding):
             # PEFT's names for an embedding's factors are repeft's own (ParameterDict entries: no ".weight").
             for key, value in layer.adapters[adapter_name].state_dict().items():

@@ -15,6 +15,8 @@ from torch import nn
 
 from .adapters import AdapterManagementMixin
 from .config import AdapterConfig
+from .layers import ModulesToSave
+from .tuner import MODEL_PREFIX
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -38,8 +40,27 @@ class PeftNamesMixin:
     active_adapter: str | None
 
     def get_base_model(self) -> nn.Module:
-        """The transformers model, with adapter layers still in it."""
-        return self.base_model
+        """The transformers model, with adapter layers still in it (PEFT's ``base_model.model``)."""
+        return self.base_model.model
+
+    @property
+    def prefix(self) -> str:
+        """PEFT's marker of adapter parameters: every adapter tensor's name contains it.
+
+        ``"lora_"`` while every adapter is LoRA-family (LoRA, DoRA, RepLoRA), as in
+        PEFT; otherwise ``"adapters."``, which names every repeft adapter tensor.
+
+        >>> [name for name, _ in model.named_parameters() if model.prefix in name]  # doctest: +SKIP
+        """
+        lora_family = {"lora", "replora"}
+        return "lora_" if self.configs and {c.method for c in self.configs.values()} <= lora_family else "adapters."
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Module paths (in the transformers model) that an adapter wraps, as PEFT lists them."""
+        return sorted(
+            {path.removeprefix(MODEL_PREFIX) for path, layer in self.adapter_layers() if not isinstance(layer, ModulesToSave)}
+        )
 
     @property
     def _hf_peft_config_loaded(self) -> bool:
@@ -97,7 +118,7 @@ class PeftNamesMixin:
         self.unmerge()
         for adapter_name in list(self.configs):
             self.delete_adapter(adapter_name)
-        return self.base_model
+        return self.get_base_model()
 
     @classmethod
     def from_pretrained(

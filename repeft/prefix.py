@@ -252,7 +252,7 @@ def build_prefix(geometry: Geometry, config: PrefixConfig, patch_area: int = REF
 
 def model_patch_area(model) -> int:
     """Pixels per patch of the base model (a ViT's ``config.patch_size`` squared); the reference's 16 x 16 without one."""
-    config = getattr(model.base_model, "config", None)
+    config = getattr(model.get_base_model(), "config", None)
     size = getattr(config, "patch_size", None)
     if size is None:
         return REFERENCE_PATCH_AREA

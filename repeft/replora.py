@@ -299,4 +299,4 @@ def replora_factors(model, layers: dict, config: RepLoRAConfig) -> dict[str, Rep
     example={"r": 4, "lora_alpha": 8, "mlp_hidden": 8},
 )
 def inject_replora(model, name: str, config: RepLoRAConfig) -> None:
-    inject_low_rank(model, name, config, lambda layers: replora_factors(model.base_model, layers, config))
+    inject_low_rank(model, name, config, lambda layers: replora_factors(model.get_base_model(), layers, config))

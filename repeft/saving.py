@@ -23,6 +23,7 @@ from .config import AdapterConfig
 from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, write_adapter_dir
 from .fsdp import copy_whole_into, gathered
 from .kernels import triton_unavailable_reason
+from .tuner import MODEL_PREFIX
 
 # Config fields that pin down the shapes an adapter was trained for.
 ARCHITECTURE_FIELDS = (
@@ -77,7 +78,7 @@ class SaveLoadMixin:
         state = {}
         for path, layer in self.adapter_layers():
             if adapter_name in layer.adapters:
-                prefix = path.removeprefix("base_model.")
+                prefix = path.removeprefix(MODEL_PREFIX)
                 for key, value in layer.adapters[adapter_name].state_dict().items():
                     state[f"{prefix}.{key}"] = value
         return state
@@ -108,16 +109,16 @@ class SaveLoadMixin:
             "method": config.method,
             "config": config.to_dict(),
             "base_model": self._base_model_record(),
-            "adapted_modules": sorted({p.removeprefix("base_model.") for p, l in self.adapter_layers() if adapter_name in l.adapters}),
+            "adapted_modules": sorted({p.removeprefix(MODEL_PREFIX) for p, l in self.adapter_layers() if adapter_name in l.adapters}),
         }
         write_adapter_dir(save_directory, meta, tensors)
 
     def _base_model_record(self) -> dict[str, Any]:
         """What ``adapter_config.json`` says of the base: where it came from, its class, shapes and label names."""
-        config = getattr(self.base_model, "config", None)
+        config = getattr(self.get_base_model(), "config", None)
         record = {
             "name_or_path": getattr(config, "_name_or_path", None),
-            "class": type(self.base_model).__name__,
+            "class": type(self.get_base_model()).__name__,
             "architecture": self.architecture,
         }
         has_head = any(record["class"].endswith(suffix) for suffix in TASK_HEAD_SUFFIXES)

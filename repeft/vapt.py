@@ -151,7 +151,7 @@ class AdaptivePrompts(PromptTokens):
     example={"n_prompt": 3, "kernel_size": 2, "mlp_hidden": 4},
 )
 def inject_vapt(model, adapter_name: str, config: VAPTConfig) -> None:
-    _, backbone = vit_backbone(model.base_model)
+    _, backbone = vit_backbone(model.get_base_model())
     c = backbone.config
     image_size = config.image_size if config.image_size is not None else c.image_size
     grid = patch_grid(image_size, c.patch_size)

@@ -234,7 +234,7 @@ class VisualPrompts(AdapterLayer):
 
 def attach_prompts(model, adapter_name: str, tokens: PromptTokens) -> None:
     """Add ``tokens`` as adapter ``adapter_name``, creating the model's ``VisualPrompts`` on first use."""
-    family, backbone = vit_backbone(model.base_model)
+    family, backbone = vit_backbone(model.get_base_model())
     container = model._modules.get(CONTAINER)
     if container is None:
         container = VisualPrompts(family, backbone).train(backbone.training)

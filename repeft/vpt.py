@@ -36,7 +36,7 @@ class VPTConfig(VisualPromptConfig):
     example={"n_prompt": 3},
 )
 def inject_vpt(model, adapter_name: str, config: VPTConfig) -> None:
-    _, backbone = vit_backbone(model.base_model)
+    _, backbone = vit_backbone(model.get_base_model())
     c = backbone.config
     depth = c.num_hidden_layers if config.deep else 1
     attach_prompts(

@@ -44,7 +44,7 @@ def wrapped(config: repeft.AdapterConfig, base_dtype: torch.dtype = torch.float3
 
 def shard(model: repeft.AdapterModel, policy: MixedPrecisionPolicy | None = None) -> repeft.AdapterModel:
     kwargs = {"mp_policy": policy} if policy is not None else {}
-    for layer in model.base_model.model.layers:
+    for layer in model.base_model.model.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     fsdp.register_generate(model)
@@ -125,7 +125,7 @@ def main(out_dir: str) -> None:
     # Sharded per decoder layer no unit holds most of the weights; BERT names no layer class to wrap.
     results["llama_units_warning"] = fsdp.coarse_unit_warning(shard(wrapped(CASES["lora"])))
     bert = repeft.wrap(tiny_model("bert"), repeft.LoRAConfig(r=4, target_modules=["query", "value"]))
-    fully_shard(bert.base_model.get_input_embeddings())
+    fully_shard(bert.get_base_model().get_input_embeddings())
     results["bert_units_warning"] = fsdp.coarse_unit_warning(fully_shard(bert))
     if dist.get_rank() == 0:
         (root / "report.json").write_text(json.dumps(results, indent=2))

@@ -387,7 +387,7 @@ def test_user_cache_is_used_and_holds_only_real_tokens(method):
     full = logits(model, {"input_ids": ids})
     cache = DynamicCache(config=model.config)
     # transformers renamed the argument and output field past_key_values to cache (5.24 warns on the old name).
-    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    name = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
     with torch.no_grad():
         first = model(input_ids=ids[:, :4], use_cache=True, **{name: cache})
         assert getattr(first, name) is cache and cache.get_seq_length() == 4  # no prefix/prompt keys in it
@@ -480,7 +480,7 @@ def test_fold_prefix_keeps_outputs_and_exports_final_keys_and_values(tmp_path):
 def test_several_adapters_switch_and_restore_the_model():
     model, reference = wrap("llama", METHODS["prefix"]())
     batch = tiny_batch("llama")
-    attention_modules = [layer.self_attn for layer in model.base_model.model.layers]
+    attention_modules = [layer.self_attn for layer in model.base_model.model.model.layers]
     assert model.config._attn_implementation == "repeft_sdpa"
     assert [getattr(m, SITE).index for m in attention_modules] == [0, 1]
     train_steps(model, batch)
@@ -564,7 +564,7 @@ def test_torch_compile(method):
     model(**batch).loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    compiled = torch.compile(model.base_model)
+    compiled = torch.compile(model.get_base_model())
     out = compiled(**batch)
     out.loss.backward()
     torch.testing.assert_close(out.logits, logits(model, batch), atol=1e-5, rtol=1e-5)

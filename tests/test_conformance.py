@@ -78,7 +78,7 @@ def _one_thread_and_free_models(one_thread):
 
 def base_weights(model: repeft.AdapterModel) -> dict[str, torch.Tensor]:
     """The wrapped model's frozen weights under the plain model's names (a wrapped layer's weights are its own)."""
-    state = model.base_model.state_dict()
+    state = model.get_base_model().state_dict()
     plain = (k.replace(".base_layer.", ".").replace(".original.", ".") for k in state)
     return {name: state[key] for name, key in zip(plain, state) if ".adapters." not in key}
 

@@ -62,7 +62,7 @@ def repeft_grads(model) -> dict[str, torch.Tensor]:
     grads = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            path, _, part = name.removeprefix("base_model.").replace(".adapters.default", "").rpartition(".")
+            path, _, part = name.removeprefix("base_model.model.").replace(".adapters.default", "").rpartition(".")
             grads[f"base_model.model.{path}.{part}" + (".weight" if part != MAGNITUDE else "")] = p.grad
     return grads
 
@@ -78,7 +78,7 @@ def test_identity_at_init_and_only_adapter_parameters_train(family):
         torch.testing.assert_close(model(**batch).logits, expected, atol=1e-6, rtol=0)
     trainable = {name.rpartition(".")[2] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B", MAGNITUDE}
-    layer = model.base_model.get_submodule("model.layers.0.self_attn.q_proj" if family == "llama" else "transformer.h.0.attn.c_attn")
+    layer = model.get_base_model().get_submodule("model.layers.0.self_attn.q_proj" if family == "llama" else "transformer.h.0.attn.c_attn")
     weight = layer.base_layer.weight.T if family == "gpt2" else layer.base_layer.weight
     # B = 0, so the magnitude starts as each output row's norm of W.
     torch.testing.assert_close(getattr(layer.adapters["default"], MAGNITUDE), weight.norm(dim=1))
@@ -165,7 +165,7 @@ def test_merge_matches_peft_and_unmerge_restores_the_base(family, tmp_path):
         model.unmerge()
         torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)
         for path, layer in model.adapter_layers():
-            weight = base_state[f"{path.removeprefix('base_model.')}.weight"]
+            weight = base_state[f"{path.removeprefix('base_model.model.')}.weight"]
             torch.testing.assert_close(layer.base_layer.weight, weight, atol=1e-6, rtol=0)
         merged = model.merge_and_unload().state_dict()
         peft_merged = peft_model.merge_and_unload().state_dict()

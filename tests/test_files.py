@@ -150,7 +150,7 @@ def test_crash_during_merged_export_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(type(model.base_model), "save_pretrained", crash)
+    monkeypatch.setattr(type(model.get_base_model()), "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="killed"):
         model.save_merged(tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
@@ -172,7 +172,7 @@ def test_targets_by_suffix_and_regex():
     paths = [p for p, _ in model.adapter_layers()]
     assert len(paths) == 7 and all(".layers.1." in p for p in paths)
     model = repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(target_modules=["layers.0.mlp.up_proj"]))
-    assert [p for p, _ in model.adapter_layers()] == ["base_model.model.layers.0.mlp.up_proj"]
+    assert [p for p, _ in model.adapter_layers()] == ["base_model.model.model.layers.0.mlp.up_proj"]
     model = repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(target_modules="all-linear"))
     assert not any("lm_head" in p for p, _ in model.adapter_layers())
 
@@ -309,7 +309,7 @@ def test_merged_save_interrupted_between_shards_is_finished_whole(tmp_path, monk
     files.recover(out)
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors" not in names and "model.safetensors.index.json" in names
-    reloaded = type(model.base_model).from_pretrained(out).eval()
+    reloaded = type(model.get_base_model()).from_pretrained(out).eval()
     batch = tiny_batch("llama")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)

@@ -54,7 +54,7 @@ def test_a_head_trains_finite_and_merges_back_into_the_half_precision_model(dtyp
     base, batch = half_model("bert", dtype)
     model = repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=["query", "value"]))
     train_steps(model, batch, steps=5)
-    head = model.base_model.classifier
+    head = model.get_base_model().classifier
     assert isinstance(head, ModulesToSave) and torch.isfinite(head.current().weight).all()
     assert torch.isfinite(logits(model, batch)).all()
 

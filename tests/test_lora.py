@@ -69,7 +69,7 @@ def test_multi_adapter_add_switch_delete():
     assert model.active_adapter == "b"
     torch.testing.assert_close(logits(model, batch), out_b, atol=0, rtol=0)
     # q_proj held only adapter "a", so it is a plain nn.Linear again.
-    assert type(model.base_model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     model.delete_adapter("b")
     assert not list(model.adapter_layers())
     torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=0, rtol=0)
@@ -89,7 +89,7 @@ def test_lora_layer_matches_hand_written_formula():
     torch.manual_seed(0)
     base = tiny_model("llama")
     model = repeft.wrap(base, repeft.LoRAConfig(r=4, lora_alpha=6, target_modules=["model.layers.0.self_attn.q_proj"]))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     factors = layer.adapters["default"]
     torch.nn.init.normal_(factors.lora_B)
     x = torch.randn(3, 5, 32)
@@ -116,7 +116,7 @@ def test_wrapper_behaves_like_the_model():
     model.to(torch.float64)
     batch = tiny_batch("llama")
     assert model(**batch).logits.dtype == torch.float64
-    assert model.base_model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.dtype == torch.float64
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.dtype == torch.float64
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

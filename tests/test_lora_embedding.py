@@ -46,7 +46,7 @@ def named_grads(model) -> dict[str, torch.Tensor]:
         if p.grad is None:
             continue
         if isinstance(model, repeft.AdapterModel):
-            path, _, part = name.removeprefix("base_model.").replace(".adapters.default", "").rpartition(".")
+            path, _, part = name.removeprefix("base_model.model.").replace(".adapters.default", "").rpartition(".")
             name = f"base_model.model.{path}.{part}" + (".weight" if part in ("lora_A", "lora_B") else "")
         grads[name.replace(".default", "")] = p.grad
     return grads

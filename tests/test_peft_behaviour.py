@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 def adapted_paths(model):
     """Paths (under the base model) of the linear layers an adapter wraps, for PEFT and repeft alike."""
     if isinstance(model, repeft.AdapterModel):
-        return sorted(p.removeprefix("base_model.") for p, layer in model.adapter_layers()
+        return sorted(p.removeprefix("base_model.model.") for p, layer in model.adapter_layers()
                       if not isinstance(layer, repeft.layers.ModulesToSave))
     return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer))
@@ -306,7 +306,7 @@ def test_rank_and_alpha_patterns_like_peft(tmp_path):
         for name, module in model.named_modules():
             if isinstance(module, repeft.lora.LoRALinear):
                 factors = module.adapters["default"]
-                out[name.removeprefix("base_model.")] = (factors.lora_A.shape[0], factors.scaling)
+                out[name.removeprefix("base_model.model.")] = (factors.lora_A.shape[0], factors.scaling)
             elif isinstance(module, peft.tuners.lora.LoraLayer):
                 out[name.removeprefix("base_model.model.")] = (module.r["default"], module.scaling["default"])
         return out

@@ -129,7 +129,7 @@ def dequantized_into(reference, quantized, repacked=False):
             weight = module.weight.data.float() * scb.float()[:, None] / 127
         else:
             continue
-        path = name.replace(".base_layer", "").removeprefix("base_model.")
+        path = name.replace(".base_layer", "").removeprefix("base_model.model.")
         reference.get_submodule(path).weight.data.copy_(weight)
     return reference
 
@@ -187,7 +187,7 @@ def test_matches_float_reference_on_dequantized_weights(case):
 
 def test_only_adapter_params_get_gradients(case):
     _, model, _, batch = case
-    before = {k: v.clone() for k, v in model.base_model.state_dict().items() if ".adapters." not in k}
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if ".adapters." not in k}
     model.train()
     model(**batch).loss.backward()
     for name, param in model.named_parameters():
@@ -197,7 +197,7 @@ def test_only_adapter_params_get_gradients(case):
         if is_adapter:
             assert param.dtype == torch.float32  # the adapter stays in its own dtype
     train_steps(model, batch)
-    after = model.base_model.state_dict()
+    after = model.get_base_model().state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
@@ -329,7 +329,7 @@ def test_merged_export_after_cpu_repacking(llama_dir, tmp_path, qname):
     model = repeft.wrap(load_quantized(llama_dir, qname), METHODS["lora"]())
     batch = tiny_batch("llama")
     train_steps(model, batch, lr=5e-2)
-    reference = repeft.wrap(dequantized_reference(model.base_model, repacked=True), METHODS["lora"]())
+    reference = repeft.wrap(dequantized_reference(model.get_base_model(), repacked=True), METHODS["lora"]())
     reference.load_adapter_tensors("default", model.adapter_state_dict())
     cpu_repack(model)
     repeft.export_merged(model, tmp_path / "merged")

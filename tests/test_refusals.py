@@ -96,13 +96,13 @@ def test_library_merged_exports_into_the_base_model_directory_are_refused(base_a
 
 def test_loading_tensors_into_a_merged_adapter_is_refused_and_unmerge_restores_the_base():
     model = trained_looking(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
-    base_before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "lora_" not in k}
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
     other = {k: torch.randn_like(v) * 10 for k, v in model.adapter_state_dict().items()}
     model.merge()
     with pytest.raises(ValueError, match="is merged into the base weights; call unmerge"):
         model.load_adapter_tensors("default", other)
     model.unmerge()
-    after = model.base_model.state_dict()
+    after = model.get_base_model().state_dict()
     for key, value in base_before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6)
     model.load_adapter_tensors("default", other)  # unmerged: allowed
@@ -132,11 +132,11 @@ def test_float16_merged_export_with_an_overflowing_weight_is_refused(tmp_path):
 
 def test_merging_into_a_float16_base_that_would_overflow_is_refused_and_keeps_the_base(tmp_path):
     model = overflowing_in_half(repeft.wrap(tiny_model("llama").half(), repeft.LoRAConfig(r=4, lora_alpha=64)))
-    before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "lora_" not in k}
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: merging adapter 'default' gives inf"):
         model.save_merged(tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and model.merged_adapter() is None
-    after = model.base_model.state_dict()
+    after = model.get_base_model().state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 

@@ -16,7 +16,7 @@ from repeft.replora import RepLoRAFactors
 
 
 def q_proj(model, layer=0):
-    return model.base_model.model.layers[layer].self_attn.q_proj
+    return model.base_model.model.model.layers[layer].self_attn.q_proj
 
 
 def rms(m):
@@ -261,4 +261,4 @@ def test_adapters_start_in_the_mode_of_the_model_they_join():
     assert not q_proj(model).training and not q_proj(model).adapters["default"].training
     model.train()
     model.add_adapter("second", repeft.LoRAConfig(r=2, target_modules=["v_proj"]))
-    assert model.base_model.model.layers[0].self_attn.v_proj.training
+    assert model.base_model.model.model.layers[0].self_attn.v_proj.training

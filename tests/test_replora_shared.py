@@ -16,7 +16,7 @@ import repeft
 
 
 def attn(model, layer=0):
-    return model.base_model.model.layers[layer].self_attn
+    return model.base_model.model.model.layers[layer].self_attn
 
 
 def randomize_adapter(model, scale=0.3):

@@ -213,7 +213,7 @@ def test_gradient_checkpointing_is_on_and_changes_nothing(tmp_path, monkeypatch)
     GradientState._reset_state()
     checkpointed = train(recipe_from_dict(tiny_recipe(tmp_path, "train.epochs=1", "train.gradient_checkpointing=true",
                                                       f"output.dir={tmp_path / 'ckpt'}")))
-    assert not checkpointing(wrapped[0].base_model) and checkpointing(wrapped[1].base_model)
+    assert not checkpointing(wrapped[0].get_base_model()) and checkpointing(wrapped[1].get_base_model())
     assert max_diff(adapter_tensors(Path(plain.output_dir)), adapter_tensors(Path(checkpointed.output_dir))) <= 1e-6
 
 
@@ -236,7 +236,7 @@ def test_qlora_from_a_recipe(tmp_path):
         result = train(recipe_from_dict(raw))
     model = wrapped[0]
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    assert checkpointing(model.base_model) and result.eval_after["loss"] < 10
+    assert checkpointing(model.get_base_model()) and result.eval_after["loss"] < 10
     # The merged export is dequantized, merged in fp32 and loads with transformers alone.
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())

@@ -91,7 +91,7 @@ def test_matches_hand_written_reference(method):
     plain = copy.deepcopy(base)
     model = repeft.wrap(base, CONFIGS[method]())
     tokens = model.visual_prompts.adapters["default"]
-    head = model.base_model.classifier.adapters["default"]
+    head = model.get_base_model().classifier.adapters["default"]
     randomize_(tokens)
     pixels = tiny_images()["pixel_values"]
     if method == "vapt":
@@ -116,7 +116,7 @@ def test_vapt_at_other_image_sizes_with_interpolated_positions(size):
     assert tokens.grid == (size[0] // 8, size[1] // 8)
     randomize_(tokens)
     pixels = tiny_images(height=size[0], width=size[1])["pixel_values"]
-    head = model.base_model.classifier.adapters["default"]
+    head = model.get_base_model().classifier.adapters["default"]
     with torch.no_grad():
         expected = hand_vit_classifier(
             plain, head, pixels, lambda layer, p: hand_vapt_prompts(tokens, layer, p, 1e-5), N, interpolate=True
@@ -145,7 +145,7 @@ def test_what_holds_at_init():
     model = repeft.wrap(base, CONFIGS["vapt"]())
     tokens = model.visual_prompts.adapters["default"]
     seen = {}
-    for index, layer in enumerate(model.base_model.vit.layers):
+    for index, layer in enumerate(model.get_base_model().vit.layers):
         # Registered after the adapter's hook, so it sees the sequence the layer runs on.
         layer.register_forward_pre_hook(lambda m, args, kw, i=index: seen.__setitem__(i, args[0]), with_kwargs=True)
     batch = tiny_images()
@@ -222,7 +222,7 @@ def test_multi_adapter_switch_and_delete():
     torch.testing.assert_close(logits(model, batch), out_vapt, atol=0, rtol=0)
     model.delete_adapter("vapt")  # the last visual prompts: their hooks go too
     assert "visual_prompts" not in model._modules
-    assert hooks_on(model.base_model.vit) == 0
+    assert hooks_on(model.get_base_model().vit) == 0
     torch.testing.assert_close(logits(model, batch), out_lora, atol=0, rtol=0)
     model.delete_adapter("lora")
     torch.testing.assert_close(logits(model, batch), logits(reference, batch), atol=0, rtol=0)
@@ -241,7 +241,7 @@ def test_gradient_checkpointing(method, reentrant):
     # transformers >= 5.2 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": reentrant})
-    assert all(layer.gradient_checkpointing for layer in model.base_model.dinov2.encoder.layer)
+    assert all(layer.gradient_checkpointing for layer in model.get_base_model().dinov2.encoder.layer)
     torch.manual_seed(0)
     model(**batch).loss.backward()
     grads = dict(model.named_parameters())

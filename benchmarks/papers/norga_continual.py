@@ -213,7 +213,7 @@ def add_task_prefix(model: repeft.AdapterModel | None, base: nn.Module, task: in
         for gate in ("norga_alpha", "norga_tau"):
             getattr(new, gate).data.copy_(getattr(first, gate).data)
             getattr(new, gate).requires_grad_(False)
-    model.base_model.classifier.requires_grad_(True)
+    model.get_base_model().classifier.requires_grad_(True)
     return model
 
 
@@ -222,7 +222,7 @@ def class_statistics(model: repeft.AdapterModel, split: Split, indices: list[int
                      device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """``{class: (mean, covariance + 1e-4 I)}`` of the head's input (BERT's pooled output) under the active prefix."""
     model.eval()
-    features = torch.cat([model.base_model.bert(**to_device(split.collate(indices[i:i + 64]), device))
+    features = torch.cat([model.get_base_model().bert(**to_device(split.collate(indices[i:i + 64]), device))
                           .pooler_output.float().cpu() for i in range(0, len(indices), 64)])
     labels = split.labels[indices]
     stats = {}
@@ -292,7 +292,7 @@ def run_condition(condition: str, seed: int, args, task, data) -> dict:
         seen = [c for ts in tasks[:t + 1] for c in ts]
         stats.update(class_statistics(model, task.train, data["train_by_task"][t], args.device))
         if t > 0:
-            align_classifier(model.base_model.classifier, stats, seen, args)
+            align_classifier(model.get_base_model().classifier, stats, seen, args)
         allowed = torch.zeros(n_classes, dtype=torch.bool)
         allowed[seen] = True
         masked = MaskedLogits(model, allowed)
