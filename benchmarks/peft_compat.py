@@ -76,18 +76,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peft_compat")
     parser.add_argument("--work", type=Path, default=None, help="keep both runs' junit XML and logs here")
     parser.add_argument("--reuse-work", action="store_true", help="do not run; re-read the runs kept in --work")
+    parser.add_argument("--reuse-baseline", action="store_true",
+                        help="run repeft only, against the PEFT run kept in --work (same files, -k and --max-tests)")
     args = parser.parse_args()
     peft_repo = args.peft_repo.resolve()
 
-    if args.reuse_work and args.work is None:
-        parser.error("--reuse-work reads the runs kept in --work; name the folder")
+    if (args.reuse_work or args.reuse_baseline) and args.work is None:
+        parser.error("--reuse-work and --reuse-baseline read the runs kept in --work; name the folder")
     with tempfile.TemporaryDirectory(prefix="peft-compat-") as tmp:
         work = args.work or Path(tmp)
         selection = work / "selection.txt"
         if not args.reuse_work:
             work.mkdir(parents=True, exist_ok=True)
-            selection.unlink(missing_ok=True)  # the baseline appends the tests it picks
-            run_pytest(peft_repo, "peft", args.files, work / "peft.xml", selection, args)
+            if not args.reuse_baseline:
+                selection.unlink(missing_ok=True)  # the baseline appends the tests it picks
+                run_pytest(peft_repo, "peft", args.files, work / "peft.xml", selection, args)
             run_pytest(peft_repo, "repeft", args.files, work / "repeft.xml", selection, args)
         selected = selection.read_text().splitlines() if selection.exists() else []
         baseline = compat_results.read_junit(work / "peft.xml")

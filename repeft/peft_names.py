@@ -139,7 +139,8 @@ class PeftNamesMixin:
         ``is_trainable=True``; ``config`` replaces the saved config (same method,
         same shapes); ``subfolder`` is a folder inside ``path``. PEFT's
         ``autocast_adapter_dtype=True`` is repeft's default (adapters in
-        float32); ``low_cpu_mem_usage`` is what a load does anyway (the adapter
+        float32; ``False``: in the base's dtype, as ``load_adapter`` says);
+        ``low_cpu_mem_usage`` is what a load does anyway (the adapter
         is checked on the meta device before anything is allocated). Hub and
         device options are refused by name: repeft reads local directories.
 
@@ -148,17 +149,14 @@ class PeftNamesMixin:
         from .model import AdapterModel, _restore_grads_on_failure  # model.py builds AdapterModel from this mixin
 
         _refuse_hub_options("from_pretrained", kwargs)
-        if not autocast_adapter_dtype:
-            raise ValueError(
-                "autocast_adapter_dtype=False: a loaded adapter keeps the dtype it was saved with; set the config's "
-                "dtype field to choose another"
-            )
         if subfolder:
             path = os.path.join(path, subfolder)
         wrapped = model if isinstance(model, AdapterModel) else None
         with _restore_grads_on_failure(model):
             wrapped = wrapped or AdapterModel(model)
-            wrapped.load_adapter(path, adapter_name, trainable=is_trainable, config=config)
+            wrapped.load_adapter(
+                path, adapter_name, trainable=is_trainable, config=config, autocast_adapter_dtype=autocast_adapter_dtype
+            )
         return wrapped if is_trainable else wrapped.eval()
 
     def push_to_hub(

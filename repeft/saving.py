@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .adapters import TASK_HEAD_SUFFIXES
+from .adapters import TASK_HEAD_SUFFIXES, with_base_dtype
 from .config import AdapterConfig
 from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, write_adapter_dir
 from .fsdp import copy_whole_into, gathered
@@ -170,11 +170,17 @@ class SaveLoadMixin:
         *,
         is_trainable: bool | None = None,
         config: AdapterConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit.
 
         ``is_trainable`` is PEFT's name for ``trainable``. ``config`` replaces the
         saved config; it must be of the same method (the tensors are checked against it).
+        As in PEFT, ``autocast_adapter_dtype=False`` gives the adapter the base
+        model's floating dtype (the saved tensors are cast to it); ``True`` keeps
+        the config's (float32 unless it says otherwise). ``low_cpu_mem_usage`` is
+        what every load does (the adapter is checked on the meta device first).
         """
         trainable = trainable if is_trainable is None else is_trainable
         meta, tensors = read_adapter_dir(path)
@@ -186,6 +192,8 @@ class SaveLoadMixin:
         if config is not None and config.method != saved.method:
             raise ValueError(f"config is {config.method} but {path} holds a {saved.method} adapter")
         config = copy.deepcopy(config) if config is not None else saved
+        if not autocast_adapter_dtype:
+            config = with_base_dtype(config, self.get_base_model())
         config.inference_mode = not trainable
         _prefer_runnable_kernel(config, path)
         self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))

@@ -295,6 +295,29 @@ def test_get_peft_model_autocast_adapter_dtype_like_peft():
         repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(), mixed=True)
 
 
+def test_loading_with_autocast_adapter_dtype_like_peft(tmp_path):
+    saved = repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in saved.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    saved.save_pretrained(tmp_path / "saved")
+    repeft.export_peft(saved, tmp_path / "peft")
+    for autocast in (True, False):
+        theirs = peft.PeftModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), tmp_path / "peft",
+                                                autocast_adapter_dtype=autocast)
+        ours = repeft.PeftModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), tmp_path / "saved",
+                                                autocast_adapter_dtype=autocast)
+        ours.load_adapter(tmp_path / "saved", "second", autocast_adapter_dtype=autocast)
+        theirs.load_adapter(tmp_path / "peft", "second", autocast_adapter_dtype=autocast)
+        for model in (ours, theirs):
+            lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+            assert {p.dtype for p in lora.values()} == {torch.float32 if autocast else torch.bfloat16}
+        ours_b = [p for n, p in ours.named_parameters() if "lora_B" in n and "second" in n]
+        theirs_b = [p for n, p in theirs.named_parameters() if "lora_B" in n and "second" in n]
+        assert all(torch.equal(a, b) for a, b in zip(ours_b, theirs_b, strict=True))
+
+
 PATTERNS = {"rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 24}}
 
 
