@@ -179,7 +179,8 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+        # A model that is not a transformers one (PEFT's custom models) has no config.
+        "base_model_name_or_path": getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None),
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,

@@ -53,10 +53,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 
-# Layers PEFT's LoRA adapts that repeft's does not: a spec selecting one is refused by name, never skipped.
-UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 class TargetError(ValueError):
     """A target spec that selects nothing, or selects a module that cannot be adapted."""
 
@@ -67,8 +63,11 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """A layer LoRA adapts when a target spec names it: linear-like, or an embedding (repeft.lora_embedding)."""
-    return is_linear_like(module) or isinstance(module, nn.Embedding)
+    """A layer LoRA adapts when a target spec names it: linear-like, an embedding or a convolution.
+
+    (``repeft.lora_embedding``, ``repeft.lora_conv``; ``"all-linear"`` picks linear-like layers only.)
+    """
+    return is_linear_like(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -124,7 +123,6 @@ def resolve_targets(
             regex = re.compile(spec)
         except re.error as exc:
             raise TargetError(f"target_modules regex {spec!r} does not compile: {exc}") from None
-        _refuse_unsupported(spec, [(n, m) for n, m in modules if regex.fullmatch(n)])
         found = [n for n, m in modules if regex.fullmatch(n) and is_adaptable(m)]
         if not found:
             raise TargetError(
@@ -142,14 +140,13 @@ def resolve_targets(
         if not hits:
             unmatched.append(pattern)
             continue
-        _refuse_unsupported(pattern, hits)
         wrong = [(n, m) for n, m in hits if not is_adaptable(m)]
         if wrong:
             name, module = wrong[0]
             raise TargetError(
                 f"target_modules entry {pattern!r} matches {name!r}, a {type(module).__name__}; "
                 "LoRA adapters attach to nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit/"
-                "Linear8bitLt and nn.Embedding layers. Name the linear layers inside it instead."
+                "Linear8bitLt, nn.Embedding and nn.Conv1d/2d/3d layers. Name the linear layers inside it instead."
             )
         found.extend(n for n, _ in hits)
     if not found:
@@ -164,16 +161,6 @@ def resolve_targets(
         )
     order = {name: i for i, (name, _) in enumerate(modules)}
     return sorted(set(found), key=order.__getitem__)
-
-
-def _refuse_unsupported(pattern: str, hits: list[tuple[str, nn.Module]]) -> None:
-    for name, module in hits:
-        if isinstance(module, UNSUPPORTED_LAYERS):
-            raise TargetError(
-                f"target_modules {pattern!r} selects {name!r}, a {type(module).__name__}; repeft's LoRA adapts "
-                "linear layers and embeddings (PEFT's also adapts convolutions). Leave it out of target_modules "
-                "(train it in full with modules_to_save instead, if it must learn)"
-            )
 
 
 def adaptable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
