@@ -53,6 +53,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 
+# Layers PEFT's LoRA adapts that repeft's does not: a spec selecting one is refused by name, never skipped.
+UNSUPPORTED_LAYERS = (nn.MultiheadAttention,)
+
+
 class TargetError(ValueError):
     """A target spec that selects nothing, or selects a module that cannot be adapted."""
 
@@ -123,6 +127,7 @@ def resolve_targets(
             regex = re.compile(spec)
         except re.error as exc:
             raise TargetError(f"target_modules regex {spec!r} does not compile: {exc}") from None
+        _refuse_unsupported(spec, [(n, m) for n, m in modules if regex.fullmatch(n)])
         found = [n for n, m in modules if regex.fullmatch(n) and is_adaptable(m)]
         if not found:
             raise TargetError(
@@ -140,6 +145,7 @@ def resolve_targets(
         if not hits:
             unmatched.append(pattern)
             continue
+        _refuse_unsupported(pattern, hits)
         wrong = [(n, m) for n, m in hits if not is_adaptable(m)]
         if wrong:
             name, module = wrong[0]
@@ -161,6 +167,16 @@ def resolve_targets(
         )
     order = {name: i for i, (name, _) in enumerate(modules)}
     return sorted(set(found), key=order.__getitem__)
+
+
+def _refuse_unsupported(pattern: str, hits: list[tuple[str, nn.Module]]) -> None:
+    for name, module in hits:
+        if isinstance(module, UNSUPPORTED_LAYERS):
+            raise TargetError(
+                f"target_modules {pattern!r} selects {name!r}, a {type(module).__name__}; repeft's LoRA adapts "
+                "linear layers, embeddings and convolutions (PEFT's also adapts it). Leave it out of target_modules "
+                "(train it in full with modules_to_save instead, if it must learn)"
+            )
 
 
 def adaptable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:

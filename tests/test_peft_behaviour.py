@@ -59,6 +59,23 @@ def test_a_convolution_that_peft_would_adapt_is_adapted_as_peft_adapts_it(spec):
     assert adapted_paths(ours) == adapted_paths(theirs)
 
 
+class MultiheadAttentionNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.lin = torch.nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("spec", [r"mha|lin", ["mha", "lin"]])
+def test_a_multihead_attention_that_peft_would_adapt_is_refused_by_name_not_skipped(spec):
+    theirs = peft.get_peft_model(MultiheadAttentionNet(), peft.LoraConfig(r=2, target_modules=spec))
+    assert "mha" in adapted_paths(theirs)  # PEFT adapts it: skipping it silently would differ
+    base = MultiheadAttentionNet()
+    with pytest.raises(repeft.TargetError, match="'mha', a MultiheadAttention"):
+        repeft.wrap(base, repeft.LoRAConfig(r=2, target_modules=spec))
+    assert all(p.requires_grad for p in base.parameters())  # the failed wrap left the model as it was
+
+
 # -- adapters: adding, deleting, switching off ------------------------------------------------------
 
 
