@@ -5,7 +5,8 @@ PEFT stores ``base_model.model.<module>.lora_A.weight`` (r x d_in) and
 ``peft_type: LORA``; a DoRA adapter adds ``<module>.lora_magnitude_vector``
 (d_out) and ``use_dora: true``; an embedding's factors are
 ``<module>.lora_embedding_A`` (r x num_embeddings) and ``lora_embedding_B``
-(embedding_dim x r). RepLoRA exports its materialised A and B, so any
+(embedding_dim x r); a convolution's ``lora_A.weight``/``lora_B.weight`` are conv
+weights (r x in x kernel, out x r/groups x 1 ...), as repeft holds them. RepLoRA exports its materialised A and B, so any
 PEFT-compatible loader or server can use it. No ``peft`` import is needed.
 """
 
