@@ -253,6 +253,10 @@ class LoRALinear(AdapterLayer):
         """The free factors of a new LoRA adapter on this layer."""
         return LoRAFactors(self.in_features, self.out_features, config)
 
+    def add_magnitude(self, adapter: nn.Module, dtype: torch.dtype) -> None:
+        """Give ``adapter`` DoRA's magnitude vector (``repeft.dora``)."""
+        dora.add_magnitude(self, adapter, dtype)
+
     def base_out(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output, as a tensor the low-rank term may be added to in place."""
         out = self.base_layer(x, *args, **kwargs)
@@ -423,14 +427,16 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     for path in paths:
         layer = base.get_submodule(path)
         if not isinstance(layer, LoRALinear):
-            kind = LoRAEmbedding if isinstance(layer, nn.Embedding) else LoRAConv if isinstance(layer, CONV_LAYERS) else LoRALinear
-            layer = kind(layer)
+            if isinstance(layer, nn.Embedding):
+                layer = LoRAEmbedding(layer)
+            else:
+                layer = LoRAConv(layer) if isinstance(layer, CONV_LAYERS) else LoRALinear(layer)
             base.set_submodule(path, layer)
         layers[path] = layer
     for path, factors in make_factors(layers).items():
         layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
         if config.use_dora:
-            dora.add_magnitude(layers[path], factors, DTYPES[config.dtype])
+            layers[path].add_magnitude(factors, DTYPES[config.dtype])
 
 
 def _unwrapped(layer: nn.Module) -> nn.Module:

@@ -14,12 +14,19 @@ computed in the adapter's dtype and the sum cast back to the base output's.
 The delta folded in by a merge is ``s * B A`` contracted over r, one matrix
 product per kernel offset, laid out like the base weight (out x in x kernel).
 
+DoRA (``use_dora``) as PEFT's ``DoraConvNdVariant``: the magnitude m has PEFT's
+shape (1 x out x 1 ...), ``||W + s B A||`` of each output channel (over its
+input channels and kernel) at init; ``h = h_W + (g - 1) conv(x', W) + g s B A x'``
+with g = m / ||W + s B A|| (a constant, as in ``repeft.dora``) and x' the
+dropped-out input (without dropout ``conv(x', W)`` is the base output less its
+bias); a merge writes ``g (W + s B A)``.
+
 Refused by name, where PEFT's own adapter would not match its merged weights
 or is not defined: a base with ``dilation`` > 1 or a ``padding_mode`` other than
-``"zeros"`` (PEFT's A ignores both), DoRA and RepLoRA on a convolution, and
-merging a grouped convolution (``groups`` > 1: B A is then a dense
-convolution, which a grouped weight cannot hold; PEFT refuses it too). A
-grouped convolution trains, runs, saves and exchanges with PEFT.
+``"zeros"`` (PEFT's A ignores both), RepLoRA on a convolution, DoRA on a
+grouped convolution, and merging a grouped convolution (``groups`` > 1: B A is
+then a dense convolution, which a grouped weight cannot hold; PEFT refuses it
+too). A grouped convolution trains, runs, saves and exchanges with PEFT.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .lora import DTYPES, LoRAConfig, LoRALinear, init_factors
 from .lora_embedding import sub_batch_forward
 from .targeting import TargetError
@@ -80,18 +88,58 @@ class LoRAConv(LoRALinear):
         adapter = self.active
         if adapter is None or self.merged_adapter is not None:
             return result
+        if dora.magnitude(adapter) is not None:
+            return self._dora_forward(adapter, x, result)
         return (result + self.low_rank_out(adapter, x)).to(result.dtype)
 
     def low_rank_out(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``s * conv1x1(conv(dropout(x), A), B)`` in the adapter's dtype, as PEFT computes it."""
-        lora_A, lora_B = adapter.factors()
-        x = x.to(lora_A.dtype)
+        x = x.to(adapter.lora_A.dtype)
         if adapter.dropout_p > 0.0 and self.training:
             x = F.dropout(x, adapter.dropout_p, training=True)
+        return self._low_rank(adapter, x)
+
+    def _low_rank(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = adapter.factors()
         base = self.base_layer
-        conv = CONV_FUNCTIONS[len(base.kernel_size)]
-        after_A = conv(x, lora_A, None, base.stride, base.padding)
-        return conv(after_A, lora_B, None, 1, 0, 1, base.groups) * adapter.scaling
+        after_A = self._conv(x, lora_A, None, base.stride, base.padding)
+        return self._conv(after_A, lora_B, None, 1, 0, 1, base.groups) * adapter.scaling
+
+    @property
+    def _conv(self):
+        return CONV_FUNCTIONS[len(self.base_layer.kernel_size)]
+
+    def _channel_shape(self) -> tuple[int, ...]:
+        """A per-output-channel vector's shape against the output (1 x out x 1 ...), PEFT's DoRA magnitude's."""
+        return (1, self.out_features) + (1,) * len(self.base_layer.kernel_size)
+
+    def add_magnitude(self, adapter: nn.Module, dtype: torch.dtype) -> None:
+        """DoRA's magnitude, ``||W + s B A||`` of each output channel at init, shaped as PEFT's (1 x out x 1 ...)."""
+        with torch.no_grad():
+            if adapter.lora_A.is_meta:  # a load checking shapes first
+                value = torch.empty(self._channel_shape(), dtype=dtype, device="meta")
+            else:
+                value = self._dora_norm(adapter).view(self._channel_shape()).to(dtype)
+        adapter.register_parameter(dora.MAGNITUDE, nn.Parameter(value))
+
+    def _dora_norm(self, adapter: nn.Module) -> torch.Tensor:
+        """``||W + s B A||`` of each output channel, fp32 and outside autograd (DoRA's constant norm)."""
+        return dora.row_norm(self.base_layer.weight, self._low_rank_weight(adapter))
+
+    def _dora_forward(self, adapter: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA on a convolution: ``result + (g - 1) conv(x', W) + g s B A x'``, g = m / ||W + s B A||.
+
+        x' is x after dropout; without dropout ``conv(x', W)`` is the base output less its bias.
+        """
+        base = self.base_layer
+        x = x.to(adapter.lora_A.dtype)
+        gain = dora.magnitude(adapter) / self._dora_norm(adapter).view(self._channel_shape())
+        if adapter.dropout_p > 0.0 and self.training:
+            x = F.dropout(x, adapter.dropout_p, training=True)
+            base_result = self._conv(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)
+        else:
+            base_result = result if base.bias is None else result - base.bias.view(self._channel_shape())
+        return (result + (gain - 1) * base_result + gain * self._low_rank(adapter, x)).to(result.dtype)
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sub_batch_forward(self, x, *args, **kwargs)
@@ -104,7 +152,9 @@ class LoRAConv(LoRALinear):
                 "its low-rank term is a dense convolution, which the grouped weight cannot hold (PEFT refuses this "
                 "merge too); keep the adapter unmerged (it runs as is), or target ungrouped convolutions only"
             )
-        adapter = self.adapters[name]
+        return self._low_rank_weight(self.adapters[name])
+
+    def _low_rank_weight(self, adapter: nn.Module) -> torch.Tensor:
         with torch.no_grad():
             lora_A, lora_B = adapter.factors()
             delta = (lora_B.float().flatten(1) @ lora_A.float().flatten(1)) * adapter.scaling
@@ -122,10 +172,11 @@ def refuse_convs(config: LoRAConfig, layers: dict[str, nn.Module]) -> None:
                 f"target_modules select the {kind} {path!r}: {type(config).__name__} does not adapt convolutions; "
                 "leave it out of target_modules (LoRAConfig adapts convolutions; modules_to_save trains one in full)"
             )
-        if config.use_dora:
+        if config.use_dora and layer.groups > 1:
             raise TargetError(
-                f"target_modules select the {kind} {path!r}: DoRA on convolutions is not supported by repeft; leave "
-                "it out of target_modules, or use use_dora=False (plain LoRA adapts convolutions)"
+                f"target_modules select the {kind} {path!r} with groups={layer.groups}: DoRA on a grouped "
+                "convolution is not supported by repeft (its weight norm would need the dense B A a grouped weight "
+                "cannot hold); leave it out of target_modules, or use use_dora=False (plain LoRA adapts it)"
             )
         if any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
             raise TargetError(

@@ -48,18 +48,31 @@ def inputs(kind: str) -> torch.Tensor:
 
 
 def peft_conv_lora(kind: str, **overrides):
-    """A PEFT LoRA model on ``kind``'s convolution (and head) with nonzero factors, and a copy of its base."""
+    """A PEFT LoRA model on ``kind``'s convolution (and head) with nonzero factors, and a copy of its base.
+
+    A DoRA magnitude is moved off its initial norm, so that it rescales the output.
+    """
     base = ConvNet(kind)
     reference = copy.deepcopy(base)
     config = dict(r=4, lora_alpha=8, target_modules=["conv", "head"], init_lora_weights=False)
     torch.manual_seed(3)
-    return peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides})).eval(), reference
+    model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides})).eval()
+    move_magnitudes(model)
+    return model, reference
+
+
+def move_magnitudes(model) -> None:
+    """Scale DoRA magnitudes (PEFT's or repeft's) off their initial norms, so that they rescale the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
 
 
 def conv_grads(model) -> dict[str, torch.Tensor]:
-    """The conv factors' gradients by factor name, for PEFT and repeft models alike."""
+    """The conv adapter's gradients by parameter name, for PEFT and repeft models alike."""
     return {part: p.grad for name, p in model.named_parameters() if ".conv." in name and p.grad is not None
-            for part in ("lora_A", "lora_B") if part in name}
+            for part in ("lora_A", "lora_B", "lora_magnitude_vector") if part in name}
 
 
 @pytest.mark.parametrize("init", [True, "gaussian"])
@@ -80,6 +93,28 @@ def test_identity_at_init_and_only_the_factors_train(kind, init):
     theirs = peft.get_peft_model(ConvNet(kind), peft.LoraConfig(r=4, target_modules=["conv"], init_lora_weights=init))
     shapes = {k: v.shape for k, v in repeft.get_peft_model_state_dict(model).items()}
     assert shapes == {k: v.shape for k, v in peft.get_peft_model_state_dict(theirs).items()}
+
+
+@pytest.mark.parametrize("kind", UNGROUPED)
+def test_dora_starts_as_lora_with_pefts_magnitude(kind):
+    """At init m = ||W + s B A|| per output channel (PEFT's 1 x out x 1 ... shape), so DoRA is W + s B A."""
+    base = ConvNet(kind)
+    x = inputs(kind)
+    config = dict(r=4, target_modules=["conv"], init_lora_weights=False)
+    model = repeft.wrap(base, repeft.LoRAConfig(**config, use_dora=True))
+    theirs = peft.get_peft_model(ConvNet(kind), peft.LoraConfig(**config, use_dora=True))
+    tensors = repeft.get_peft_model_state_dict(model)
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    conv = model.get_base_model().conv
+    lora_A, lora_B = (p.detach() for p in conv.adapters["default"].factors())
+    weight = conv.base_layer.weight.detach() + 8 / 4 * torch.einsum("or,ri...->oi...", lora_B.flatten(1), lora_A)
+    torch.testing.assert_close(tensors["base_model.model.conv.lora_magnitude_vector"].flatten(), weight.flatten(1).norm(dim=1))
+    plain = ConvNet(kind)  # the same base weights
+    plain.conv.weight.data.copy_(weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=0)
+        model.merge()
+        torch.testing.assert_close(conv.base_layer.weight, weight, atol=1e-6, rtol=0)
 
 
 def test_init_false_changes_the_output_from_the_start():
@@ -105,9 +140,12 @@ def test_the_low_rank_term_is_the_convolution_with_s_B_A(kind):
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", list(CONVS))
-def test_same_outputs_and_gradients_as_peft(kind, tmp_path):
-    theirs, reference = peft_conv_lora(kind)
+KINDS_AND_DORA = [(kind, False) for kind in CONVS] + [(kind, True) for kind in UNGROUPED]
+
+
+@pytest.mark.parametrize(("kind", "use_dora"), KINDS_AND_DORA)
+def test_same_outputs_and_gradients_as_peft(kind, use_dora, tmp_path):
+    theirs, reference = peft_conv_lora(kind, use_dora=use_dora)
     ours = as_repeft(theirs, reference, tmp_path, trainable=True)
     assert isinstance(ours.get_base_model().conv, LoRAConv)
     x = inputs(kind)
@@ -116,13 +154,14 @@ def test_same_outputs_and_gradients_as_peft(kind, tmp_path):
     for model in (theirs, ours):
         model(x).square().sum().backward()
     grads, expected = conv_grads(ours), conv_grads(theirs)
-    assert set(grads) == set(expected) == {"lora_A", "lora_B"}
+    assert set(grads) == set(expected) == {"lora_A", "lora_B", *["lora_magnitude_vector"] * use_dora}
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
-def test_dropout_as_peft_applies_it(tmp_path):
-    theirs, reference = peft_conv_lora("conv2d", target_modules=["conv"], lora_dropout=0.5)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_dropout_as_peft_applies_it(use_dora, tmp_path):
+    theirs, reference = peft_conv_lora("conv2d", target_modules=["conv"], lora_dropout=0.5, use_dora=use_dora)
     ours = as_repeft(theirs, reference, tmp_path, trainable=True)
     x = inputs("conv2d")
     outputs = []
@@ -134,11 +173,13 @@ def test_dropout_as_peft_applies_it(tmp_path):
         assert not torch.allclose(outputs[1], ours.eval()(x))  # the dropout did drop something
 
 
-@pytest.mark.parametrize("kind", list(CONVS))
-def test_export_peft_loads_in_peft_with_the_same_tensors_and_outputs(kind, tmp_path):
+@pytest.mark.parametrize(("kind", "use_dora"), KINDS_AND_DORA)
+def test_export_peft_loads_in_peft_with_the_same_tensors_and_outputs(kind, use_dora, tmp_path):
     base = ConvNet(kind)
     reference = copy.deepcopy(base)
-    ours = repeft.wrap(base, repeft.LoRAConfig(r=4, lora_alpha=8, target_modules=["conv", "head"], init_lora_weights=False))
+    config = repeft.LoRAConfig(r=4, lora_alpha=8, target_modules=["conv", "head"], init_lora_weights=False, use_dora=use_dora)
+    ours = repeft.wrap(base, config)
+    move_magnitudes(ours)
     repeft.export_peft(ours, tmp_path / "exported")
     theirs = peft.PeftModel.from_pretrained(reference, tmp_path / "exported").eval()
     x = inputs(kind)
@@ -151,9 +192,10 @@ def test_export_peft_loads_in_peft_with_the_same_tensors_and_outputs(kind, tmp_p
     assert peft.get_peft_model_state_dict(theirs).keys() == saved.keys()
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("kind", UNGROUPED)
-def test_merge_matches_peft_and_unmerge_restores_the_base(kind, tmp_path):
-    theirs, reference = peft_conv_lora(kind)
+def test_merge_matches_peft_and_unmerge_restores_the_base(kind, use_dora, tmp_path):
+    theirs, reference = peft_conv_lora(kind, use_dora=use_dora)
     base_weight = reference.conv.weight.detach().clone()
     ours = as_repeft(theirs, reference, tmp_path)
     x = inputs(kind)
@@ -249,8 +291,8 @@ def test_the_patch_projection_of_a_vit_matches_peft(tmp_path):
 @pytest.mark.parametrize(
     ("conv", "config", "message"),
     [
-        (nn.Conv2d(3, 6, 3), repeft.LoRAConfig(r=4, target_modules=["conv"], use_dora=True),
-         "the Conv2d 'conv': DoRA on convolutions is not supported"),
+        (nn.Conv2d(4, 6, 3, groups=2), repeft.LoRAConfig(r=4, target_modules=["conv"], use_dora=True),
+         "the Conv2d 'conv' with groups=2: DoRA on a grouped convolution is not supported"),
         (nn.Conv2d(3, 6, 3), repeft.RepLoRAConfig(r=4, target_modules=["conv"]),
          "the Conv2d 'conv': RepLoRAConfig does not adapt convolutions"),
         (nn.Conv1d(4, 6, 3, dilation=2), repeft.LoRAConfig(r=4, target_modules=["conv"]),
