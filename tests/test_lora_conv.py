@@ -276,16 +276,23 @@ def test_several_adapters_switch_and_share_a_batch_as_in_peft(tmp_path):
         torch.testing.assert_close(mixed[row], single[name][row], atol=1e-6, rtol=0)
 
 
-def test_the_patch_projection_of_a_vit_matches_peft(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_the_patch_projection_of_a_vit_matches_peft_and_exports_merged(use_dora, tmp_path):
     base = tiny_model("vit")
     reference = copy.deepcopy(base)
     torch.manual_seed(3)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["projection", "query"], init_lora_weights=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["projection", "q_proj"], init_lora_weights=False,
+                             use_dora=use_dora)
     theirs = peft.get_peft_model(base, config).eval()
+    move_magnitudes(theirs)
     ours = as_repeft(theirs, reference, tmp_path)
     assert isinstance(ours.get_base_model().vit.embeddings.patch_embeddings.projection, LoRAConv)
     batch = tiny_batch("vit")
-    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), atol=1e-5, rtol=0)
+    expected = logits(theirs, batch)
+    torch.testing.assert_close(logits(ours, batch), expected, atol=1e-5, rtol=0)
+    repeft.export_merged(ours, tmp_path / "merged")
+    merged = type(reference).from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
