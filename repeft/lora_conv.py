@@ -23,10 +23,11 @@ bias); a merge writes ``g (W + s B A)``.
 
 Refused by name, where PEFT's own adapter would not match its merged weights
 or is not defined: a base with ``dilation`` > 1 or a ``padding_mode`` other than
-``"zeros"`` (PEFT's A ignores both), RepLoRA on a convolution, DoRA on a
-grouped convolution, and merging a grouped convolution (``groups`` > 1: B A is
-then a dense convolution, which a grouped weight cannot hold; PEFT refuses it
-too). A grouped convolution trains, runs, saves and exchanges with PEFT.
+``"zeros"`` (PEFT's A ignores both), RepLoRA on a convolution, and merging a
+grouped convolution (``groups`` > 1: B A is then a dense convolution, which a
+grouped weight cannot hold; PEFT refuses it too). A grouped convolution trains,
+runs, saves and exchanges with PEFT, DoRA included (its norm as PEFT computes
+it, see ``LoRAConv._low_rank_weight``).
 """
 
 from __future__ import annotations
@@ -155,9 +156,15 @@ class LoRAConv(LoRALinear):
         return self._low_rank_weight(self.adapters[name])
 
     def _low_rank_weight(self, adapter: nn.Module) -> torch.Tensor:
+        """``s * B A`` as PEFT computes it: B's weights read as a (-1 x r) matrix, A's as (r x -1).
+
+        Without groups that is B A contracted over r. With groups, PEFT's DoRA norm reads the grouped B the same
+        way (then it is not the dense term the layer adds; merging stays refused), and repeft's follows it.
+        """
         with torch.no_grad():
             lora_A, lora_B = adapter.factors()
-            delta = (lora_B.float().flatten(1) @ lora_A.float().flatten(1)) * adapter.scaling
+            r = lora_A.shape[0]
+            delta = (lora_B.float().reshape(-1, r) @ lora_A.float().reshape(r, -1)) * adapter.scaling
         return delta.view(self.base_layer.weight.shape)
 
 
@@ -171,12 +178,6 @@ def refuse_convs(config: LoRAConfig, layers: dict[str, nn.Module]) -> None:
             raise TargetError(
                 f"target_modules select the {kind} {path!r}: {type(config).__name__} does not adapt convolutions; "
                 "leave it out of target_modules (LoRAConfig adapts convolutions; modules_to_save trains one in full)"
-            )
-        if config.use_dora and layer.groups > 1:
-            raise TargetError(
-                f"target_modules select the {kind} {path!r} with groups={layer.groups}: DoRA on a grouped "
-                "convolution is not supported by repeft (its weight norm would need the dense B A a grouped weight "
-                "cannot hold); leave it out of target_modules, or use use_dora=False (plain LoRA adapts it)"
             )
         if any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
             raise TargetError(

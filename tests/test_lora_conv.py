@@ -140,7 +140,7 @@ def test_the_low_rank_term_is_the_convolution_with_s_B_A(kind):
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
-KINDS_AND_DORA = [(kind, False) for kind in CONVS] + [(kind, True) for kind in UNGROUPED]
+KINDS_AND_DORA = [(kind, use_dora) for kind in CONVS for use_dora in (False, True)]
 
 
 @pytest.mark.parametrize(("kind", "use_dora"), KINDS_AND_DORA)
@@ -298,8 +298,6 @@ def test_the_patch_projection_of_a_vit_matches_peft_and_exports_merged(use_dora,
 @pytest.mark.parametrize(
     ("conv", "config", "message"),
     [
-        (nn.Conv2d(4, 6, 3, groups=2), repeft.LoRAConfig(r=4, target_modules=["conv"], use_dora=True),
-         "the Conv2d 'conv' with groups=2: DoRA on a grouped convolution is not supported"),
         (nn.Conv2d(3, 6, 3), repeft.RepLoRAConfig(r=4, target_modules=["conv"]),
          "the Conv2d 'conv': RepLoRAConfig does not adapt convolutions"),
         (nn.Conv1d(4, 6, 3, dilation=2), repeft.LoRAConfig(r=4, target_modules=["conv"]),
