@@ -73,13 +73,6 @@ class LoRAConv(LoRALinear):
         return base_layer.in_channels, base_layer.out_channels
 
     def new_factors(self, config: LoRAConfig) -> LoRAConvFactors:
-        groups = self.base_layer.groups
-        if config.r % groups:
-            raise TargetError(
-                f"LoRA with r={config.r} on a {type(self.base_layer).__name__} with groups={groups}: as in PEFT, "
-                "r must be a multiple of groups (B is a grouped 1x1 convolution); choose such an r (rank_pattern "
-                "sets it for this layer alone) or leave the layer out of target_modules"
-            )
         return LoRAConvFactors(self.base_layer, config)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -178,6 +171,13 @@ def refuse_convs(config: LoRAConfig, layers: dict[str, nn.Module]) -> None:
             raise TargetError(
                 f"target_modules select the {kind} {path!r}: {type(config).__name__} does not adapt convolutions; "
                 "leave it out of target_modules (LoRAConfig adapts convolutions; modules_to_save trains one in full)"
+            )
+        r = config.for_module(path).r
+        if r % layer.groups:
+            raise TargetError(
+                f"LoRA with r={r} on the {kind} {path!r} with groups={layer.groups}: as in PEFT, r must be a "
+                "multiple of groups (B is a grouped 1x1 convolution); choose such an r (rank_pattern sets it for "
+                "this layer alone) or leave the layer out of target_modules"
             )
         if any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
             raise TargetError(

@@ -219,6 +219,19 @@ def test_merge_matches_peft_and_unmerge_restores_the_base(kind, use_dora, tmp_pa
         torch.testing.assert_close(plain.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
 
 
+def test_a_merge_that_overflows_a_float16_weight_is_refused_before_it_is_written():
+    base = ConvNet("conv2d").half()
+    model = repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=["conv"], init_lora_weights=False))
+    conv = model.get_base_model().conv
+    with torch.no_grad():
+        conv.adapters["default"].lora_A.fill_(1.0)
+        conv.adapters["default"].lora_B.fill_(1e4)  # s B A = 2 * 4 * 1e4 = 8e4, past float16's 65504
+    weight = conv.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="gives inf or NaN in this torch.float16 weight"):
+        model.merge()
+    assert model.merged_adapter() is None and torch.equal(conv.base_layer.weight, weight)
+
+
 def test_merging_a_grouped_convolution_is_refused_by_name_as_in_peft(tmp_path):
     theirs, reference = peft_conv_lora("grouped")
     ours = as_repeft(theirs, reference, tmp_path)
@@ -232,8 +245,11 @@ def test_merging_a_grouped_convolution_is_refused_by_name_as_in_peft(tmp_path):
 
 def test_a_rank_that_is_not_a_multiple_of_groups_is_refused_by_name():
     base = ConvNet("grouped")
-    with pytest.raises(repeft.TargetError, match="r=3 on a Conv2d with groups=2: as in PEFT, r must be a multiple"):
+    with pytest.raises(repeft.TargetError, match="r=3 on the Conv2d 'conv' with groups=2: as in PEFT, r must be a multiple"):
         repeft.wrap(base, repeft.LoRAConfig(r=3, target_modules=["conv"]))
+    assert type(base.conv) is nn.Conv2d and all(p.requires_grad for p in base.parameters())  # left as it was
+    model = repeft.wrap(base, repeft.LoRAConfig(r=3, rank_pattern={"conv": 4}, target_modules=["conv", "head"]))
+    assert model.get_base_model().conv.adapters["default"].lora_A.shape[0] == 4
     with pytest.raises(ValueError, match="divisible by groups"):
         peft.get_peft_model(ConvNet("grouped"), peft.LoraConfig(r=3, target_modules=["conv"]))
 
