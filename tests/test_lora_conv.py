@@ -87,7 +87,7 @@ def test_identity_at_init_and_only_the_factors_train(kind, init):
     torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
     model(x).square().sum().backward()
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trained == {"base_model.conv.adapters.default.lora_A", "base_model.conv.adapters.default.lora_B"}
+    assert trained == {"base_model.model.conv.adapters.default.lora_A", "base_model.model.conv.adapters.default.lora_B"}
     assert all(p.grad is None for name, p in model.named_parameters() if name not in trained)
     assert model.get_base_model().conv.adapters["default"].lora_B.grad.abs().sum() > 0
     theirs = peft.get_peft_model(ConvNet(kind), peft.LoraConfig(r=4, target_modules=["conv"], init_lora_weights=init))
