@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,6 +94,10 @@ class LoRAConfig(AdapterConfig):
     # Per-module r and lora_alpha: {pattern: value}, a pattern matching a module name or its dotted end (regex).
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    # PEFT's lora_bias: lora_B carries a trainable bias, so the adapter adds s * (B A x + b) (repeft.lora.LORA_BIAS).
+    lora_bias: bool = False
+    # PEFT ties the adapters of an embedding and the lm_head sharing its weight; repeft refuses True by name.
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):
@@ -134,8 +139,33 @@ class LoRAConfig(AdapterConfig):
         bad.update({k: v for k, v in (self.alpha_pattern or {}).items() if not 0 < v < 1e6})
         if bad:
             raise ValueError(f"rank_pattern ranks must be >= 1 and alpha_pattern values in (0, 1e6), got {bad}")
+        self._check_lora_bias()
+        if self.ensure_weight_tying:
+            raise ValueError(
+                "ensure_weight_tying=True is not supported by repeft: it does not tie the adapters (or "
+                "modules_to_save copies) of an embedding and the lm_head sharing its weight. Adapt one of the two "
+                "(e.g. target_modules=[..., 'embed_tokens'] alone), or untie them first "
+                "(config.tie_word_embeddings=False) and adapt each; leave ensure_weight_tying=False"
+            )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only says where layers_to_transform finds layer indices; set layers_to_transform too")
+
+    def _check_lora_bias(self) -> None:
+        """Refuse what PEFT refuses beside ``lora_bias=True`` (its messages begin the same), and RepLoRA."""
+        if not self.lora_bias:
+            return
+        if self.method != "lora":
+            raise ValueError(
+                f"lora_bias=True is a LoRA option; {type(self).__name__} computes its factors and has no free lora_B "
+                "to carry a bias: use LoRAConfig, or lora_bias=False"
+            )
+        if self.init_lora_weights not in (True, False):
+            raise ValueError(
+                "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={self.init_lora_weights!r} (as in PEFT)"
+            )
+        if self.use_dora:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA (as in PEFT); pass use_dora=False")
 
     def select(self, paths: list[str]) -> list[str]:
         """``paths`` (targeted module names) less ``exclude_modules`` and layers outside ``layers_to_transform``."""
@@ -172,8 +202,21 @@ class LoRAConfig(AdapterConfig):
         return dataclasses.replace(self, **changes) if changes else self
 
 
+# The name of lora_B's bias on a factors module (PEFT's ``lora_B.bias``); absent unless ``lora_bias=True``.
+LORA_BIAS = "lora_B_bias"
+
+
+def lora_bias(adapter: nn.Module) -> torch.Tensor | None:
+    """The adapter's ``lora_B`` bias (``lora_bias=True``), or None."""
+    return adapter._parameters.get(LORA_BIAS)
+
+
 class LoRAFactors(nn.Module):
-    """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero."""
+    """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero, and with ``lora_bias`` B's bias.
+
+    As in PEFT, B's bias starts at zero for ``init_lora_weights=True`` and as ``nn.Linear(r, d_out)``
+    initialises its bias (uniform in +-1/sqrt(r)) for ``False``.
+    """
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None) -> None:
         super().__init__()
@@ -186,6 +229,11 @@ class LoRAFactors(nn.Module):
             nn.init.normal_(self.lora_A, std=1 / config.r)
         elif config.init_lora_weights is False:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        if config.lora_bias:
+            bias = torch.zeros(out_features, device=device, dtype=dtype)
+            if config.init_lora_weights is False:
+                nn.init.uniform_(bias, -1 / math.sqrt(config.r), 1 / math.sqrt(config.r))
+            self.register_parameter(LORA_BIAS, nn.Parameter(bias))
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = config.kernel
@@ -239,8 +287,12 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         lora_args = (lora_A, lora_B, adapter.scaling, adapter.dropout_p, self.training)
         if type(self.base_layer) is nn.Linear:
             base = self.base_layer
-            return lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
-        return add_lora(self.base_out(x, *args, **kwargs), x, *lora_args)
+            out = lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
+        else:
+            out = add_lora(self.base_out(x, *args, **kwargs), x, *lora_args)
+        bias = lora_bias(adapter)
+        # PEFT's lora_B(lora_A(x)) * s with a biased lora_B: s * b is added to every output (not dropped out).
+        return out if bias is None else out + adapter.scaling * bias.to(out.dtype)
 
     def new_factors(self, config: LoRAConfig) -> LoRAFactors:
         """The free factors of a new LoRA adapter on this layer."""
@@ -264,7 +316,15 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         adapters = [self.adapters[n] for n in names]
         lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
         backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
-        return add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
+        out = add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
+        if not any(lora_bias(a) is not None for a in adapters):
+            return out
+        # Each adapter's s * b (zero without lora_bias), and a last zero row that index -1 (no adapter) picks.
+        biases = out.new_zeros(len(adapters) + 1, self.out_features)
+        for i, adapter in enumerate(adapters):
+            if lora_bias(adapter) is not None:
+                biases[i] = adapter.scaling * lora_bias(adapter)
+        return out + biases[index].view(index.shape[0], *[1] * (out.dim() - 2), self.out_features)
 
     def _row_index(self, x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """The mixed batch's adapter names here and each row of ``x``'s index into them (-1: none)."""
@@ -332,6 +392,19 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         gain = dora.merge_gain(self, adapter, weight, delta)
         return (gain * (weight.float() + delta)).to(weight.dtype), gain
 
+    def merged_bias(self, name: str, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``bias`` (laid out like the base layer's) plus ``s * b``, adapter ``name``'s lora_B bias if it has one."""
+        extra = lora_bias(self.adapters[name])
+        if extra is None:
+            return bias
+        if bias is None:
+            raise LoRABiasMergeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias (as in PEFT): "
+                "s * b has nowhere to go. Keep the adapter unmerged, or train it with lora_bias=False"
+            )
+        with torch.no_grad():
+            return (bias.float() + self.adapters[name].scaling * extra.float()).to(bias.dtype)
+
     def merge(self, name: str, untie: bool = False) -> None:
         """Fold the adapter into the base weight: add ``s * B @ A`` (DoRA: and rescale each output row).
 
@@ -343,7 +416,8 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
         merged, gain = self.merged_weight(name, weight.detach())
-        if not torch.isfinite(merged).all():
+        bias = None if lora_bias(self.adapters[name]) is None else self.merged_bias(name, self.base_layer.bias)
+        if not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
             # Checked before writing: an overflowed weight could not be unmerged back to the base.
             raise ValueError(
                 f"merging adapter {name!r} gives inf or NaN in this {weight.dtype} weight (largest finite value "
@@ -355,6 +429,8 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
             weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             self.base_layer.weight = weight
         weight.data.copy_(merged)
+        if bias is not None:
+            self.base_layer.bias.data.copy_(bias)
         self.merged_adapter = name
         self._merged_gain = gain
 
@@ -370,6 +446,10 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
                 weight.data -= delta.to(weight.dtype)
             else:
                 weight.data.copy_(weight.float() / self._merged_gain - delta)
+        extra = lora_bias(self.adapters[self.merged_adapter])
+        if extra is not None:
+            bias = self.base_layer.bias
+            bias.data.copy_((bias.float() - self.adapters[self.merged_adapter].scaling * extra.detach().float()).to(bias.dtype))
         self.merged_adapter = None
         self._merged_gain = None
 
@@ -378,6 +458,10 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
 
     def unloaded(self) -> nn.Module:
         return self.base_layer
+
+
+class LoRABiasMergeError(RuntimeError, ValueError):
+    """A ``lora_bias`` adapter merged into a layer without bias: PEFT raises RuntimeError, repeft's merges ValueError."""
 
 
 def _excluded(path: str, exclude: list[str] | str | None) -> bool:
@@ -417,6 +501,8 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
             layer = LoRAEmbedding(layer) if isinstance(layer, nn.Embedding) else LoRALinear(layer)
             base.set_submodule(path, layer)
         layers[path] = layer
+    if config.lora_bias:
+        _warn_about_unbiased_layers(layers)
     for path, factors in make_factors(layers).items():
         layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
         if config.use_dora:
@@ -427,8 +513,20 @@ def _unwrapped(layer: nn.Module) -> nn.Module:
     return layer.base_layer if isinstance(layer, LoRALinear) else layer
 
 
+def _warn_about_unbiased_layers(layers: dict[str, LoRALinear]) -> None:
+    """PEFT's warning: ``lora_bias=True`` on a layer without bias trains and runs, but cannot be merged."""
+    unbiased = [path for path, layer in layers.items() if layer.base_layer.bias is None]
+    if unbiased:
+        warnings.warn(
+            f"`lora_bias=True` was passed but the targeted layer of type {type(layers[unbiased[0]].base_layer).__name__} "
+            f"has no bias ({len(unbiased)} layer(s), e.g. {unbiased[0]!r}). This means that merging LoRA weights "
+            "won't be possible (as in PEFT); the adapter trains and runs unmerged",
+            stacklevel=5,
+        )
+
+
 def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
-    """LoRA adapts embeddings as PEFT does; DoRA and RepLoRA there are refused by name, before anything changes."""
+    """LoRA adapts embeddings as PEFT does; DoRA, RepLoRA and lora_bias there are refused by name, before anything changes."""
     if not embeddings:
         return
     if config.method != "lora":
@@ -441,6 +539,11 @@ def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
         raise TargetError(
             f"target_modules select the embedding {embeddings[0]!r}: DoRA on embeddings is not supported by repeft; "
             "leave it out of target_modules, or use use_dora=False (plain LoRA adapts embeddings)"
+        )
+    if config.lora_bias:
+        raise TargetError(
+            f"target_modules select the embedding {embeddings[0]!r}: lora_bias=True is not supported for Embedding "
+            "layers (as in PEFT); leave it out of target_modules, or use lora_bias=False"
         )
 
 
