@@ -526,7 +526,7 @@ def _warn_about_unbiased_layers(layers: dict[str, LoRALinear]) -> None:
 
 
 def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
-    """LoRA adapts embeddings as PEFT does; DoRA, RepLoRA and lora_bias there are refused by name, before anything changes."""
+    """LoRA and DoRA adapt embeddings as PEFT does; RepLoRA and lora_bias there are refused by name, before anything changes."""
     if not embeddings:
         return
     if config.method != "lora":
@@ -534,11 +534,6 @@ def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
             f"target_modules select the embedding {embeddings[0]!r}: {type(config).__name__} shares seeds between "
             "attention projections and does not adapt embeddings; leave it out of target_modules (LoRAConfig adapts "
             "embeddings; modules_to_save trains one in full)"
-        )
-    if config.use_dora:
-        raise TargetError(
-            f"target_modules select the embedding {embeddings[0]!r}: DoRA on embeddings is not supported by repeft; "
-            "leave it out of target_modules, or use use_dora=False (plain LoRA adapts embeddings)"
         )
     if config.lora_bias:
         raise TargetError(
