@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from .files import staged_write
 from .layers import AdapterLayer
 from .lora import LoRALinear
+from .lora_bias import merged_bias
 from .export_guards import base_model_dir, refuse_non_finite, refuse_overwriting_base
 from .merging import shared_parameters, untie_word_embeddings
 from .model import AdapterModel
@@ -202,7 +203,7 @@ def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
             weight, bias = dequantize_weight(module.base_layer), getattr(module.base_layer, "bias", None)
             if module.merged_adapter is None and adapter in module.adapters:
                 weight = module.merged_weight(adapter, weight)[0]
-                bias = module.merged_bias(adapter, bias)  # lora_bias's s * b folded in
+                bias = merged_bias(module.adapters[adapter], bias)  # lora_bias's s * b folded in
             put_weight(path, module.base_layer, weight, bias)
             return
         if isinstance(module, AdapterLayer):

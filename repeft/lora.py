@@ -14,7 +14,6 @@ import dataclasses
 import enum
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,9 +25,14 @@ from . import dora
 from .config import AdapterConfig, as_name_list, option
 from .kernels import BACKENDS, add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
+from .lora_bias import (
+    add_lora_bias, add_row_biases, check_config as check_lora_bias, lora_bias, merged_bias, unmerge_bias,
+    warn_about_unbiased_layers,
+)
 from .lora_views import PeftLoRANames
 from .methods import register_method
 from .targeting import DEFAULT_TARGET_MODULES, TargetError, matches_name, resolve_targets
+from .weight_tying import check_weight_tying
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # PEFT's initialisations that repeft has: True (A kaiming-uniform, B zero), "gaussian" (A normal(0, 1/r), B zero),
@@ -94,9 +98,10 @@ class LoRAConfig(AdapterConfig):
     # Per-module r and lora_alpha: {pattern: value}, a pattern matching a module name or its dotted end (regex).
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
-    # PEFT's lora_bias: lora_B carries a trainable bias, so the adapter adds s * (B A x + b) (repeft.lora.LORA_BIAS).
+    # PEFT's lora_bias: lora_B carries a trainable bias, so the adapter adds s * (B A x + b) (repeft.lora_bias).
     lora_bias: bool = False
-    # PEFT ties the adapters of an embedding and the lm_head sharing its weight; repeft refuses True by name.
+    # PEFT ties the adapters of an embedding and the lm_head sharing its weight; repeft refuses that by name
+    # and warns as PEFT does where nothing tied is adapted (repeft.weight_tying).
     ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
@@ -139,33 +144,9 @@ class LoRAConfig(AdapterConfig):
         bad.update({k: v for k, v in (self.alpha_pattern or {}).items() if not 0 < v < 1e6})
         if bad:
             raise ValueError(f"rank_pattern ranks must be >= 1 and alpha_pattern values in (0, 1e6), got {bad}")
-        self._check_lora_bias()
-        if self.ensure_weight_tying:
-            raise ValueError(
-                "ensure_weight_tying=True is not supported by repeft: it does not tie the adapters (or "
-                "modules_to_save copies) of an embedding and the lm_head sharing its weight. Adapt one of the two "
-                "(e.g. target_modules=[..., 'embed_tokens'] alone), or untie them first "
-                "(config.tie_word_embeddings=False) and adapt each; leave ensure_weight_tying=False"
-            )
+        check_lora_bias(self)
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only says where layers_to_transform finds layer indices; set layers_to_transform too")
-
-    def _check_lora_bias(self) -> None:
-        """Refuse what PEFT refuses beside ``lora_bias=True`` (its messages begin the same), and RepLoRA."""
-        if not self.lora_bias:
-            return
-        if self.method != "lora":
-            raise ValueError(
-                f"lora_bias=True is a LoRA option; {type(self).__name__} computes its factors and has no free lora_B "
-                "to carry a bias: use LoRAConfig, or lora_bias=False"
-            )
-        if self.init_lora_weights not in (True, False):
-            raise ValueError(
-                "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
-                f"init_lora_weights={self.init_lora_weights!r} (as in PEFT)"
-            )
-        if self.use_dora:
-            raise ValueError("The argument lora_bias=True is not supported for DoRA (as in PEFT); pass use_dora=False")
 
     def select(self, paths: list[str]) -> list[str]:
         """``paths`` (targeted module names) less ``exclude_modules`` and layers outside ``layers_to_transform``."""
@@ -202,21 +183,8 @@ class LoRAConfig(AdapterConfig):
         return dataclasses.replace(self, **changes) if changes else self
 
 
-# The name of lora_B's bias on a factors module (PEFT's ``lora_B.bias``); absent unless ``lora_bias=True``.
-LORA_BIAS = "lora_B_bias"
-
-
-def lora_bias(adapter: nn.Module) -> torch.Tensor | None:
-    """The adapter's ``lora_B`` bias (``lora_bias=True``), or None."""
-    return adapter._parameters.get(LORA_BIAS)
-
-
 class LoRAFactors(nn.Module):
-    """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero, and with ``lora_bias`` B's bias.
-
-    As in PEFT, B's bias starts at zero for ``init_lora_weights=True`` and as ``nn.Linear(r, d_out)``
-    initialises its bias (uniform in +-1/sqrt(r)) for ``False``.
-    """
+    """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero, and with ``lora_bias`` B's bias."""
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None) -> None:
         super().__init__()
@@ -230,10 +198,7 @@ class LoRAFactors(nn.Module):
         elif config.init_lora_weights is False:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         if config.lora_bias:
-            bias = torch.zeros(out_features, device=device, dtype=dtype)
-            if config.init_lora_weights is False:
-                nn.init.uniform_(bias, -1 / math.sqrt(config.r), 1 / math.sqrt(config.r))
-            self.register_parameter(LORA_BIAS, nn.Parameter(bias))
+            add_lora_bias(self, out_features, config.r, config.init_lora_weights, device, dtype)
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = config.kernel
@@ -317,14 +282,7 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
         backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
         out = add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
-        if not any(lora_bias(a) is not None for a in adapters):
-            return out
-        # Each adapter's s * b (zero without lora_bias), and a last zero row that index -1 (no adapter) picks.
-        biases = out.new_zeros(len(adapters) + 1, self.out_features)
-        for i, adapter in enumerate(adapters):
-            if lora_bias(adapter) is not None:
-                biases[i] = adapter.scaling * lora_bias(adapter)
-        return out + biases[index].view(index.shape[0], *[1] * (out.dim() - 2), self.out_features)
+        return add_row_biases(out, adapters, index)
 
     def _row_index(self, x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """The mixed batch's adapter names here and each row of ``x``'s index into them (-1: none)."""
@@ -392,19 +350,6 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         gain = dora.merge_gain(self, adapter, weight, delta)
         return (gain * (weight.float() + delta)).to(weight.dtype), gain
 
-    def merged_bias(self, name: str, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``bias`` (laid out like the base layer's) plus ``s * b``, adapter ``name``'s lora_B bias if it has one."""
-        extra = lora_bias(self.adapters[name])
-        if extra is None:
-            return bias
-        if bias is None:
-            raise LoRABiasMergeError(
-                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias (as in PEFT): "
-                "s * b has nowhere to go. Keep the adapter unmerged, or train it with lora_bias=False"
-            )
-        with torch.no_grad():
-            return (bias.float() + self.adapters[name].scaling * extra.float()).to(bias.dtype)
-
     def merge(self, name: str, untie: bool = False) -> None:
         """Fold the adapter into the base weight: add ``s * B @ A`` (DoRA: and rescale each output row).
 
@@ -416,7 +361,8 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
         merged, gain = self.merged_weight(name, weight.detach())
-        bias = None if lora_bias(self.adapters[name]) is None else self.merged_bias(name, self.base_layer.bias)
+        adapter = self.adapters[name]
+        bias = None if lora_bias(adapter) is None else merged_bias(adapter, self.bias)
         if not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
             # Checked before writing: an overflowed weight could not be unmerged back to the base.
             raise ValueError(
@@ -446,10 +392,7 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
                 weight.data -= delta.to(weight.dtype)
             else:
                 weight.data.copy_(weight.float() / self._merged_gain - delta)
-        extra = lora_bias(self.adapters[self.merged_adapter])
-        if extra is not None:
-            bias = self.base_layer.bias
-            bias.data.copy_((bias.float() - self.adapters[self.merged_adapter].scaling * extra.detach().float()).to(bias.dtype))
+        unmerge_bias(self.adapters[self.merged_adapter], self.bias)
         self.merged_adapter = None
         self._merged_gain = None
 
@@ -458,10 +401,6 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
 
     def unloaded(self) -> nn.Module:
         return self.base_layer
-
-
-class LoRABiasMergeError(RuntimeError, ValueError):
-    """A ``lora_bias`` adapter merged into a layer without bias: PEFT raises RuntimeError, repeft's merges ValueError."""
 
 
 def _excluded(path: str, exclude: list[str] | str | None) -> bool:
@@ -491,6 +430,10 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
 
     base = model.get_base_model()
     paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
+    if config.ensure_weight_tying:
+        # This adapter's modules_to_save copies were added before its layers (AdapterModel.add_adapter).
+        saved = [p for p in model.modules_to_save_paths() if name in base.get_submodule(p).adapters]
+        check_weight_tying(base, paths + saved)
     embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
     _refuse_embeddings(config, embeddings)
     warn_about_shared_embeddings(base, embeddings)
@@ -502,7 +445,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
             base.set_submodule(path, layer)
         layers[path] = layer
     if config.lora_bias:
-        _warn_about_unbiased_layers(layers)
+        warn_about_unbiased_layers(layers)
     for path, factors in make_factors(layers).items():
         layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
         if config.use_dora:
@@ -511,18 +454,6 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
 
 def _unwrapped(layer: nn.Module) -> nn.Module:
     return layer.base_layer if isinstance(layer, LoRALinear) else layer
-
-
-def _warn_about_unbiased_layers(layers: dict[str, LoRALinear]) -> None:
-    """PEFT's warning: ``lora_bias=True`` on a layer without bias trains and runs, but cannot be merged."""
-    unbiased = [path for path, layer in layers.items() if layer.base_layer.bias is None]
-    if unbiased:
-        warnings.warn(
-            f"`lora_bias=True` was passed but the targeted layer of type {type(layers[unbiased[0]].base_layer).__name__} "
-            f"has no bias ({len(unbiased)} layer(s), e.g. {unbiased[0]!r}). This means that merging LoRA weights "
-            "won't be possible (as in PEFT); the adapter trains and runs unmerged",
-            stacklevel=5,
-        )
 
 
 def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:

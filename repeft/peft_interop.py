@@ -23,7 +23,8 @@ from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_jso
 from .fsdp import refuse_sharded
 from .layers import ModulesToSave
 from .dora import MAGNITUDE, magnitude
-from .lora import LORA_BIAS, LoRAConfig, LoRALinear, lora_bias
+from .lora import LoRAConfig, LoRALinear
+from .lora_bias import LORA_BIAS, lora_bias
 from .lora_embedding import LoRAEmbedding
 from .model import AdapterModel, _restore_grads_on_failure
 from .targeting import find_modules

@@ -264,9 +264,3 @@ def test_what_peft_refuses_beside_lora_bias_is_refused(kwargs, match):
 def test_replora_refuses_lora_bias_by_name():
     with pytest.raises(ValueError, match="lora_bias=True is a LoRA option; RepLoRAConfig computes its factors"):
         repeft.RepLoRAConfig(lora_bias=True)
-
-
-def test_ensure_weight_tying_false_is_accepted_and_true_refused_by_name():
-    assert repeft.LoraConfig(ensure_weight_tying=False).ensure_weight_tying is False
-    with pytest.raises(ValueError, match="ensure_weight_tying=True is not supported by repeft"):
-        repeft.LoraConfig(ensure_weight_tying=True)
