@@ -117,6 +117,7 @@ class LoRAConfig(AdapterConfig):
                 f"bias={self.bias!r}: repeft's LoRA trains no biases; use bias='none', and list a layer in "
                 "modules_to_save to train it (bias included) in full"
             )
+        check_lora_bias(self)  # before the initialisation check: PEFT names lora_bias first for an init it refuses beside it
         if self.init_lora_weights not in INITIALISATIONS or isinstance(self.init_lora_weights, int) and not isinstance(
             self.init_lora_weights, bool
         ):
@@ -144,7 +145,6 @@ class LoRAConfig(AdapterConfig):
         bad.update({k: v for k, v in (self.alpha_pattern or {}).items() if not 0 < v < 1e6})
         if bad:
             raise ValueError(f"rank_pattern ranks must be >= 1 and alpha_pattern values in (0, 1e6), got {bad}")
-        check_lora_bias(self)
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only says where layers_to_transform finds layer indices; set layers_to_transform too")
 

@@ -252,6 +252,8 @@ def test_mixed_batch_gives_each_row_its_adapter_and_bias():
     [
         ({"init_lora_weights": "gaussian"}, "The argument lora_bias=True is only supported with init_lora_weights=True or False"),
         ({"use_dora": True}, "The argument lora_bias=True is not supported for DoRA"),
+        # repeft lacks PiSSA itself, but beside lora_bias it names lora_bias first, as PEFT does
+        ({"init_lora_weights": "pissa"}, "The argument lora_bias=True is only supported with init_lora_weights=True or False"),
     ],
 )
 def test_what_peft_refuses_beside_lora_bias_is_refused(kwargs, match):
