@@ -266,3 +266,16 @@ def test_what_peft_refuses_beside_lora_bias_is_refused(kwargs, match):
 def test_replora_refuses_lora_bias_by_name():
     with pytest.raises(ValueError, match="lora_bias=True is a LoRA option; RepLoRAConfig computes its factors"):
         repeft.RepLoRAConfig(lora_bias=True)
+
+
+def test_the_triton_kernel_with_lora_bias_matches_torch():
+    # The fused kernel computes W x + b_W + s B A x; s * b is added after it (on CPU the Triton interpreter runs it).
+    pytest.importorskip("triton")
+    batch = tiny_batch("bert")
+    results = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(5)
+        config = repeft.LoraConfig(r=4, target_modules=["query", "value"], lora_bias=True, init_lora_weights=False, kernel=kernel)
+        model = repeft.wrap(with_random_biases("bert"), config)
+        results[kernel] = logits(model, batch)
+    torch.testing.assert_close(results["triton"], results["torch"], atol=1e-4, rtol=0)
