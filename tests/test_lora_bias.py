@@ -87,6 +87,9 @@ def test_identity_at_init_and_only_adapter_parameters_get_gradients(family):
     assert torch.equal(logits(model, batch), expected)  # B and its bias start at zero, as in PEFT
     biases = [p for n, p in model.named_parameters() if n.endswith(BIAS)]
     assert biases and all(not p.any() for p in biases)
+    # PEFT's names on the layer: lora_B["default"].bias is the adapter's own parameter, lora_A has none.
+    layer = adapter_layer(model, family)
+    assert layer.lora_B["default"].bias is getattr(layer.adapters["default"], BIAS) and layer.lora_A["default"].bias is None
     model.train()
     model(**batch).loss.backward()
     with_grad = {name.rpartition(".")[2] for name, p in model.named_parameters() if p.grad is not None}
