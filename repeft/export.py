@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from .files import staged_write
 from .layers import AdapterLayer
 from .lora import LoRALinear
+from .lora_bias import merged_bias
 from .export_guards import base_model_dir, refuse_non_finite, refuse_overwriting_base
 from .merging import shared_parameters, untie_word_embeddings
 from .model import AdapterModel
@@ -188,21 +189,22 @@ def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
         # Non-persistent buffers (rotary frequencies) are never saved: they keep their dtype for the probe.
         into[key] = tensor.to(dtype) if tensor.is_floating_point() and into is state else tensor
 
-    def put_weight(path: str, layer: nn.Module, weight: torch.Tensor) -> None:
+    def put_weight(path: str, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         # bitsandbytes replaces GPT-2's Conv1D (d_in x d_out) by a d_out x d_in linear layer.
         if isinstance(plain.get_submodule(path), Conv1D) and not isinstance(layer, Conv1D):
             weight = weight.T
         put(f"{path}.weight", weight.contiguous())
-        if getattr(layer, "bias", None) is not None:  # an embedding has none
-            put(f"{path}.bias", layer.bias)
+        if bias is not None:  # an embedding has none
+            put(f"{path}.bias", bias)
 
     def visit(module: nn.Module, path: str) -> None:
         prefix = f"{path}." if path else ""
         if isinstance(module, LoRALinear):
-            weight = dequantize_weight(module.base_layer)
+            weight, bias = dequantize_weight(module.base_layer), getattr(module.base_layer, "bias", None)
             if module.merged_adapter is None and adapter in module.adapters:
                 weight = module.merged_weight(adapter, weight)[0]
-            put_weight(path, module.base_layer, weight)
+                bias = merged_bias(module.adapters[adapter], bias)  # lora_bias's s * b folded in
+            put_weight(path, module.base_layer, weight, bias)
             return
         if isinstance(module, AdapterLayer):
             replacement = module.unloaded()
@@ -210,7 +212,7 @@ def _merged_state(model: AdapterModel, plain: nn.Module, dtype: torch.dtype):
                 visit(replacement, path)
             return
         if quant_type(module) is not None:
-            put_weight(path, module, dequantize_weight(module))
+            put_weight(path, module, dequantize_weight(module), getattr(module, "bias", None))
             return
         for name, param in module._parameters.items():
             if param is not None:

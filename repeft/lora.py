@@ -25,9 +25,14 @@ from . import dora
 from .config import AdapterConfig, as_name_list, option
 from .kernels import BACKENDS, add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
+from .lora_bias import (
+    add_lora_bias, add_row_biases, check_config as check_lora_bias, lora_bias, merged_bias, unmerge_bias,
+    warn_about_unbiased_layers,
+)
 from .lora_views import PeftLoRANames
 from .methods import register_method
 from .targeting import DEFAULT_TARGET_MODULES, TargetError, matches_name, resolve_targets
+from .weight_tying import check_weight_tying
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # PEFT's initialisations that repeft has: True (A kaiming-uniform, B zero), "gaussian" (A normal(0, 1/r), B zero),
@@ -93,6 +98,11 @@ class LoRAConfig(AdapterConfig):
     # Per-module r and lora_alpha: {pattern: value}, a pattern matching a module name or its dotted end (regex).
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    # PEFT's lora_bias: lora_B carries a trainable bias, so the adapter adds s * (B A x + b) (repeft.lora_bias).
+    lora_bias: bool = False
+    # PEFT ties the adapters of an embedding and the lm_head sharing its weight; repeft refuses that by name
+    # and warns as PEFT does where nothing tied is adapted (repeft.weight_tying).
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):
@@ -107,6 +117,7 @@ class LoRAConfig(AdapterConfig):
                 f"bias={self.bias!r}: repeft's LoRA trains no biases; use bias='none', and list a layer in "
                 "modules_to_save to train it (bias included) in full"
             )
+        check_lora_bias(self)  # before the initialisation check: PEFT names lora_bias first for an init it refuses beside it
         if self.init_lora_weights not in INITIALISATIONS or isinstance(self.init_lora_weights, int) and not isinstance(
             self.init_lora_weights, bool
         ):
@@ -183,7 +194,7 @@ def init_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig)
 
 
 class LoRAFactors(nn.Module):
-    """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero."""
+    """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero, and with ``lora_bias`` B's bias."""
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None) -> None:
         super().__init__()
@@ -191,6 +202,8 @@ class LoRAFactors(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
         init_factors(self.lora_A, self.lora_B, config)
+        if config.lora_bias:
+            add_lora_bias(self, out_features, config.r, config.init_lora_weights, device, dtype)
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = config.kernel
@@ -247,8 +260,12 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         lora_args = (lora_A, lora_B, adapter.scaling, adapter.dropout_p, self.training)
         if type(self.base_layer) is nn.Linear:
             base = self.base_layer
-            return lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
-        return add_lora(self.base_out(x, *args, **kwargs), x, *lora_args)
+            out = lora_linear(x, base.weight, base.bias, *lora_args, backend=adapter.kernel)
+        else:
+            out = add_lora(self.base_out(x, *args, **kwargs), x, *lora_args)
+        bias = lora_bias(adapter)
+        # PEFT's lora_B(lora_A(x)) * s with a biased lora_B: s * b is added to every output (not dropped out).
+        return out if bias is None else out + adapter.scaling * bias.to(out.dtype)
 
     def new_factors(self, config: LoRAConfig) -> LoRAFactors:
         """The free factors of a new LoRA adapter on this layer."""
@@ -276,7 +293,8 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         adapters = [self.adapters[n] for n in names]
         lora_A, lora_B = self._stacked_factors(adapters, x, stacked)
         backend = "torch" if any(a.kernel == "torch" for a in adapters) else adapters[0].kernel
-        return add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
+        out = add_lora_mixed(self.base_out(x, *args, **kwargs), x, lora_A, lora_B, scaling, index, backend=backend)
+        return add_row_biases(out, adapters, index)
 
     def _row_index(self, x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """The mixed batch's adapter names here and each row of ``x``'s index into them (-1: none)."""
@@ -355,7 +373,9 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into {type(self).__name__}")
         weight = self._float_weight()
         merged, gain = self.merged_weight(name, weight.detach())
-        if not torch.isfinite(merged).all():
+        adapter = self.adapters[name]
+        bias = None if lora_bias(adapter) is None else merged_bias(adapter, self.bias)
+        if not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
             # Checked before writing: an overflowed weight could not be unmerged back to the base.
             raise ValueError(
                 f"merging adapter {name!r} gives inf or NaN in this {weight.dtype} weight (largest finite value "
@@ -367,6 +387,8 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
             weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             self.base_layer.weight = weight
         weight.data.copy_(merged)
+        if bias is not None:
+            self.base_layer.bias.data.copy_(bias)
         self.merged_adapter = name
         self._merged_gain = gain
 
@@ -382,6 +404,7 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
                 weight.data -= delta.to(weight.dtype)
             else:
                 weight.data.copy_(weight.float() / self._merged_gain - delta)
+        unmerge_bias(self.adapters[self.merged_adapter], self.bias)
         self.merged_adapter = None
         self._merged_gain = None
 
@@ -420,6 +443,10 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
 
     base = model.get_base_model()
     paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
+    if config.ensure_weight_tying:
+        # This adapter's modules_to_save copies were added before its layers (AdapterModel.add_adapter).
+        saved = [p for p in model.modules_to_save_paths() if name in base.get_submodule(p).adapters]
+        check_weight_tying(base, paths + saved)
     embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
     _refuse_embeddings(config, embeddings)
     warn_about_shared_embeddings(base, embeddings)
@@ -434,6 +461,8 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
                 layer = LoRAConv(layer) if isinstance(layer, CONV_LAYERS) else LoRALinear(layer)
             base.set_submodule(path, layer)
         layers[path] = layer
+    if config.lora_bias:
+        warn_about_unbiased_layers(layers)
     for path, factors in make_factors(layers).items():
         layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
         if config.use_dora:
@@ -445,7 +474,7 @@ def _unwrapped(layer: nn.Module) -> nn.Module:
 
 
 def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
-    """LoRA adapts embeddings as PEFT does; DoRA and RepLoRA there are refused by name, before anything changes."""
+    """LoRA and DoRA adapt embeddings as PEFT does; RepLoRA and lora_bias there are refused by name, before anything changes."""
     if not embeddings:
         return
     if config.method != "lora":
@@ -454,10 +483,10 @@ def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
             "attention projections and does not adapt embeddings; leave it out of target_modules (LoRAConfig adapts "
             "embeddings; modules_to_save trains one in full)"
         )
-    if config.use_dora:
+    if config.lora_bias:
         raise TargetError(
-            f"target_modules select the embedding {embeddings[0]!r}: DoRA on embeddings is not supported by repeft; "
-            "leave it out of target_modules, or use use_dora=False (plain LoRA adapts embeddings)"
+            f"target_modules select the embedding {embeddings[0]!r}: lora_bias=True is not supported for Embedding "
+            "layers (as in PEFT); leave it out of target_modules, or use lora_bias=False"
         )
 
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import dora
 from .lora import DTYPES, LoRAConfig, LoRALinear, init_factors
+from .lora_bias import add_lora_bias, lora_bias
 from .lora_embedding import sub_batch_forward
 from .targeting import TargetError
 
@@ -55,6 +56,9 @@ class LoRAConvFactors(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, base.in_channels, *base.kernel_size, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_channels, config.r // base.groups, *ones, dtype=dtype))
         init_factors(self.lora_A, self.lora_B, config)
+        if config.lora_bias:
+            # B is a 1x1 conv over r / groups channels: nn.Conv's bias init bound is 1/sqrt of that fan-in.
+            add_lora_bias(self, base.out_channels, config.r // base.groups, config.init_lora_weights, None, dtype)
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = "torch"  # the fused kernel is for linear layers
@@ -97,7 +101,7 @@ class LoRAConv(LoRALinear):
         lora_A, lora_B = adapter.factors()
         base = self.base_layer
         after_A = self._conv(x, lora_A, None, base.stride, base.padding)
-        return self._conv(after_A, lora_B, None, 1, 0, 1, base.groups) * adapter.scaling
+        return self._conv(after_A, lora_B, lora_bias(adapter), 1, 0, 1, base.groups) * adapter.scaling
 
     @property
     def _conv(self):

@@ -16,6 +16,13 @@ Only the forward differs: A's columns are looked up, not multiplied.
   applied: PEFT builds the dropout module for embeddings but never calls it.
 - The adapter runs on torch whatever ``kernel`` says (the fused kernel is for
   linear layers).
+- DoRA (``use_dora=True``, PEFT's ``DoraEmbeddingLayer``): the magnitude m has
+  one entry per embedding dimension, initialised to the norm of each row of
+  ``W.T + s B A`` (embedding_dim x num_embeddings, the norm taken over the
+  vocabulary); ``h = g * E(x) + g * s * F.embedding(x, A.T) @ B.T`` with
+  ``g = m / ||W.T + s B A||_row`` (a constant for autograd). Merging and
+  unmerging are ``LoRALinear``'s DoRA merge in this layout.
+- ``lora_bias=True`` is refused for embeddings, as PEFT refuses it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .lora import DTYPES, LoRAConfig, LoRALinear
 
 
@@ -72,8 +80,19 @@ class LoRAEmbedding(LoRALinear):
         adapter = self.active
         if adapter is None or self.merged_adapter is not None:
             return result
+        low_rank = self.low_rank_out(adapter, x)
+        if dora.magnitude(adapter) is not None:
+            # DoRA: g = m / ||W.T + s B A||_row, one entry per embedding dimension (PEFT's DoraEmbeddingLayer).
+            gain = self.dora_gain(adapter)
+            return (gain * result + gain * low_rank).to(result.dtype)
         # PEFT adds the adapter's output in its own dtype and casts the sum back to the base's.
-        return (result + self.low_rank_out(adapter, x)).to(result.dtype)
+        return (result + low_rank).to(result.dtype)
+
+    def dora_gain(self, adapter: nn.Module) -> torch.Tensor:
+        """DoRA's ``m / ||W.T + s B A||_row`` (embedding_dim entries), the norm a constant as in PEFT."""
+        lora_A, lora_B = adapter.factors()
+        norm = dora.row_norm(dora.dense_weight(self), adapter.scaling * (lora_B.detach().float() @ lora_A.detach().float()))
+        return dora.magnitude(adapter) / norm.to(dora.magnitude(adapter).dtype)
 
     def low_rank_out(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``s * F.embedding(x, A.T) @ B.T`` (times the base layer's ``embed_scale``), as PEFT computes it."""

@@ -17,12 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lora_bias import lora_bias
+
 
 class FactorView:
-    """What PEFT's ``lora_A[name]`` (an ``nn.Linear``) gives the code that reads it: ``.weight``."""
+    """What PEFT's ``lora_A[name]`` (an ``nn.Linear``) gives the code that reads it: ``.weight`` and ``.bias``.
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    ``bias`` is ``lora_B``'s with ``lora_bias=True`` (repeft.lora_bias), else None, as in PEFT.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
+        self.bias = bias
 
 
 class PeftLoRANames:
@@ -51,7 +57,9 @@ class PeftLoRANames:
 
     @property
     def lora_B(self) -> Mapping[str, FactorView]:
-        return self._view("lora_B", FactorView)
+        return AdapterMapping(
+            lambda: {name: FactorView(a.lora_B, lora_bias(a)) for name, a in self._free_factors("lora_B").items()}
+        )
 
     @property
     def lora_embedding_A(self) -> Mapping[str, nn.Parameter]:

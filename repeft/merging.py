@@ -68,7 +68,7 @@ class MergeMixin:
                     try:
                         layer.merge(adapter_name, untie=untie)
                     except ValueError as exc:
-                        raise ValueError(f"{path.removeprefix(MODEL_PREFIX)}: {exc}") from None
+                        raise type(exc)(f"{path.removeprefix(MODEL_PREFIX)}: {exc}") from None
                     if untie and not self._tie_flags:
                         # The merged weight is the layer's own now: the config must say so, or
                         # save_pretrained drops it as a duplicate and from_pretrained ties it again.

@@ -3,10 +3,11 @@
 PEFT stores ``base_model.model.<module>.lora_A.weight`` (r x d_in) and
 ``lora_B.weight`` (d_out x r) plus an ``adapter_config.json`` with
 ``peft_type: LORA``; a DoRA adapter adds ``<module>.lora_magnitude_vector``
-(d_out) and ``use_dora: true``; an embedding's factors are
-``<module>.lora_embedding_A`` (r x num_embeddings) and ``lora_embedding_B``
-(embedding_dim x r); a convolution's ``lora_A.weight``/``lora_B.weight`` are conv
-weights (r x in x kernel, out x r/groups x 1 ...), as repeft holds them. RepLoRA exports its materialised A and B, so any
+(d_out) and ``use_dora: true``; ``lora_bias: true`` adds ``<module>.lora_B.bias``
+(d_out); an embedding's factors are ``<module>.lora_embedding_A``
+(r x num_embeddings) and ``lora_embedding_B`` (embedding_dim x r); a
+convolution's ``lora_A.weight``/``lora_B.weight`` are conv weights (r x in x
+kernel, out x r/groups x 1 ...), as repeft holds them. RepLoRA exports its materialised A and B, so any
 PEFT-compatible loader or server can use it. No ``peft`` import is needed.
 """
 
@@ -25,6 +26,7 @@ from .fsdp import refuse_sharded
 from .layers import ModulesToSave
 from .dora import MAGNITUDE, magnitude
 from .lora import LoRAConfig, LoRALinear
+from .lora_bias import LORA_BIAS, lora_bias
 from .lora_embedding import LoRAEmbedding
 from .model import AdapterModel, _restore_grads_on_failure
 from .targeting import find_modules
@@ -35,7 +37,6 @@ PEFT_PREFIX = "base_model.model."
 UNSUPPORTED = {
     "bias": ("none", None),
     "use_qalora": (False, None),
-    "lora_bias": (False, None),
     "target_parameters": (None, []),
     "layer_replication": (None,),
     "trainable_token_indices": (None,),
@@ -65,6 +66,8 @@ def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str) -> tuple[
                 lora_A, lora_B = layer.adapters[adapter_name].factors()
             tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
             tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
+            if lora_bias(layer.adapters[adapter_name]) is not None:
+                tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = lora_bias(layer.adapters[adapter_name])
             if magnitude(layer.adapters[adapter_name]) is not None:
                 tensors[f"{PEFT_PREFIX}{path}.{MAGNITUDE}"] = magnitude(layer.adapters[adapter_name])
             targets.append(path)
@@ -127,7 +130,7 @@ def _repeft_names(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[s
         if key.endswith(f".{MAGNITUDE}") or key.endswith(f".{MAGNITUDE}.weight"):
             renamed[key.removesuffix(".weight")] = value
             continue
-        for part, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
+        for part, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"), (LORA_BIAS, ".lora_B.bias"),
                              ("lora_embedding_A", ".lora_embedding_A"), ("lora_embedding_B", ".lora_embedding_B")):
             if key.endswith(suffix):
                 path = key.removesuffix(suffix)
@@ -188,6 +191,7 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
         "rank_pattern": config.rank_pattern or {},
         "alpha_pattern": config.alpha_pattern or {},
         "target_modules": targets,
@@ -253,6 +257,7 @@ def from_peft(
             lora_dropout=meta.get("lora_dropout", 0.0),
             use_rslora=meta.get("use_rslora", False),
             use_dora=meta.get("use_dora", False),
+            lora_bias=meta.get("lora_bias", False),
             rank_pattern=meta.get("rank_pattern") or None,
             alpha_pattern=meta.get("alpha_pattern") or None,
             # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.

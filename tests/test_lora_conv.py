@@ -328,3 +328,32 @@ def test_convolutions_repeft_cannot_adapt_as_peft_does_are_refused_by_name(conv,
     with pytest.raises(repeft.TargetError, match=message):
         repeft.wrap(base, config)
     assert type(base.conv) is type(conv) and all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_lora_bias_on_a_convolution_as_peft_computes_it(kind, tmp_path):
+    theirs, reference = peft_conv_lora(kind, target_modules=["conv"], lora_bias=True)
+    with torch.no_grad():  # a bias that shows (PEFT starts it at zero for init_lora_weights=True)
+        theirs.base_model.model.conv.lora_B["default"].bias.normal_()
+    ours = as_repeft(theirs, reference, tmp_path, trainable=True)
+    layer = ours.get_base_model().conv
+    assert torch.equal(layer.lora_B["default"].weight, theirs.base_model.model.conv.lora_B["default"].weight)
+    x = inputs(kind)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
+        # conv(x, W) + s * (conv(conv(x, A), B) + b), written out here.
+        conv, factors = layer.base_layer, layer.adapters["default"]
+        f = CONV_FUNCTIONS[type(conv)]
+        after_A = f(x, factors.lora_A, None, conv.stride, conv.padding)
+        low_rank = f(after_A, factors.lora_B, None, 1, 0, 1, conv.groups) + factors.lora_B_bias.view(1, -1, *[1] * (x.dim() - 2))
+        torch.testing.assert_close(layer(x), conv(x) + factors.scaling * low_rank, atol=1e-6, rtol=0)
+    for model in (theirs, ours):
+        model(x).square().sum().backward()
+    torch.testing.assert_close(layer.adapters["default"].lora_B_bias.grad,
+                               theirs.base_model.model.conv.lora_B["default"].bias.grad, atol=1e-6, rtol=1e-5)
+    if kind != "grouped":  # PEFT refuses to merge a grouped convolution
+        with torch.no_grad():
+            ours.merge()
+            theirs.merge_adapter()
+            torch.testing.assert_close(layer.base_layer.bias, theirs.base_model.model.conv.base_layer.bias,
+                                       atol=1e-6, rtol=0)

@@ -211,11 +211,12 @@ def test_mixed_batch_rows_use_their_own_embedding_adapter():
 @pytest.mark.parametrize(
     "config, match",
     [
-        (repeft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True), "DoRA on embeddings"),
+        (repeft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], lora_bias=True),
+         "lora_bias=True is not supported for Embedding"),
         (repeft.RepLoRAConfig(r=4, target_modules=["embed_tokens", "q_proj"]), "does not adapt embeddings"),
     ],
 )
-def test_dora_and_replora_on_an_embedding_are_refused_by_name(config, match):
+def test_lora_bias_and_replora_on_an_embedding_are_refused_by_name(config, match):
     base = tiny_model("llama")
     with pytest.raises(repeft.TargetError, match=match):
         repeft.wrap(base, config)

@@ -382,8 +382,8 @@ def test_peft_s_base_fields_are_taken_and_unknown_options_refused_by_name():
     assert config.peft_type == peft.LoraConfig().peft_type == "LORA"
     assert config.peft_type.value == peft.LoraConfig().peft_type.value == "LORA"  # an enum member, as in PEFT
     assert repeft.RepLoRAConfig.peft_type is None  # exported to PEFT as plain LoRA, not a PEFT method
-    with pytest.raises(ValueError, match=r"LoRAConfig has no option \['lora_bias'\]: a PEFT option repeft does not"):
-        repeft.LoraConfig(lora_bias=True)
+    with pytest.raises(ValueError, match=r"LoRAConfig has no option \['layer_replication'\]: a PEFT option repeft does"):
+        repeft.LoraConfig(layer_replication=[(0, 1)])
     with pytest.raises(ValueError, match="did you mean 'lora_alpha'"):
         repeft.LoraConfig(lora_aplha=16)
 
