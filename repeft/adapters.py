@@ -119,7 +119,9 @@ class AdapterManagementMixin:
             raise ValueError("cannot add an adapter while one is merged; call unmerge() first")
         if getattr(config, "kernel", None) is not None:
             check_backend_runs_here(config.kernel)
-        config = copy.deepcopy(config)
+        # A fresh config from the fields checks them again: one changed after it was built (PEFT's habit,
+        # ``config.bias = "all"``) is refused, not silently ignored.
+        config = dataclasses.replace(copy.deepcopy(config))
         if config.modules_to_save is None:
             config.modules_to_save = self._default_modules_to_save()
         try:
@@ -203,8 +205,8 @@ class AdapterManagementMixin:
         self._check_known(adapter_name)
         if self.merged_adapter() == adapter_name:
             raise ValueError(
-                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first: "
-                "model.unmerge()"
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first. "
+                "(model.unmerge())"
             )
         self._remove_adapter_entries(adapter_name)
         del self.configs[adapter_name]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -172,7 +172,7 @@ class SaveLoadMixin:
         config: AdapterConfig | None = None,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-    ) -> None:
+    ) -> LoadResult:
         """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit.
 
         ``is_trainable`` is PEFT's name for ``trainable``. ``config`` replaces the
@@ -197,6 +197,7 @@ class SaveLoadMixin:
         config.inference_mode = not trainable
         _prefer_runnable_kernel(config, path)
         self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))
+        return LoadResult([], [])
 
     def add_loaded_adapter(
         self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = "tensors"
@@ -247,6 +248,14 @@ class SaveLoadMixin:
         with torch.no_grad():
             for key, value in expected.items():
                 copy_whole_into(value, tensors[key])
+
+
+class LoadResult(NamedTuple):
+    """What a load returns, as PEFT's and torch's ``load_state_dict`` do; both lists stay empty, since a
+    load with a missing or unexpected tensor is refused before anything changes."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -424,3 +424,15 @@ def test_from_pretrained_takes_peft_s_device_options_naming_the_base_s_device(tm
         assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     with pytest.raises(ValueError, match=r"torch_device='cuda'.*onto the base model's device \(cpu\)"):
         repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, torch_device="cuda")
+
+
+def test_load_adapter_reports_no_missing_keys_and_a_config_changed_after_it_was_built_is_checked(tmp_path):
+    model = repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    result = model.load_adapter(tmp_path, "other")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    config = repeft.LoraConfig(r=4, target_modules=["q_proj"])
+    config.bias = "all"  # as PEFT's tests do; repeft would otherwise train no bias, silently
+    with pytest.raises(ValueError, match="bias='all': repeft's LoRA trains no biases"):
+        model.add_adapter("third", config)
+    assert sorted(model.peft_config) == ["default", "other"]
