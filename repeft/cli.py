@@ -211,12 +211,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _recorded_base(adapter_dir: Path) -> dict[str, Any]:
-    """What a bare adapter directory's config records of its base model."""
+    """What a bare adapter directory's config records of its base model (PEFT's: only where it came from)."""
     from .files import CONFIG_NAME, check_meta, read_json
 
     meta = read_json(adapter_dir / CONFIG_NAME)
     check_meta(meta, adapter_dir / CONFIG_NAME)
-    return meta.get("base_model", {})
+    return meta.get("base_model", {"name_or_path": meta.get("base_model_name_or_path")})
 
 
 def _recorded_base_path(adapter_dir: Path, base_path: str | None) -> str:

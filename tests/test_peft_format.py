@@ -177,3 +177,22 @@ def test_a_trainer_checkpoint_in_peft_s_layout_resumes(tmp_path):
     _, tensors = fresh.read_adapter(tmp_path / "checkpoint")
     fresh.load_adapter_tensors("default", tensors)
     torch.testing.assert_close(logits(fresh, "llama"), logits(model, "llama"), atol=0, rtol=0)
+
+
+def test_the_cli_reads_both_formats(tmp_path, capsys):
+    from repeft import cli
+
+    model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
+    model.save_adapter(tmp_path / "ours")
+    assert cli.main(["info", str(tmp_path / "ours"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "adapter" and info["method"] == "lora" and info["format_version"] == 2
+    # A PEFT directory exports merged onto the base it records (base_model_name_or_path).
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    theirs = randomized(peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"])))
+    theirs.save_pretrained(tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(tmp_path / "base")}))
+    assert cli.main(["export", str(tmp_path / "peft"), "--out", str(tmp_path / "merged")]) == 0
+    merged = type(tiny_model("llama")).from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, "llama"), logits(theirs, "llama"), atol=1e-5, rtol=0)
