@@ -20,6 +20,7 @@ from . import vpt as _vpt  # noqa: F401,E402
 from . import vapt as _vapt  # noqa: F401,E402
 from .config import AdapterConfig  # noqa: E402
 from .files import AdapterFileError  # noqa: E402
+from .layers import AdapterLayer  # noqa: E402
 from .lora import LoRAConfig, TaskType  # noqa: E402
 from .model import AdapterModel, get_peft_model, load_adapter, wrap  # noqa: E402
 from .peft_interop import export_peft, from_peft, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
@@ -39,6 +40,7 @@ LoraConfig = LoRAConfig
 __all__ = [
     "AdapterConfig",
     "AdapterFileError",
+    "AdapterLayer",
     "AdapterModel",
     "AdapterTrainer",
     "LoRAConfig",

@@ -202,7 +202,10 @@ class AdapterManagementMixin:
         """Remove an adapter; layers left with none go back to the plain modules."""
         self._check_known(adapter_name)
         if self.merged_adapter() == adapter_name:
-            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
+            raise ValueError(
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first: "
+                "model.unmerge()"
+            )
         self._remove_adapter_entries(adapter_name)
         del self.configs[adapter_name]
         if self.active_adapter == adapter_name:
@@ -212,7 +215,10 @@ class AdapterManagementMixin:
 
     def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
-            raise UnknownAdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
+            # PEFT's words first, for code that matches them.
+            raise UnknownAdapterError(
+                f"Adapter {adapter_name} does not exist: no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}"
+            )
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

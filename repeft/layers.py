@@ -26,7 +26,12 @@ def place_beside(adapter: nn.Module, module: nn.Module) -> nn.Module:
 
 
 class AdapterLayer(nn.Module):
-    """Base for modules that hold named adapters and use the active one."""
+    """Base for modules that hold named adapters and use the active one (PEFT's ``BaseTunerLayer``).
+
+    >>> layers = [m for m in model.modules() if isinstance(m, repeft.AdapterLayer)]  # doctest: +SKIP
+    >>> all(not layer.disable_adapters for layer in layers)  # doctest: +SKIP
+    True
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,6 +45,27 @@ class AdapterLayer(nn.Module):
         if self.disabled or self.active_adapter is None or self.active_adapter not in self.adapters:
             return None
         return self.adapters[self.active_adapter]
+
+    # PEFT's names (``BaseTunerLayer``) for the state above, for code that reads layers as PEFT's.
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disabled = not enabled
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        merged = getattr(self, "merged_adapter", None)
+        return [] if merged is None else [merged]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
 
     def unwrapped(self) -> nn.Module | None:
         """What takes this layer's place once it holds no adapter (None: remove it)."""

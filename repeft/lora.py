@@ -25,6 +25,7 @@ from . import dora
 from .config import AdapterConfig, as_name_list, option
 from .kernels import BACKENDS, add_lora, add_lora_mixed, lora_linear
 from .layers import AdapterLayer, place_beside
+from .lora_views import PeftLoRANames
 from .methods import register_method
 from .targeting import DEFAULT_TARGET_MODULES, TargetError, matches_name, resolve_targets
 
@@ -193,7 +194,7 @@ class LoRAFactors(nn.Module):
         return self.lora_A, self.lora_B
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(PeftLoRANames, AdapterLayer):
     """A linear layer (nn.Linear, GPT-2 Conv1D, bitsandbytes) plus named low-rank adapters."""
 
     def __init__(self, base_layer: nn.Module) -> None:

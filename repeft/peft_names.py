@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -79,10 +80,14 @@ class PeftNamesMixin:
         """PEFT's name for ``merge``; ``adapter_names`` holds the one adapter to merge.
 
         Every repeft merge is a safe merge (merged weights are checked finite before they are written).
+        As in PEFT, merging the adapter that is already merged warns and does nothing.
         """
         names = [None] if adapter_names is None else list(adapter_names)
         if len(names) != 1:
             raise ValueError(f"repeft merges one adapter; merge_adapter(adapter_names={names}) needs one name")
+        if self.merged_adapter() is not None and self.merged_adapter() == (names[0] or self.active_adapter):
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+            return
         self.merge(names[0])
 
     def unmerge_adapter(self) -> None:
@@ -148,6 +153,7 @@ class PeftNamesMixin:
         """
         from .model import AdapterModel, _restore_grads_on_failure  # model.py builds AdapterModel from this mixin
 
+        _check_base_device(model, kwargs.pop("torch_device", None), kwargs.pop("device_map", None))
         _refuse_hub_options("from_pretrained", kwargs)
         if subfolder:
             path = os.path.join(path, subfolder)
@@ -182,6 +188,23 @@ class PeftNamesMixin:
             return api.upload_folder(
                 repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
             )
+
+
+def _check_base_device(model: nn.Module, torch_device: Any, device_map: Any) -> None:
+    """PEFT's ``torch_device``/``device_map`` name where the adapter goes; repeft puts it beside the base weights."""
+    import torch
+
+    asked = {"torch_device": [] if torch_device is None else [torch_device]}
+    asked["device_map"] = [] if device_map is None else list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    base = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for option, devices in asked.items():
+        for device in devices:
+            device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+            if device.type != base.type or (device.index is not None and device.index != (base.index or 0)):
+                raise ValueError(
+                    f"from_pretrained({option}={torch_device if option == 'torch_device' else device_map!r}): repeft "
+                    f"loads the adapter onto the base model's device ({base}); move the base model there first"
+                )
 
 
 def _refuse_hub_options(caller: str, options: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ and a repeft model of the same base and compares what they do.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -377,3 +378,32 @@ def test_combining_adapters_is_refused_by_name():
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "combined")
     with pytest.raises(ValueError, match="repeft runs one adapter at a time"):
         ours.set_adapter(["default", "other"])
+
+
+def test_merge_delete_and_unknown_names_behave_and_read_as_in_peft():
+    for lib in (peft, repeft):
+        model = lib.get_peft_model(tiny_model("llama"), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                        init_lora_weights=False), adapter_name="a")
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.eval()
+        batch = tiny_batch("llama")
+        model.merge_adapter()
+        merged = model(**batch).logits
+        with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+            model.merge_adapter()
+        torch.testing.assert_close(model(**batch).logits, merged, atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match=re.escape("Cannot delete adapter(s) ['a'] while they are merged")):
+            model.delete_adapter("a")
+        model.delete_adapter("b")  # the unmerged one may go, and the merge stays
+        torch.testing.assert_close(model(**batch).logits, merged, atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="Adapter nope does not exist"):
+            model.delete_adapter("nope")
+
+
+def test_from_pretrained_takes_peft_s_device_options_naming_the_base_s_device(tmp_path):
+    repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(r=4)).save_pretrained(tmp_path)
+    for options in ({"torch_device": "cpu"}, {"device_map": {"": "cpu"}}, {"device_map": "cpu"}):
+        loaded = repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, **options)
+        assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match=r"torch_device='cuda'.*onto the base model's device \(cpu\)"):
+        repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, torch_device="cuda")

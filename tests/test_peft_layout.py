@@ -97,3 +97,52 @@ def test_a_copy_s_tuner_answers_for_the_copy(clone):
     assert copied.base_model.model is copied.get_base_model() is not model.get_base_model()
     copied.base_model.set_adapter("other")
     assert copied.active_adapter == "other" and model.active_adapter == "default"
+
+
+def test_layers_show_peft_s_lora_names_over_the_same_tensors():
+    peft = pytest.importorskip("peft")
+    ours = repeft.get_peft_model(tiny_llama(), repeft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "embed_tokens"]))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "embed_tokens"]))
+    path = "model.layers.0.self_attn.q_proj"
+    layer, peft_layer = ours.get_base_model().get_submodule(path), theirs.get_base_model().get_submodule(path)
+    assert layer.r == peft_layer.r and layer.scaling == peft_layer.scaling == {"default": 3.0}
+    assert layer.lora_A.keys() == peft_layer.lora_A.keys() == {"default"}
+    assert layer.lora_A["default"].weight.shape == peft_layer.lora_A["default"].weight.shape
+    assert layer.lora_A["default"].weight is layer.adapters["default"].lora_A  # the parameter, not a copy
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1.0)  # an edit through the view reaches the adapter
+    assert torch.equal(layer.adapters["default"].lora_B, torch.ones(32, 4))
+    embed, peft_embed = ours.get_base_model().model.embed_tokens, theirs.get_base_model().model.embed_tokens
+    assert embed.lora_embedding_A["default"].shape == peft_embed.lora_embedding_A["default"].shape
+    assert dict(embed.lora_A) == dict(peft_embed.lora_A) == {}  # an embedding's factors have their own names
+
+    layers = [m for m in ours.modules() if isinstance(m, repeft.AdapterLayer)]
+    peft_layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+    assert len(layers) == len(peft_layers) == 3
+    for model, found in ((ours, layers), (theirs, peft_layers)):
+        assert not any(m.disable_adapters or m.merged for m in found)
+        assert all(m.active_adapters == ["default"] for m in found)
+        model.disable_adapter_layers()
+        assert all(m.disable_adapters for m in found)
+        model.enable_adapter_layers()
+        model.merge_adapter()
+        assert all(m.merged and m.merged_adapters == ["default"] for m in found)
+
+
+def test_replora_layers_refuse_peft_s_factor_names_rather_than_show_a_copy():
+    model = repeft.get_peft_model(tiny_llama(), repeft.RepLoRAConfig(r=4))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(AttributeError, match=r"compute their factors \(RepLoRA\).*factors\(\)"):
+        layer.lora_A["default"]
+    assert layer.r == {"default": 4}
+
+
+def test_layer_views_follow_adapters_as_they_come_and_go():
+    model = wrapped()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    views = (layer.lora_A, layer.lora_B, layer.r, layer.scaling)
+    assert all(set(v) == {"default", "other"} for v in views)
+    model.delete_adapter("other")
+    assert all(set(v) == {"default"} and "other" not in v for v in views)
+    layer.enable_adapters(False)
+    assert layer.disable_adapters and layer.active is None

@@ -44,6 +44,7 @@ PEFT_TO_REPEFT: dict[str, dict[str, str]] = {
         "get_peft_model_state_dict": "get_peft_model_state_dict",
         "set_peft_model_state_dict": "set_peft_model_state_dict",
     },
+    "peft.tuners.tuners_utils": {"BaseTunerLayer": "AdapterLayer"},
     "peft.import_utils": {},
 }
 
