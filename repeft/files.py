@@ -365,7 +365,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter directory written by ``write_adapter_dir``; writes nothing.
+    """Read and check an adapter directory written by ``write_adapter_dir`` (or by PEFT); writes nothing.
 
     >>> meta, tensors = read_adapter_dir("out/adapter")  # doctest: +SKIP
     """

@@ -196,7 +196,8 @@ class SaveLoadMixin:
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
-        """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit.
+        """Add the adapter saved in ``path`` (by repeft, or a LoRA adapter by PEFT) as ``adapter_name``;
+        nothing changes if it does not fit.
 
         ``is_trainable`` is PEFT's name for ``trainable``. ``config`` replaces the
         saved config; it must be of the same method (the tensors are checked against it).

@@ -49,6 +49,10 @@ def logits(model, family):
         return model(**tiny_batch(family)).logits
 
 
+def config_with(config, **changes):
+    return repeft.AdapterConfig.from_dict({**config.to_dict(), **changes})
+
+
 def peft_load(base, path, **kwargs):
     """``peft.PeftModel.from_pretrained``, and the warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
@@ -75,12 +79,8 @@ def test_peft_loads_what_save_pretrained_writes_without_conversion(name, tmp_pat
     assert unexpected[0].split("]")[0].count("'") == 2 * len(REPEFT_FIELDS)
     # And repeft reads it back as it was.
     back = repeft.load_adapter(copy.deepcopy(reference), tmp_path / "adapter")
-    assert back.configs["default"] == dataclass_with(model.configs["default"], inference_mode=True)
+    assert back.configs["default"] == config_with(model.configs["default"], inference_mode=True)
     torch.testing.assert_close(logits(back, family), expected, atol=0, rtol=0)
-
-
-def dataclass_with(config, **changes):
-    return repeft.AdapterConfig.from_dict({**config.to_dict(), **changes})
 
 
 def test_the_saved_files_are_peft_s_with_repeft_s_fields_beside(tmp_path):
