@@ -114,6 +114,16 @@ def test_methods_peft_cannot_represent_keep_repeft_s_format(config, tmp_path):
     torch.testing.assert_close(logits(back, "llama"), logits(model, "llama"), atol=0, rtol=0)
 
 
+def test_a_lora_adapter_on_conv1d_and_linear_layers_keeps_repeft_s_format(tmp_path):
+    # PEFT's config holds one fan_in_fan_out flag (export_peft refuses the mix); the save stays repeft's.
+    model = randomized(repeft.wrap(tiny_model("gpt2"), repeft.LoRAConfig(r=2, target_modules=["c_attn", "lm_head"])))
+    model.save_adapter(tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "peft_type" not in meta and meta["format_version"] == 1
+    back = repeft.load_adapter(tiny_model("gpt2"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(back, "gpt2"), logits(model, "gpt2"), atol=0, rtol=0)
+
+
 def test_several_adapters_saved_with_save_pretrained_load_in_peft(tmp_path):
     base = tiny_model("llama")
     reference = copy.deepcopy(base)
