@@ -49,9 +49,10 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``||W + delta||`` of each output row, in float32 and outside autograd (DoRA's constant norm)."""
+    """``||W + delta||`` of each output row (a convolution's: over its input channels and kernel), in float32 and
+    outside autograd (DoRA's constant norm)."""
     with torch.no_grad():
-        return torch.linalg.norm(weight.float() + delta.float(), dim=1)
+        return torch.linalg.norm((weight.float() + delta.float()).flatten(1), dim=1)
 
 
 def add_magnitude(layer: nn.Module, adapter: nn.Module, dtype: torch.dtype) -> None:
@@ -92,9 +93,10 @@ def dora_forward(layer: nn.Module, adapter: nn.Module, x: torch.Tensor, *args, *
 def merge_gain(layer: nn.Module, adapter: nn.Module, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """DoRA's per-output gain ``m / ||W + delta||_row`` shaped to multiply a weight laid out like the base layer's.
 
-    ``weight`` and ``delta`` are laid out like the base layer's weight (d_in x d_out for GPT-2's Conv1D).
+    ``weight`` and ``delta`` are laid out like the base layer's weight (d_in x d_out for GPT-2's Conv1D,
+    out x in x kernel for a convolution, whose magnitude PEFT shapes 1 x out x 1 ...).
     """
     if layer.fan_in_fan_out:
         weight, delta = weight.T, delta.T
-    gain = magnitude(adapter).detach().float() / row_norm(weight, delta)
-    return gain.view(1, -1) if layer.fan_in_fan_out else gain.view(-1, 1)
+    gain = magnitude(adapter).detach().float().reshape(-1) / row_norm(weight, delta)
+    return gain.view(1, -1) if layer.fan_in_fan_out else gain.view(-1, *(1,) * (weight.dim() - 1))

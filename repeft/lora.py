@@ -172,6 +172,16 @@ class LoRAConfig(AdapterConfig):
         return dataclasses.replace(self, **changes) if changes else self
 
 
+def init_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -> None:
+    """Initialise a zero B and an empty A (linear or conv weights) as PEFT does for ``config.init_lora_weights``."""
+    # nn.Linear's (and nn.Conv's) own init, as in the LoRA paper's reference code and PEFT.
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    if config.init_lora_weights == "gaussian":
+        nn.init.normal_(lora_A, std=1 / config.r)
+    elif config.init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+
+
 class LoRAFactors(nn.Module):
     """Free low-rank factors: A (r x d_in) kaiming-uniform, B (d_out x r) zero."""
 
@@ -180,12 +190,7 @@ class LoRAFactors(nn.Module):
         dtype = DTYPES[config.dtype]
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
-        # nn.Linear's own init, as in the LoRA paper's reference code and PEFT.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if config.init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / config.r)
-        elif config.init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        init_factors(self.lora_A, self.lora_B, config)
         self.scaling = config.scaling
         self.dropout_p = config.lora_dropout
         self.kernel = config.kernel
@@ -203,10 +208,7 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         # Conv1D stores its weight as (d_in, d_out): "fan_in_fan_out" in PEFT's words; so does an
         # embedding, a linear map of one-hot tokens (repeft.lora_embedding).
         self.fan_in_fan_out = isinstance(base_layer, (Conv1D, nn.Embedding))
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = self.feature_sizes(base_layer)
         self.merged_adapter: str | None = None
         # DoRA's gain m / ||W + s B A||_row at merge time: unmerge divides it out (None for plain LoRA).
         self._merged_gain: torch.Tensor | None = None
@@ -217,6 +219,12 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
         self.row_adapters: tuple[list[str], torch.Tensor, torch.Tensor, dict, int] | None = None
         # The shared weight a merge replaced by a merged copy (see ``merge``), put back by ``unmerge``.
         self._tied_weight: list[nn.Parameter] = []
+
+    def feature_sizes(self, base_layer: nn.Module) -> tuple[int, int]:
+        """The base layer's (input, output) sizes, which its adapters' factors map between."""
+        if self.fan_in_fan_out:
+            return tuple(base_layer.weight.shape)
+        return base_layer.in_features, base_layer.out_features
 
     # Model code reads its layers' weights (T5: ``wo.weight.dtype``); PEFT's layers pass them through too.
     @property
@@ -245,6 +253,10 @@ class LoRALinear(PeftLoRANames, AdapterLayer):
     def new_factors(self, config: LoRAConfig) -> LoRAFactors:
         """The free factors of a new LoRA adapter on this layer."""
         return LoRAFactors(self.in_features, self.out_features, config)
+
+    def add_magnitude(self, adapter: nn.Module, dtype: torch.dtype) -> None:
+        """Give ``adapter`` DoRA's magnitude vector (``repeft.dora``)."""
+        dora.add_magnitude(self, adapter, dtype)
 
     def base_out(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output, as a tensor the low-rank term may be added to in place."""
@@ -403,24 +415,29 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     order) and returns ``{path: factors module}``: a method whose layers share
     parameters (RepLoRA's shared seeds) sees the whole set at once.
     """
-    from .lora_embedding import LoRAEmbedding, warn_about_shared_embeddings  # it subclasses LoRALinear
+    from .lora_conv import CONV_LAYERS, LoRAConv, refuse_convs  # they subclass LoRALinear
+    from .lora_embedding import LoRAEmbedding, warn_about_shared_embeddings
 
     base = model.get_base_model()
     paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
     embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
     _refuse_embeddings(config, embeddings)
     warn_about_shared_embeddings(base, embeddings)
+    refuse_convs(config, {p: _unwrapped(base.get_submodule(p)) for p in paths})
     layers = {}
     for path in paths:
         layer = base.get_submodule(path)
         if not isinstance(layer, LoRALinear):
-            layer = LoRAEmbedding(layer) if isinstance(layer, nn.Embedding) else LoRALinear(layer)
+            if isinstance(layer, nn.Embedding):
+                layer = LoRAEmbedding(layer)
+            else:
+                layer = LoRAConv(layer) if isinstance(layer, CONV_LAYERS) else LoRALinear(layer)
             base.set_submodule(path, layer)
         layers[path] = layer
     for path, factors in make_factors(layers).items():
         layers[path].adapters[name] = factors = place_beside(factors, layers[path].base_layer)
         if config.use_dora:
-            dora.add_magnitude(layers[path], factors, DTYPES[config.dtype])
+            layers[path].add_magnitude(factors, DTYPES[config.dtype])
 
 
 def _unwrapped(layer: nn.Module) -> nn.Module:

@@ -88,14 +88,21 @@ class LoRAEmbedding(LoRALinear):
         return out if embed_scale is None else out * embed_scale.to(out.dtype)
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Each row with its own adapter (index -1: the base embedding alone), PEFT's sub-batch loop."""
-        names, index = self._row_index(x)
-        result = self.base_layer(x, *args, **kwargs)
-        for i, name in enumerate(names):
-            rows = (index == i).nonzero().squeeze(1)
-            if rows.numel():
-                result[rows] += self.low_rank_out(self.adapters[name], x[rows]).to(result.dtype)
-        return result
+        return sub_batch_forward(self, x, *args, **kwargs)
+
+
+def sub_batch_forward(layer: LoRALinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Each row with its own adapter (index -1: the base layer alone), PEFT's sub-batch loop.
+
+    For layers whose low-rank term is ``layer.low_rank_out(adapter, x)`` (embeddings, convolutions).
+    """
+    names, index = layer._row_index(x)
+    result = layer.base_layer(x, *args, **kwargs)
+    for i, name in enumerate(names):
+        rows = (index == i).nonzero().squeeze(1)
+        if rows.numel():
+            result[rows] += layer.low_rank_out(layer.adapters[name], x[rows]).to(result.dtype)
+    return result
 
 
 def _embed_scale(base: nn.Module) -> torch.Tensor | None:

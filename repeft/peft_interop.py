@@ -5,7 +5,8 @@ PEFT stores ``base_model.model.<module>.lora_A.weight`` (r x d_in) and
 ``peft_type: LORA``; a DoRA adapter adds ``<module>.lora_magnitude_vector``
 (d_out) and ``use_dora: true``; an embedding's factors are
 ``<module>.lora_embedding_A`` (r x num_embeddings) and ``lora_embedding_B``
-(embedding_dim x r). RepLoRA exports its materialised A and B, so any
+(embedding_dim x r); a convolution's ``lora_A.weight``/``lora_B.weight`` are conv
+weights (r x in x kernel, out x r/groups x 1 ...), as repeft holds them. RepLoRA exports its materialised A and B, so any
 PEFT-compatible loader or server can use it. No ``peft`` import is needed.
 
 ``save_adapter`` writes a LoRA adapter in this layout (``peft_files``), and
@@ -191,7 +192,8 @@ def peft_config(
     return {
         "peft_type": "LORA",
         "task_type": config.task_type,
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+        # A model that is not a transformers one (PEFT's custom models) has no config.
+        "base_model_name_or_path": getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None),
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,

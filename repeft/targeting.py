@@ -54,7 +54,7 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 
 # Layers PEFT's LoRA adapts that repeft's does not: a spec selecting one is refused by name, never skipped.
-UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+UNSUPPORTED_LAYERS = (nn.MultiheadAttention,)
 
 
 class TargetError(ValueError):
@@ -67,8 +67,11 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """A layer LoRA adapts when a target spec names it: linear-like, or an embedding (repeft.lora_embedding)."""
-    return is_linear_like(module) or isinstance(module, nn.Embedding)
+    """A layer LoRA adapts when a target spec names it: linear-like, an embedding or a convolution.
+
+    (``repeft.lora_embedding``, ``repeft.lora_conv``; ``"all-linear"`` picks linear-like layers only.)
+    """
+    return is_linear_like(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -149,7 +152,7 @@ def resolve_targets(
             raise TargetError(
                 f"target_modules entry {pattern!r} matches {name!r}, a {type(module).__name__}; "
                 "LoRA adapters attach to nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit/"
-                "Linear8bitLt and nn.Embedding layers. Name the linear layers inside it instead."
+                "Linear8bitLt, nn.Embedding and nn.Conv1d/2d/3d layers. Name the linear layers inside it instead."
             )
         found.extend(n for n, _ in hits)
     if not found:
@@ -171,7 +174,7 @@ def _refuse_unsupported(pattern: str, hits: list[tuple[str, nn.Module]]) -> None
         if isinstance(module, UNSUPPORTED_LAYERS):
             raise TargetError(
                 f"target_modules {pattern!r} selects {name!r}, a {type(module).__name__}; repeft's LoRA adapts "
-                "linear layers and embeddings (PEFT's also adapts convolutions). Leave it out of target_modules "
+                "linear layers, embeddings and convolutions (PEFT's also adapts it). Leave it out of target_modules "
                 "(train it in full with modules_to_save instead, if it must learn)"
             )
 

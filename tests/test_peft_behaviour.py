@@ -51,13 +51,30 @@ def test_an_embedding_that_peft_would_adapt_is_adapted_as_peft_adapts_it(spec):
     assert adapted_paths(ours) == adapted_paths(theirs)
 
 
-def test_a_convolution_that_peft_would_adapt_is_refused_by_name_not_skipped():
+@pytest.mark.parametrize("spec", [r"0|2", ["0", "2"]])
+def test_a_convolution_that_peft_would_adapt_is_adapted_as_peft_adapts_it(spec):
     base = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0", "2"]))
-    assert "0" in adapted_paths(theirs)  # PEFT adapts it: skipping it silently would differ
-    with pytest.raises(repeft.TargetError, match="selects '0', a Conv1d; repeft's LoRA adapts linear layers and embeddings"):
-        repeft.wrap(base, repeft.LoRAConfig(r=2, target_modules=["0", "2"]))
-    assert not any(p.requires_grad is False for p in base.parameters())  # the failed wrap left the model as it was
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=spec))
+    ours = repeft.wrap(base, repeft.LoRAConfig(r=2, target_modules=spec))
+    assert "0" in adapted_paths(ours)  # skipping it silently would differ (tests/test_lora_conv.py: the maths)
+    assert adapted_paths(ours) == adapted_paths(theirs)
+
+
+class MultiheadAttentionNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.lin = torch.nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("spec", [r"mha|lin", ["mha", "lin"]])
+def test_a_multihead_attention_that_peft_would_adapt_is_refused_by_name_not_skipped(spec):
+    theirs = peft.get_peft_model(MultiheadAttentionNet(), peft.LoraConfig(r=2, target_modules=spec))
+    assert "mha" in adapted_paths(theirs)  # PEFT adapts it: skipping it silently would differ
+    base = MultiheadAttentionNet()
+    with pytest.raises(repeft.TargetError, match="'mha', a MultiheadAttention"):
+        repeft.wrap(base, repeft.LoRAConfig(r=2, target_modules=spec))
+    assert all(p.requires_grad for p in base.parameters())  # the failed wrap left the model as it was
 
 
 # -- adapters: adding, deleting, switching off ------------------------------------------------------
