@@ -83,6 +83,20 @@ def test_peft_loads_what_save_pretrained_writes_without_conversion(name, tmp_pat
     torch.testing.assert_close(logits(back, family), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv3d", "grouped"])
+def test_peft_loads_a_convolution_s_adapter_from_save_pretrained(kind, use_dora, tmp_path):
+    from test_lora_conv import ConvNet, inputs
+
+    base = ConvNet(kind)
+    reference = copy.deepcopy(base)
+    model = randomized(repeft.wrap(base, repeft.LoRAConfig(r=4, target_modules=["conv", "head"], use_dora=use_dora)))
+    model.save_pretrained(tmp_path / "adapter")
+    theirs, _ = peft_load(reference, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(inputs(kind)), model(inputs(kind)), atol=1e-6, rtol=0)
+
+
 def test_the_saved_files_are_peft_s_with_repeft_s_fields_beside(tmp_path):
     model = randomized(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4, use_dora=True, task_type="CAUSAL_LM")))
     model.save_pretrained(tmp_path / "adapter")
