@@ -211,12 +211,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _recorded_base(adapter_dir: Path) -> dict[str, Any]:
-    """What a bare adapter directory's config records of its base model."""
+    """What a bare adapter directory's config records of its base model (PEFT's: only where it came from)."""
     from .files import CONFIG_NAME, check_meta, read_json
 
     meta = read_json(adapter_dir / CONFIG_NAME)
     check_meta(meta, adapter_dir / CONFIG_NAME)
-    return meta.get("base_model", {})
+    return meta.get("base_model", {"name_or_path": meta.get("base_model_name_or_path")})
 
 
 def _recorded_base_path(adapter_dir: Path, base_path: str | None) -> str:
@@ -385,7 +385,7 @@ def _describe_adapter(path: Path) -> dict[str, Any]:
         size = weights.stat().st_size
     params = sum(math.prod(shape) for shape in shapes.values())
     info = {"path": str(path), "tensors": len(shapes), "parameters": params, "bytes": size}
-    if "peft_type" in meta:
+    if "format" not in meta and "peft_type" in meta:  # PEFT's own; repeft's LoRA saves carry PEFT's fields too
         keys = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save", "base_model_name_or_path")
         return {"kind": "peft adapter", **{k: meta.get(k) for k in keys}, **info}
     return {
@@ -395,6 +395,7 @@ def _describe_adapter(path: Path) -> dict[str, Any]:
         "base_model": meta.get("base_model"),
         "adapted_modules": len(meta.get("adapted_modules", [])),
         "repeft_version": meta.get("repeft_version"),
+        "format_version": meta.get("format_version"),
         **info,
     }
 

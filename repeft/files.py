@@ -47,7 +47,11 @@ except ImportError:  # Windows: no flock; saves and loads run unlocked, and only
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "repeft"
-FORMAT_VERSION = 1
+# Format 1: repeft's fields and tensor names. Format 2: a LoRA adapter's config also holds PEFT's
+# adapter_config.json fields and its tensors carry PEFT's names, so PEFT, vLLM and the Hub read the directory
+# (repeft.peft_interop); the other methods are still written as format 1. This version reads both.
+FORMAT_VERSION = 2
+REPEFT_NAMES_VERSION = 1
 
 STAGING = ".repeft-staging-"  # + "<pid>-<random>": being written; removed once its writer is gone
 COMMIT = ".repeft-commit-"  # complete; its files are moved into the directory by whoever sees it first
@@ -361,7 +365,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter directory written by ``write_adapter_dir``; writes nothing.
+    """Read and check an adapter directory written by ``write_adapter_dir`` (or by PEFT); writes nothing.
 
     >>> meta, tensors = read_adapter_dir("out/adapter")  # doctest: +SKIP
     """
@@ -382,10 +386,15 @@ def reading(path: str | os.PathLike) -> Iterator[dict[str, Path]]:
 
 
 def check_meta(meta: dict[str, Any], path: Path) -> None:
-    """Check the fields of a repeft ``adapter_config.json`` that the loader reads, before it reads them."""
+    """Check the fields of a repeft ``adapter_config.json`` that the loader reads, before it reads them.
+
+    PEFT's own ``adapter_config.json`` (``peft_type``, no ``format``) passes: ``repeft.peft_interop`` checks
+    its fields when it converts the adapter.
+    """
+    if "format" not in meta and "peft_type" in meta:
+        return
     if meta.get("format") != FORMAT:
-        hint = " It looks like a PEFT adapter: load it with repeft.from_peft." if "peft_type" in meta else ""
-        raise AdapterFileError(f"{path} is not a repeft adapter config.{hint}")
+        raise AdapterFileError(f"{path} is neither a repeft adapter config (format: repeft) nor a PEFT one (peft_type)")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise AdapterFileError(f"{path}: format_version must be an integer, got {version!r}")

@@ -200,7 +200,7 @@ def get_peft_model(
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
 ) -> AdapterModel:
-    """Rebuild the wrapper from a base model and a directory written by ``save_adapter``.
+    """Rebuild the wrapper from a base model and a directory written by ``save_adapter`` (or by PEFT's ``save_pretrained``).
 
     >>> model = repeft.load_adapter(AutoModelForCausalLM.from_pretrained(path), "out/adapter")  # doctest: +SKIP
     """

@@ -9,6 +9,9 @@ PEFT stores ``base_model.model.<module>.lora_A.weight`` (r x d_in) and
 convolution's ``lora_A.weight``/``lora_B.weight`` are conv weights (r x in x
 kernel, out x r/groups x 1 ...), as repeft holds them. RepLoRA exports its materialised A and B, so any
 PEFT-compatible loader or server can use it. No ``peft`` import is needed.
+
+``save_adapter`` writes a LoRA adapter in this layout (``peft_files``), and
+``load_adapter`` reads PEFT's directories (``peft_lora_adapter``).
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterFileError, read_json, read_tensors, reading, write_adapter_dir
-from .fsdp import refuse_sharded
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, write_adapter_dir
+from .fsdp import gathered, refuse_sharded
 from .layers import ModulesToSave
 from .dora import MAGNITUDE, magnitude
 from .lora import LoRAConfig, LoRALinear
 from .lora_bias import LORA_BIAS, lora_bias
 from .lora_embedding import LoRAEmbedding
-from .model import AdapterModel, _restore_grads_on_failure
+from .model import AdapterModel, load_adapter
 from .targeting import find_modules
 from .tuner import MODEL_PREFIX
 
@@ -43,13 +46,14 @@ UNSUPPORTED = {
 }
 
 
-def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str) -> tuple[dict[str, torch.Tensor], list[str], set[bool], list[str]]:
+def _peft_tensors(model: AdapterModel, adapter_name: str, caller: str | None) -> tuple[dict[str, torch.Tensor], list[str], set[bool], list[str]]:
     """The adapter's tensors under PEFT's names, its target paths, their fan_in_fan_out flags and the heads it trains."""
     model._check_known(adapter_name)
     config = model.configs[adapter_name]
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"only LoRA-family adapters export to PEFT; {adapter_name!r} is {config.method}")
-    refuse_sharded(model, caller)
+    if caller is not None:  # None: save_adapter, which gathers a sharded adapter's tensors itself
+        refuse_sharded(model, caller)
     tensors: dict[str, torch.Tensor] = {}
     targets, fan_in_fan_out, saved = [], set(), []
     for path, layer in model.adapter_layers():
@@ -178,12 +182,19 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
     """
     adapter_name = adapter_name or model.active_adapter
     tensors, targets, fan_in_fan_out, saved = _peft_tensors(model, adapter_name, "export_peft")
+    write_adapter_dir(save_directory, peft_config(model, adapter_name, targets, fan_in_fan_out, saved), tensors)
+
+
+def peft_config(
+    model: AdapterModel, adapter_name: str, targets: list[str], fan_in_fan_out: set[bool], saved: list[str]
+) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` fields for the adapter (``_peft_tensors`` gives the other arguments)."""
     config = model.configs[adapter_name]
     if len(fan_in_fan_out) > 1:
         raise ValueError("PEFT stores one fan_in_fan_out flag per adapter; this adapter mixes Conv1D and Linear layers")
-    peft_config = {
+    return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": config.task_type,
         # A model that is not a transformers one (PEFT's custom models) has no config.
         "base_model_name_or_path": getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None),
         "r": config.r,
@@ -202,16 +213,27 @@ def export_peft(model: AdapterModel, save_directory: str | os.PathLike, adapter_
         "inference_mode": True,
         "revision": None,
     }
-    write_adapter_dir(save_directory, peft_config, tensors)
+
+
+def peft_files(model: AdapterModel, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """PEFT's ``adapter_config.json`` fields and the adapter's tensors under PEFT's names, gathered whole, for
+    ``save_adapter``; ``None`` where PEFT has no layout for the adapter (RepLoRA and the other methods that are not
+    PEFT's LoRA, and a LoRA adapter on both Conv1D and Linear layers).
+
+    On a sharded (FSDP) model every process must call it: the tensors are gathered.
+    """
+    config = model.configs[adapter_name]
+    if getattr(config, "peft_type", None) != "LORA":
+        return None
+    tensors, targets, fan_in_fan_out, saved = _peft_tensors(model, adapter_name, None)
+    if len(fan_in_fan_out) > 1:
+        return None
+    tensors = {k: gathered(v) for k, v in tensors.items()}
+    return peft_config(model, adapter_name, targets, fan_in_fan_out, saved), tensors
 
 
 def _check_peft_meta(root: Path, meta: dict) -> None:
-    """Refuse, before its tensors are read, a config that is not a PEFT LoRA adapter repeft can import."""
-    if meta.get("format") == FORMAT:
-        raise AdapterFileError(
-            f"{root} is a repeft adapter (written by save_adapter or save_pretrained), not a PEFT one; "
-            "load it with repeft.load_adapter(model, path)"
-        )
+    """Refuse a config that is not a PEFT LoRA adapter repeft can import."""
     if meta.get("peft_type") != "LORA":
         raise AdapterFileError(f"{root}: only PEFT LoRA adapters can be imported, this one is {meta.get('peft_type')!r}")
     missing = [field for field in ("r", "lora_alpha") if field not in meta]
@@ -234,18 +256,12 @@ def _present(model: nn.Module, names: list) -> list:
     return [name for name in names if not isinstance(name, str) or find_modules(base, [name])]
 
 
-def from_peft(
-    model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
-) -> AdapterModel:
-    """Load a PEFT LoRA adapter directory onto ``model`` (a base model or an ``AdapterModel``).
-
-    >>> model = repeft.from_peft(base, "some/peft_lora_adapter")  # doctest: +SKIP
-    """
+def peft_lora_adapter(
+    model: AdapterModel, meta: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_dir: str | os.PathLike
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """The config and tensors (under repeft's names) of the PEFT LoRA adapter whose files ``load_adapter`` read."""
     root = Path(adapter_dir)
-    with reading(root) as files:
-        meta = read_json(files[CONFIG_NAME])
-        _check_peft_meta(root, meta)
-        tensors = read_tensors(files[WEIGHTS_NAME])
+    _check_peft_meta(root, meta)
     renamed, targets = _repeft_names(tensors, str(root))
     if not targets:
         raise AdapterFileError(f"{root}: no lora_A tensors found in {WEIGHTS_NAME}")
@@ -263,7 +279,6 @@ def from_peft(
             # A regex of the exact paths: the adapter attaches where PEFT's did, nowhere else.
             target_modules="|".join(re.escape(t) for t in targets),
             modules_to_save=_present(model, meta.get("modules_to_save") or []),
-            inference_mode=not trainable,
         )
     except ValueError as exc:
         raise AdapterFileError(f"{root / CONFIG_NAME}: {exc}") from None
@@ -272,9 +287,16 @@ def from_peft(
     if wrong:
         path, said, found = wrong[0]
         raise AdapterFileError(f"{root}: config says r={said!r} for {path} but its tensors have rank {found}")
-    wrapped = model if isinstance(model, AdapterModel) else None
-    with _restore_grads_on_failure(model):
-        if wrapped is None:
-            wrapped = AdapterModel(model)
-        wrapped.add_loaded_adapter(adapter_name, config, renamed, source=str(root))
-    return wrapped
+    return config, renamed
+
+
+def from_peft(
+    model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
+) -> AdapterModel:
+    """Load a PEFT LoRA adapter directory onto ``model`` (a base model or an ``AdapterModel``).
+
+    The same as ``repeft.load_adapter``, which reads PEFT's directories as well as repeft's.
+
+    >>> model = repeft.from_peft(base, "some/peft_lora_adapter")  # doctest: +SKIP
+    """
+    return load_adapter(model, adapter_dir, adapter_name, trainable)

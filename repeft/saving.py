@@ -1,7 +1,13 @@
 """Saving and loading for ``AdapterModel``: one adapter per directory, checked before it is used.
 
-Adapter tensors are saved under the module path they sit at in the base
-model, without the adapter name, e.g. ``model.layers.0.self_attn.q_proj.lora_A``.
+A LoRA adapter (DoRA and embeddings included) is saved as PEFT saves it, so
+``peft.PeftModel.from_pretrained``, vLLM and the Hub read the directory:
+PEFT's ``adapter_config.json`` fields and tensor names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), with
+repeft's own fields beside PEFT's (format version 2). Other methods, which
+PEFT cannot represent, keep repeft's names: the module path in the base
+model, without the adapter name (``model.layers.0.self_attn.q_proj.lora_A``;
+format version 1). A load reads both versions and PEFT's own directories.
 ``adapter_config.json`` records the base model's architecture, and a load
 refuses an adapter made for another one, or tensors that do not fit, leaving
 the model as it was. The files themselves are written and read by ``repeft.files``.
@@ -20,7 +26,15 @@ from torch import nn
 from . import __version__
 from .adapters import TASK_HEAD_SUFFIXES, with_base_dtype
 from .config import AdapterConfig
-from .files import CONFIG_NAME, FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter_dir, write_adapter_dir
+from .files import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    REPEFT_NAMES_VERSION,
+    AdapterFileError,
+    read_adapter_dir,
+    write_adapter_dir,
+)
 from .fsdp import copy_whole_into, gathered
 from .kernels import triton_unavailable_reason
 from .tuner import MODEL_PREFIX
@@ -88,6 +102,8 @@ class SaveLoadMixin:
     ) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
 
+        A LoRA adapter is written in PEFT's layout (``peft.PeftModel.from_pretrained``
+        loads the directory), any other in repeft's (see this module's docstring).
         On several processes every one calls it and only the one with
         ``is_main_process=True`` writes, as with transformers' and PEFT's
         ``save_pretrained``. A sharded (FSDP) adapter is gathered whole first,
@@ -96,15 +112,22 @@ class SaveLoadMixin:
         >>> model.save_adapter("out/adapter")  # doctest: +SKIP
         >>> model.save_adapter("out/adapter", is_main_process=accelerator.is_main_process)  # doctest: +SKIP
         """
+        from .peft_interop import peft_files  # peft_interop builds on AdapterModel, whose module imports this one
+
         adapter_name = adapter_name or self.active_adapter
         self._check_known(adapter_name)
-        tensors = {k: gathered(v) for k, v in self.adapter_state_dict(adapter_name).items()}
+        in_peft_layout = peft_files(self, adapter_name)
+        if in_peft_layout is None:
+            peft_fields, tensors = {}, {k: gathered(v) for k, v in self.adapter_state_dict(adapter_name).items()}
+        else:
+            peft_fields, tensors = in_peft_layout
         if not is_main_process:
             return
         config = self.configs[adapter_name]
         meta = {
+            **peft_fields,  # PEFT ignores the fields below (peft 0.21 warns that it does)
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if peft_fields else REPEFT_NAMES_VERSION,
             "repeft_version": __version__,
             "method": config.method,
             "config": config.to_dict(),
@@ -173,7 +196,8 @@ class SaveLoadMixin:
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> LoadResult:
-        """Add the adapter saved in ``path`` as ``adapter_name``; nothing changes if it does not fit.
+        """Add the adapter saved in ``path`` (by repeft, or a LoRA adapter by PEFT) as ``adapter_name``;
+        nothing changes if it does not fit.
 
         ``is_trainable`` is PEFT's name for ``trainable``. ``config`` replaces the
         saved config; it must be of the same method (the tensors are checked against it).
@@ -183,12 +207,7 @@ class SaveLoadMixin:
         what every load does (the adapter is checked on the meta device first).
         """
         trainable = trainable if is_trainable is None else is_trainable
-        meta, tensors = read_adapter_dir(path)
-        self._check_architecture(path, meta.get("base_model", {}).get("architecture", {}))
-        try:
-            saved = AdapterConfig.from_saved(meta["config"])
-        except (TypeError, ValueError) as exc:
-            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: bad adapter config: {exc}") from None
+        saved, tensors = self.read_adapter(path)
         if config is not None and config.method != saved.method:
             raise ValueError(f"config is {config.method} but {path} holds a {saved.method} adapter")
         config = copy.deepcopy(config) if config is not None else saved
@@ -198,6 +217,26 @@ class SaveLoadMixin:
         _prefer_runnable_kernel(config, path)
         self.add_loaded_adapter(adapter_name, config, tensors, source=str(path))
         return LoadResult([], [])
+
+    def read_adapter(self, path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        """The config and tensors (under repeft's names) saved in ``path``: by repeft, in either format
+        version, or by PEFT. Checked against this model's architecture where the file records it; nothing is loaded.
+
+        >>> config, tensors = model.read_adapter("out/adapter")  # doctest: +SKIP
+        """
+        from .peft_interop import _repeft_names, peft_lora_adapter  # they build on AdapterModel
+
+        meta, tensors = read_adapter_dir(path)
+        if meta.get("format") != FORMAT:  # PEFT's own directory (read_adapter_dir lets no other through)
+            return peft_lora_adapter(self, meta, tensors, path)
+        self._check_architecture(path, meta.get("base_model", {}).get("architecture", {}))
+        try:
+            saved = AdapterConfig.from_saved(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: bad adapter config: {exc}") from None
+        if "peft_type" in meta:  # format version 2: a LoRA adapter's tensors under PEFT's names
+            tensors = _repeft_names(tensors, str(path))[0]
+        return saved, tensors
 
     def add_loaded_adapter(
         self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = "tensors"

@@ -19,7 +19,6 @@ import functools
 
 from transformers import Trainer
 
-from .files import read_adapter_dir
 from .model import AdapterModel
 
 
@@ -42,7 +41,7 @@ class AdapterCheckpoints:
 
     def _load_adapter_from(self, checkpoint: str) -> None:
         model = self._adapter_model()
-        _, tensors = read_adapter_dir(checkpoint)
+        _, tensors = model.read_adapter(checkpoint)
         model.load_adapter_tensors(model.active_adapter, tensors, source=checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

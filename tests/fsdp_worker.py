@@ -20,7 +20,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import repeft
 from repeft import fsdp
-from repeft.files import read_adapter_dir
 from tiny_models import VOCAB, tiny_model
 
 STEPS, ROWS, SEQ = 3, 8, 10
@@ -95,7 +94,7 @@ def run_case(config: repeft.AdapterConfig, ids: torch.Tensor, out_dir: Path, pol
     sharded.save_adapter(out_dir, is_main_process=rank == 0)
     dist.barrier()
     result["files"] = sorted(p.name for p in out_dir.iterdir())
-    _, saved = read_adapter_dir(out_dir)
+    _, saved = sharded.read_adapter(out_dir)
     result["saved_diff"] = max_diff(saved, expected)
     fresh = shard(wrapped(config, base_dtype), policy).eval()
     fresh.load_adapter_tensors("default", saved, source=str(out_dir))

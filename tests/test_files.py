@@ -52,11 +52,18 @@ def assert_untouched(base, reference):
 def test_adapter_dir_contents(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     meta = json.loads((saved / "adapter_config.json").read_text())
-    assert meta["method"] == "lora" and meta["format_version"] == 1
+    assert meta["method"] == "lora" and meta["format_version"] == 2
     assert meta["config"]["r"] == 4
     assert meta["base_model"]["architecture"]["hidden_size"] == 32
     assert "model.layers.0.self_attn.q_proj" in meta["adapted_modules"]
-    assert "model.layers.0.self_attn.q_proj.lora_A" in load_file(saved / "adapter_model.safetensors")
+    # A LoRA adapter is saved in PEFT's layout too (tests/test_peft_format.py).
+    assert meta["peft_type"] == "LORA" and meta["r"] == 4
+    assert in_file("model.layers.0.self_attn.q_proj.lora_A") in load_file(saved / "adapter_model.safetensors")
+
+
+def in_file(name):
+    """The name a LoRA adapter's tensor ``name`` (repeft's, as load errors give it) has in its file: PEFT's."""
+    return f"base_model.model.{name}.weight"
 
 
 def test_truncated_weights_are_rejected(saved):
@@ -77,7 +84,7 @@ def test_corrupt_config_is_rejected(saved):
 def test_missing_key_is_rejected(saved):
     weights = saved / "adapter_model.safetensors"
     tensors = load_file(weights)
-    del tensors["model.layers.1.self_attn.v_proj.lora_B"]
+    del tensors[in_file("model.layers.1.self_attn.v_proj.lora_B")]
     save_file(tensors, weights)
     base = tiny_model("llama")
     with pytest.raises(repeft.AdapterFileError, match="missing model.layers.1.self_attn.v_proj.lora_B"):
@@ -88,7 +95,7 @@ def test_missing_key_is_rejected(saved):
 def test_shape_mismatch_is_rejected(saved):
     weights = saved / "adapter_model.safetensors"
     tensors = load_file(weights)
-    tensors["model.layers.0.self_attn.q_proj.lora_A"] = torch.zeros(4, 31)
+    tensors[in_file("model.layers.0.self_attn.q_proj.lora_A")] = torch.zeros(4, 31)
     save_file(tensors, weights)
     with pytest.raises(repeft.AdapterFileError, match=r"wrong shape.*q_proj.lora_A: file \(4, 31\), model \(4, 32\)"):
         repeft.load_adapter(tiny_model("llama"), saved)
@@ -107,7 +114,7 @@ def test_failed_load_into_wrapped_model_keeps_its_adapters(saved):
     before = model(**batch).logits
     weights = saved / "adapter_model.safetensors"
     tensors = load_file(weights)
-    tensors["model.layers.0.self_attn.q_proj.lora_B"] = torch.zeros(3, 4)
+    tensors[in_file("model.layers.0.self_attn.q_proj.lora_B")] = torch.zeros(3, 4)
     save_file(tensors, weights)
     with pytest.raises(repeft.AdapterFileError):
         model.load_adapter(saved, "other")
@@ -123,9 +130,18 @@ def test_pickle_files_are_never_loaded(tmp_path):
         repeft.load_adapter(tiny_model("llama"), tmp_path)
 
 
-def test_peft_dir_passed_to_load_adapter_points_to_from_peft(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(repeft.AdapterFileError, match="repeft.from_peft"):
+def test_a_peft_dir_of_another_method_is_refused_by_name(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    save_file({"base_model.model.lm_head.ia3_l": torch.ones(96)}, tmp_path / "adapter_model.safetensors")
+    base = tiny_model("llama")
+    with pytest.raises(repeft.AdapterFileError, match="only PEFT LoRA adapters can be imported, this one is 'IA3'"):
+        repeft.load_adapter(base, tmp_path)
+    assert_untouched(base, tiny_model("llama"))
+
+
+def test_a_config_of_neither_format_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "other", "peft_type": "LORA"}))
+    with pytest.raises(repeft.AdapterFileError, match="neither a repeft adapter config .* nor a PEFT one"):
         repeft.load_adapter(tiny_model("llama"), tmp_path)
 
 
@@ -379,13 +395,17 @@ def edit_config(saved, edit):
     path.write_text(json.dumps(meta))
 
 
+# Reading the file names its tensors as stored (PEFT's names); fitting them to the model, as repeft names them.
 KEY = "model.layers.0.self_attn.q_proj.lora_A"
+FILE_KEY = in_file(KEY)
 BAD_TENSORS = {
-    "nan": (lambda t: t[KEY].__setitem__((0, 0), float("nan")), rf"tensor '{KEY}' holds 1 NaN or infinite"),
-    "inf": (lambda t: t[KEY].__setitem__((1, 2), float("inf")), rf"tensor '{KEY}' holds 1 NaN or infinite"),
-    "int64": (lambda t: t.__setitem__(KEY, t[KEY].long()), rf"tensor '{KEY}' is torch.int64 but the model's is torch.float32"),
-    "bool": (lambda t: t.__setitem__(KEY, t[KEY] > 0), rf"tensor '{KEY}' is torch.bool"),
-    "float8": (lambda t: t.__setitem__(KEY, t[KEY].to(torch.float8_e4m3fn)), rf"tensor '{KEY}' is torch.float8_e4m3fn; adapter weights"),
+    "nan": (lambda t: t[FILE_KEY].__setitem__((0, 0), float("nan")), rf"tensor '{FILE_KEY}' holds 1 NaN or infinite"),
+    "inf": (lambda t: t[FILE_KEY].__setitem__((1, 2), float("inf")), rf"tensor '{FILE_KEY}' holds 1 NaN or infinite"),
+    "int64": (lambda t: t.__setitem__(FILE_KEY, t[FILE_KEY].long()),
+              rf"tensor '{KEY}' is torch.int64 but the model's is torch.float32"),
+    "bool": (lambda t: t.__setitem__(FILE_KEY, t[FILE_KEY] > 0), rf"tensor '{KEY}' is torch.bool"),
+    "float8": (lambda t: t.__setitem__(FILE_KEY, t[FILE_KEY].to(torch.float8_e4m3fn)),
+               rf"tensor '{FILE_KEY}' is torch.float8_e4m3fn; adapter weights"),
 }
 BAD_CONFIGS = {
     "lora_alpha NaN": (lambda m: m["config"].update(lora_alpha=float("nan")), r"lora_alpha must be a number in \(0, 1e\+06\), got nan"),

@@ -95,12 +95,6 @@ def test_unsupported_peft_options_are_refused(tmp_path):
     assert all(p.requires_grad for p in fresh.parameters())
 
 
-def test_a_repeft_adapter_given_to_from_peft_points_to_load_adapter(tmp_path):
-    repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)).save_adapter(tmp_path / "adapter")
-    with pytest.raises(repeft.AdapterFileError, match=r"is a repeft adapter .* repeft\.load_adapter"):
-        repeft.from_peft(tiny_model("llama"), tmp_path / "adapter")
-
-
 @pytest.mark.parametrize("field,value,match", [
     ("r", None, "has no 'r' field"),
     ("lora_alpha", float("nan"), r"lora_alpha must be a number in \(0, 1e\+06\), got nan"),

@@ -24,6 +24,10 @@ SAVED = {
                         "init": "normal", "prefix_dropout": 0.0, "norga_layers": None}),
     "zero_init_deepshare": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
                             {"prompt_network": "deepshare", "activation": "gelu"}),
+    # Saved by repeft b076ab3 in format version 1: repeft's tensor names, before a LoRA adapter was saved in PEFT's layout.
+    "lora_format_v1": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"), {"use_dora": False}),
+    "dora_format_v1": (lambda: tiny_model("llama"), lambda: tiny_batch("llama"),
+                       {"use_dora": True, "modules_to_save": ["lm_head"]}),
     "vapt": (lambda: tiny_vision_model("vit"), tiny_images, {"mlp_dropout": 0.0, "norm_eps": None}),
 }
 

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from .. import fsdp
 from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, read_state, save_checkpoint, set_aside
 from ..datasource import parse_source
-from ..files import read_adapter_dir
 from ..model import AdapterModel
 from ..recipe import Recipe, RecipeError
 from ..recipe_yaml import parse_yaml
@@ -200,7 +199,7 @@ def checkpoint_adapter_only(accelerator: Accelerator, model: AdapterModel) -> No
 
     def load(models: list, input_dir: str) -> None:
         models.clear()
-        _, tensors = read_adapter_dir(Path(input_dir) / "adapter")
+        _, tensors = model.read_adapter(Path(input_dir) / "adapter")
         model.load_adapter_tensors(model.active_adapter, tensors, source=input_dir)
 
     accelerator.register_save_state_pre_hook(save)

@@ -8,6 +8,12 @@ added the prefix's ``init``, ``prefix_dropout`` and ``norga_layers``)::
 
     git archive 7779353 | tar -x -C /tmp/old && PYTHONPATH=/tmp/old:tests python tests/data/make_saved_adapters.py
 
+and the two LoRA adapters, written by repeft at commit b076ab3 in format version 1 (repeft's tensor names,
+before issue 26 gave a LoRA adapter PEFT's layout)::
+
+    git archive b076ab3 | tar -x -C /tmp/old && \
+        PYTHONPATH=/tmp/old:tests python tests/data/make_saved_adapters.py lora_format_v1 dora_format_v1
+
 except ``replora_form_residual``, written by repeft at commit 44042e5 (issue 15's
 residual form, before issue 25 made the shared form the default)::
 
@@ -42,6 +48,11 @@ ADAPTERS = {
                        lambda: tiny_batch("llama")),
     "zero_init_deepshare": (lambda: tiny_model("llama"), lambda: repeft.ZeroInitConfig(
         n_prompt=3, prompt_type="nonlinear", code_dim=4, mlp_hidden=8), lambda: tiny_batch("llama")),
+    "lora_format_v1": (lambda: tiny_model("llama"), lambda: repeft.LoRAConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "embed_tokens"]), lambda: tiny_batch("llama")),
+    "dora_format_v1": (lambda: tiny_model("llama"), lambda: repeft.LoRAConfig(
+        r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        lambda: tiny_batch("llama")),
     "vapt": (lambda: tiny_vision_model("vit"), lambda: repeft.VAPTConfig(n_prompt=3, kernel_size=2, mlp_hidden=4),
              tiny_images),
 }
