@@ -37,6 +37,7 @@ from .files import (
 )
 from .fsdp import copy_whole_into, gathered
 from .kernels import triton_unavailable_reason
+from .model_card import write_model_card
 from .tuner import MODEL_PREFIX
 
 # Config fields that pin down the shapes an adapter was trained for.
@@ -99,8 +100,8 @@ class SaveLoadMixin:
 
     def save_adapter(
         self, save_directory: str | os.PathLike, adapter_name: str | None = None, is_main_process: bool = True
-    ) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
+    ) -> bool:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically); True if in PEFT's layout.
 
         A LoRA adapter is written in PEFT's layout (``peft.PeftModel.from_pretrained``
         loads the directory), any other in repeft's (see this module's docstring).
@@ -122,7 +123,7 @@ class SaveLoadMixin:
         else:
             peft_fields, tensors = in_peft_layout
         if not is_main_process:
-            return
+            return bool(peft_fields)
         config = self.configs[adapter_name]
         meta = {
             **peft_fields,  # PEFT ignores the fields below (peft 0.21 warns that it does)
@@ -135,6 +136,7 @@ class SaveLoadMixin:
             "adapted_modules": sorted({p.removeprefix(MODEL_PREFIX) for p, l in self.adapter_layers() if adapter_name in l.adapters}),
         }
         write_adapter_dir(save_directory, meta, tensors)
+        return bool(peft_fields)
 
     def _base_model_record(self) -> dict[str, Any]:
         """What ``adapter_config.json`` says of the base: where it came from, its class, shapes and label names."""
@@ -183,7 +185,9 @@ class SaveLoadMixin:
             raise ValueError(f"selected_adapters names unknown adapter(s) {unknown}; adapters: {sorted(self.configs)}")
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            self.save_adapter(out, name, is_main_process)
+            peft_layout = self.save_adapter(out, name, is_main_process)
+            if is_main_process:
+                write_model_card(out, self.get_base_model(), self.configs[name].method, peft_layout)
 
     def load_adapter(
         self,

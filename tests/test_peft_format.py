@@ -220,3 +220,33 @@ def test_the_cli_reads_both_formats(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "peft"), "--out", str(tmp_path / "merged")]) == 0
     merged = type(tiny_model("llama")).from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(merged, "llama"), logits(theirs, "llama"), atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_writes_peft_s_model_card_and_keeps_a_user_s_text(tmp_path):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    base = tiny_model("llama")
+    base.config._name_or_path = "me/tiny-llama"
+    model = repeft.get_peft_model(base, repeft.LoraConfig(r=4))
+    model.add_adapter("shared", repeft.RepLoRAConfig(r=4))
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nTrained on my data.\n")
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == "me/tiny-llama" and "lora" in meta["tags"]
+    assert meta["license"] == "mit" and "Trained on my data." in card
+    assert meta["pipeline_tag"] == "text-generation"
+    other = ModelCard.load(tmp_path / "shared" / "README.md").data  # RepLoRA: repeft's layout, not PEFT's
+    assert other.library_name == "repeft" and "lora" not in other.tags
+
+
+def test_a_model_card_link_is_replaced_not_read(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token=hf_secret")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").symlink_to(secret)
+    repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(r=4)).save_pretrained(out)
+    assert not (out / "README.md").is_symlink() and "hf_secret" not in (out / "README.md").read_text()
+    assert secret.read_text() == "token=hf_secret"
