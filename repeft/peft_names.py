@@ -111,6 +111,12 @@ class PeftNamesMixin:
         return AdapterNames([] if self.active_adapter is None else [self.active_adapter])
 
     @property
+    def active_peft_config(self) -> AdapterConfig:
+        """PEFT's name for the active adapter's config."""
+        self._check_known(self.active_adapter)
+        return self.configs[self.active_adapter]
+
+    @property
     def peft_config(self) -> dict[str, AdapterConfig]:
         """PEFT's name for ``configs``: adapter name -> config."""
         return self.configs

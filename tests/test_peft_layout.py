@@ -63,6 +63,7 @@ def test_same_parameter_names_and_layout_as_peft():
 def test_tuner_members_act_on_the_wrapper():
     model = wrapped()
     assert model.base_model.peft_config is model.peft_config
+    assert model.active_peft_config is model.peft_config["default"]
     assert model.base_model.active_adapter == "default"
     model.base_model.set_adapter("other")
     assert model.active_adapter == "other" and model.base_model.active_adapters == ["other"]
