@@ -439,7 +439,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
     parameters (RepLoRA's shared seeds) sees the whole set at once.
     """
     from .lora_conv import CONV_LAYERS, LoRAConv, refuse_convs  # they subclass LoRALinear
-    from .lora_embedding import LoRAEmbedding, warn_about_shared_embeddings
+    from .lora_embedding import LoRAEmbedding, refuse_embeddings, warn_about_shared_embeddings
 
     base = model.get_base_model()
     paths = config.select(resolve_targets(base, config.target_modules, exclude=model.modules_to_save_paths()))
@@ -448,7 +448,7 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
         saved = [p for p in model.modules_to_save_paths() if name in base.get_submodule(p).adapters]
         check_weight_tying(base, paths + saved)
     embeddings = [p for p in paths if isinstance(_unwrapped(base.get_submodule(p)), nn.Embedding)]
-    _refuse_embeddings(config, embeddings)
+    refuse_embeddings(config, embeddings)
     warn_about_shared_embeddings(base, embeddings)
     refuse_convs(config, {p: _unwrapped(base.get_submodule(p)) for p in paths})
     layers = {}
@@ -471,23 +471,6 @@ def inject_low_rank(model, name: str, config: LoRAConfig, make_factors) -> None:
 
 def _unwrapped(layer: nn.Module) -> nn.Module:
     return layer.base_layer if isinstance(layer, LoRALinear) else layer
-
-
-def _refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
-    """LoRA and DoRA adapt embeddings as PEFT does; RepLoRA and lora_bias there are refused by name, before anything changes."""
-    if not embeddings:
-        return
-    if config.method != "lora":
-        raise TargetError(
-            f"target_modules select the embedding {embeddings[0]!r}: {type(config).__name__} shares seeds between "
-            "attention projections and does not adapt embeddings; leave it out of target_modules (LoRAConfig adapts "
-            "embeddings; modules_to_save trains one in full)"
-        )
-    if config.lora_bias:
-        raise TargetError(
-            f"target_modules select the embedding {embeddings[0]!r}: lora_bias=True is not supported for Embedding "
-            "layers (as in PEFT); leave it out of target_modules, or use lora_bias=False"
-        )
 
 
 @register_method(

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import dora
 from .lora import DTYPES, LoRAConfig, LoRALinear
+from .targeting import TargetError
 
 
 class LoRAEmbeddingFactors(nn.Module):
@@ -155,3 +156,20 @@ def warn_about_shared_embeddings(model: nn.Module, paths: list[str]) -> None:
                 "them too, or instead",
                 stacklevel=5,
             )
+
+
+def refuse_embeddings(config: LoRAConfig, embeddings: list[str]) -> None:
+    """LoRA and DoRA adapt embeddings as PEFT does; RepLoRA and lora_bias there are refused by name, before anything changes."""
+    if not embeddings:
+        return
+    if config.method != "lora":
+        raise TargetError(
+            f"target_modules select the embedding {embeddings[0]!r}: {type(config).__name__} shares seeds between "
+            "attention projections and does not adapt embeddings; leave it out of target_modules (LoRAConfig adapts "
+            "embeddings; modules_to_save trains one in full)"
+        )
+    if config.lora_bias:
+        raise TargetError(
+            f"target_modules select the embedding {embeddings[0]!r}: lora_bias=True is not supported for Embedding "
+            "layers (as in PEFT); leave it out of target_modules, or use lora_bias=False"
+        )
