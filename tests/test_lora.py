@@ -184,7 +184,7 @@ def test_save_pretrained_saves_the_adapter_as_peft_does(tmp_path):
     model = randomize(repeft.wrap(tiny_model("llama"), repeft.LoRAConfig(r=4)))
     batch = tiny_batch("llama")
     model.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     reloaded = repeft.load_adapter(tiny_model("llama"), tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-6, rtol=0)
     reloaded.load_adapter(tmp_path / "adapter", "second")

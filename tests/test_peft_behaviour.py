@@ -193,7 +193,8 @@ def test_push_to_hub_uploads_the_adapters_not_the_base_model(monkeypatch):
     ours.add_adapter("other", repeft.LoRAConfig(r=2, target_modules=["q_proj"]))
     ours.push_to_hub("me/tiny-lora")
     assert uploaded["me/tiny-lora"] == [
-        "adapter_config.json", "adapter_model.safetensors", "other/adapter_config.json", "other/adapter_model.safetensors"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors",  # the model card the Hub shows
+        "other/README.md", "other/adapter_config.json", "other/adapter_model.safetensors"]
 
 
 # -- PEFT's arguments and names (section 3) -----------------------------------------------------------
