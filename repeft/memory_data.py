@@ -62,8 +62,19 @@ def passed_rows(
     raise RecipeError(f"{name} is {_what_it_is(data, datasets)}; pass {_instead(data, name, datasets)}")
 
 
+def check_same_class_names(train_names: list[str] | None, eval_names: list[str] | None, label_column: str) -> None:
+    """Refuse eval rows whose ``ClassLabel`` numbers the classes otherwise than the training rows' does."""
+    if train_names and eval_names and eval_names != train_names:
+        mapping = {name: i for i, name in enumerate(train_names)}
+        raise RecipeError(
+            f"eval_data's {label_column} ClassLabel names {eval_names} differ from train_data's {train_names}, so "
+            f"its ids mean other classes; pass eval_data.align_labels_with_mapping({mapping}, {label_column!r})"
+        )
+
+
 def rows_sha256(rows: list[dict[str, Any]]) -> str:
-    """A SHA-256 of rows as canonical JSON (sorted keys; arrays and tensors as lists, bytes as hex)."""
+    """A SHA-256 of rows as canonical JSON (sorted keys; arrays and tensors as lists, bytes as hex, any other value
+    as its ``str``: a date's is stable; an object shown by its address reads as changed, so resume refuses it)."""
     text = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -73,10 +84,7 @@ def _plain(value: Any) -> Any:
         return value.hex()
     if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
         return value.tolist()
-    raise RecipeError(
-        f"the data passed to train() holds a {type(value).__name__}, which cannot be recorded for resume; "
-        "use strings, numbers, lists, or numpy arrays / tensors"
-    )
+    return f"{type(value).__name__}:{value}"
 
 
 def _datasets_module(data: Any) -> Any:
@@ -91,7 +99,8 @@ def _datasets_module(data: Any) -> Any:
 def _what_it_is(data: Any, datasets: Any) -> str:
     if datasets is not None and isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return f"a {type(data).__name__} with the splits {sorted(data)}"
-    return f"a {type(data).__module__.split('.')[0]}.{type(data).__name__}"
+    module = type(data).__module__.split(".")[0]
+    return f"a {type(data).__name__}" if module == "builtins" else f"a {module}.{type(data).__name__}"
 
 
 def _instead(data: Any, name: str, datasets: Any) -> str:

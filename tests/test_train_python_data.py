@@ -104,7 +104,12 @@ REFUSED = {
     "a pandas DataFrame": (lambda: sms_dataset().to_pandas(), None,
                            r"train_data is a pandas.DataFrame; pass datasets.Dataset.from_pandas\(df\) "
                            r"or df.to_dict\('records'\)"),
-    "a dict of columns": (lambda: dict(SMS), None, r"train_data is a builtins.dict; pass a list of dicts"),
+    "a dict of columns": (lambda: dict(SMS), None, r"train_data is a dict; pass a list of dicts, one per example, "
+                          r"or datasets.Dataset.from_dict\(columns\)"),
+    "eval classes numbered otherwise": (
+        sms_dataset, lambda: sms_dataset().cast_column("label", datasets.ClassLabel(names=["ham", "spam"])),
+        r"eval_data's label ClassLabel names \['ham', 'spam'\] differ from train_data's \['spam', 'ham'\].*"
+        r"align_labels_with_mapping\(\{'spam': 0, 'ham': 1\}, 'label'\)"),
     "a list of strings": (lambda: SMS["sms"], None, "train_data: item 1 is a str, not a dict"),
     "eval without train": (None, sms_dataset, "eval_data was passed to train.. without train_data"),
 }
@@ -143,3 +148,17 @@ def test_a_recipe_without_data_train_is_refused_on_the_command_line(tmp_path, ca
     assert "data.train is missing: name the training data in the recipe" in err and "train_data=" in err
     with pytest.raises(RecipeError, match="data.train is missing"):
         train(recipe_from_dict(apply_overrides(python_data_recipe(tmp_path), [])))
+
+
+def test_the_rows_digest_sees_values_beyond_json():
+    import datetime
+
+    import numpy as np
+
+    from repeft.memory_data import rows_sha256
+
+    def rows(pixel: float, day: int) -> list[dict]:
+        return [{"pixel_values": np.full((2, 2), pixel), "raw": b"\x00\x01", "when": datetime.date(2026, 1, day)}]
+
+    assert rows_sha256(rows(0.5, 1)) == rows_sha256(rows(0.5, 1))
+    assert len({rows_sha256(rows(0.5, 1)), rows_sha256(rows(0.25, 1)), rows_sha256(rows(0.5, 2))}) == 3

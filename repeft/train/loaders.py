@@ -25,7 +25,7 @@ from ..dataio import (
     pack_examples,
 )
 from ..datasource import read_rows
-from ..memory_data import PASSED_NAMES, check_data_given, passed_rows, rows_sha256
+from ..memory_data import PASSED_NAMES, check_data_given, check_same_class_names, passed_rows, rows_sha256
 from ..model import AdapterModel
 from ..recipe import Recipe, RecipeError, check_eval_data_given
 from .build import model_config
@@ -87,7 +87,8 @@ def _passed_data(
     train_rows, class_names = passed_rows(train_data, "train_data", spec.label_column, spec.train_limit)
     eval_rows = None
     if eval_data is not None:
-        eval_rows, _ = passed_rows(eval_data, "eval_data", spec.label_column, spec.eval_limit)
+        eval_rows, eval_names = passed_rows(eval_data, "eval_data", spec.label_column, spec.eval_limit)
+        check_same_class_names(class_names, eval_names, spec.label_column)
     check_eval_data_given(recipe, eval_rows is not None, "eval_data")
     if class_names and not spec.labels and recipe.task != "causal_lm":
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(spec, labels=class_names))
