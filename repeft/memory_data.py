@@ -29,7 +29,7 @@ def check_data_given(recipe: Recipe, train_data: Any = None, eval_data: Any = No
     if passed and named:
         raise RecipeError(
             f"the recipe names {named[0]} and {passed[0]} was passed to train(): take the data from one place, "
-            f"either drop data.train and data.eval from the recipe or pass no train_data/eval_data"
+            "either drop data.train and data.eval from the recipe or pass no train_data/eval_data"
         )
     if eval_data is not None and train_data is None:
         raise RecipeError("eval_data was passed to train() without train_data: pass the training rows too")
