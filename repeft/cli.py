@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .memory_data import check_data_given
     from .recipe import RecipeError, load_recipe
 
     overrides = list(args.overrides)
@@ -150,6 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume_from:
         overrides.append(f"checkpoint.resume={args.resume_from}")
     recipe = load_recipe(args.recipe, overrides)
+    check_data_given(recipe)  # a recipe may leave data.train out only for data passed from Python
     if args.dry_run:
         print(recipe.to_yaml(), end="")
         return 0

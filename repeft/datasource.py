@@ -61,8 +61,11 @@ def check_source(name: str, source: str) -> str | None:
     return None
 
 
-def declared_label_names(source: str, label_column: str) -> list[str] | None:
-    """The class names a source declares: a builtin's, or a ``datasets`` ``ClassLabel`` column's; else None."""
+def declared_label_names(source: str | None, label_column: str) -> list[str] | None:
+    """The class names a source declares: a builtin's, or a ``datasets`` ``ClassLabel`` column's; else None
+    (also for no source: data passed from Python, whose names ``memory_data.passed_rows`` gives)."""
+    if source is None:
+        return None
     builtin = parse_source(source, "train")
     if builtin is not None:
         labels = registry.dataset(builtin[0]).labels

@@ -66,7 +66,8 @@ class ModelSpec:
 class DataSpec:
     """Where examples come from and how they become tensors."""
 
-    train: str = field(default="", metadata={"required": True})
+    # None: the rows are passed from Python, train(recipe, train_data=...); a run checks that it has some.
+    train: str | None = None
     eval: str | None = None
     text_column: str = "text"
     label_column: str = "label"
@@ -369,7 +370,7 @@ def _check(recipe: Recipe, check_data: bool) -> None:
     if check_data:
         check_output_dir(recipe.output.dir)
         check_inputs_not_written(recipe)
-        train_kind = check_source("data.train", recipe.data.train)
+        train_kind = check_source("data.train", recipe.data.train) if recipe.data.train is not None else None
         if recipe.data.eval is not None:
             check_source("data.eval", recipe.data.eval)
         expected_kind = "image" if recipe.task == "image_classification" else "text"
@@ -393,12 +394,8 @@ def _check(recipe: Recipe, check_data: bool) -> None:
         raise RecipeError(f"data.format {recipe.data.format} and data.packing need task causal_lm, not {recipe.task}")
     if recipe.task != "causal_lm" and (recipe.eval.generate or recipe.eval.exact_match):
         raise RecipeError("eval.generate / eval.exact_match need task causal_lm")
-    asked = {"eval.every": recipe.eval.every, "eval.before": recipe.eval.before, "eval.patience": recipe.eval.patience,
-             "eval.generate": recipe.eval.generate, "eval.exact_match": recipe.eval.exact_match,
-             "output.best": recipe.output.best}
-    needing_eval = [name for name, value in asked.items() if value]
-    if needing_eval and recipe.data.eval is None:
-        raise RecipeError(f"{needing_eval[0]} needs data.eval")
+    if recipe.data.train is not None:  # else the data come from Python: train() checks them
+        check_eval_data_given(recipe, recipe.data.eval is not None, "data.eval")
     if recipe.eval.patience and not recipe.eval.every:
         raise RecipeError("eval.patience counts evaluations during training: set eval.every too")
     if recipe.model.quantization != "none" and recipe.model.path is None:
@@ -412,6 +409,16 @@ def _check(recipe: Recipe, check_data: bool) -> None:
         raise RecipeError(f"output.peft needs a LoRA-family adapter (lora, replora); adapter.method is {recipe.adapter.method}")
     if recipe.output.merged and not recipe.adapter.mergeable:
         raise RecipeError(f"output.merged: a {recipe.adapter.method} adapter cannot be merged into the weights")
+
+
+def check_eval_data_given(recipe: Recipe, has_eval: bool, eval_name: str) -> None:
+    """Refuse settings that evaluate when a run has no eval data (``eval_name``: data.eval, or eval_data)."""
+    asked = {"eval.every": recipe.eval.every, "eval.before": recipe.eval.before, "eval.patience": recipe.eval.patience,
+             "eval.generate": recipe.eval.generate, "eval.exact_match": recipe.eval.exact_match,
+             "output.best": recipe.output.best}
+    needing_eval = [name for name, value in asked.items() if value]
+    if needing_eval and not has_eval:
+        raise RecipeError(f"{needing_eval[0]} needs {eval_name}")
 
 
 def _check_model(recipe: Recipe) -> None:

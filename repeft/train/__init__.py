@@ -4,7 +4,7 @@
 
 1. ``launch``: check the launch and join the processes in an ``accelerate.Accelerator``
    (DDP or FSDP2, mixed precision, gradient accumulation);
-2. ``loaders``: read and check the data, before any model loads;
+2. ``loaders``: read and check the data (files, or rows passed from Python), before any model loads;
 3. ``resume``: find the checkpoints to resume from (and refuse a changed recipe or data, or a directory
    holding another run);
 4. ``build`` and ``loaders``: the tokenizer, then the examples tokenized, packed and checked, then (only then)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import transformers
 
@@ -67,18 +68,26 @@ __all__ = [
 ]
 
 
-def train(recipe: Recipe) -> TrainResult:
+def train(recipe: Recipe, train_data: Any = None, eval_data: Any = None) -> TrainResult:
     """Train the adapter a recipe describes and write its outputs; call on every process.
 
     >>> result = train(load_recipe("recipes/quickstart.yaml"))  # doctest: +SKIP
     >>> result.adapter_dir  # doctest: +SKIP
     'runs/quickstart/adapter'
+
+    ``train_data`` and ``eval_data`` (a ``datasets.Dataset``, or a list of dicts, one per example) give the rows
+    from Python in place of the recipe's ``data.train`` and ``data.eval``, which the recipe must then leave out;
+    a ``ClassLabel`` label column's names become the class names, and resuming on other rows is refused:
+
+    >>> ds = datasets.load_dataset("imdb")  # doctest: +SKIP
+    >>> recipe = load_recipe("recipes/quickstart.yaml", ["data.train=null", "data.eval=null"])  # doctest: +SKIP
+    >>> train(recipe, train_data=ds["train"], eval_data=ds["test"])  # doctest: +SKIP
     """
     started = time.perf_counter()
     accelerator = make_accelerator(recipe)
     if not accelerator.is_main_process:
         transformers.logging.set_verbosity_error()
-    recipe, data = read_data(recipe)
+    recipe, data = read_data(recipe, train_data, eval_data)
     candidates = resume_candidates(recipe, data.made_from, accelerator)
     tokenizer = load_checked_tokenizer(recipe, data, accelerator)
     examples = build_run_examples(recipe, data, tokenizer, accelerator.num_processes)

@@ -25,8 +25,9 @@ from ..dataio import (
     pack_examples,
 )
 from ..datasource import read_rows
+from ..memory_data import PASSED_NAMES, check_data_given, check_same_class_names, passed_rows, rows_sha256
 from ..model import AdapterModel
-from ..recipe import Recipe, RecipeError
+from ..recipe import Recipe, RecipeError, check_eval_data_given
 from .build import model_config
 from .resume import record_made_from
 
@@ -52,17 +53,46 @@ class RunExamples:
     answers: list[tuple[list[int], str]]  # (prompt, expected answer) per eval example, when evaluation generates
 
 
-def read_data(recipe: Recipe) -> tuple[Recipe, RunData]:
-    """Read and check the rows, before any model loads; return the recipe with its label names filled in."""
-    train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
-    eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
+def read_data(recipe: Recipe, train_data: Any = None, eval_data: Any = None) -> tuple[Recipe, RunData]:
+    """Read and check the rows, before any model loads; return the recipe with its label names filled in.
+
+    ``train_data``/``eval_data``: rows passed from Python (``memory_data``) in place of data.train/data.eval.
+    """
+    check_data_given(recipe, train_data, eval_data)
+    if train_data is None:
+        names = ("data.train", "data.eval")
+        train_rows = read_rows(recipe.data.train, "train", recipe.data.train_limit)
+        eval_rows = read_rows(recipe.data.eval, "test", recipe.data.eval_limit) if recipe.data.eval else None
+    else:
+        names = PASSED_NAMES
+        recipe, train_rows, eval_rows = _passed_data(recipe, train_data, eval_data)
     labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
-    check_rows(recipe, train_rows, "data.train", labels)
+    check_rows(recipe, train_rows, names[0], labels)
     if eval_rows is not None:
-        check_rows(recipe, eval_rows, "data.eval", labels)
+        check_rows(recipe, eval_rows, names[1], labels)
+    passed_sha256 = {}
+    if train_data is not None:  # rows passed from Python have no file to digest: checkpoints record the rows'
+        passed_sha256 = {name: rows_sha256(rows) for name, rows in zip(names, (train_rows, eval_rows)) if rows}
     # The run directory records the label order, so exports can rebuild the same head.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=labels or None))
-    return recipe, RunData(train_rows, eval_rows, labels, record_made_from(recipe))
+    return recipe, RunData(train_rows, eval_rows, labels, record_made_from(recipe, passed_sha256))
+
+
+def _passed_data(
+    recipe: Recipe, train_data: Any, eval_data: Any
+) -> tuple[Recipe, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The rows passed from Python, and the recipe with the class names of a ``ClassLabel`` label column (as for a
+    ``datasets`` folder; ``data.labels`` set in the recipe wins)."""
+    spec = recipe.data
+    train_rows, class_names = passed_rows(train_data, "train_data", spec.label_column, spec.train_limit)
+    eval_rows = None
+    if eval_data is not None:
+        eval_rows, eval_names = passed_rows(eval_data, "eval_data", spec.label_column, spec.eval_limit)
+        check_same_class_names(class_names, eval_names, spec.label_column)
+    check_eval_data_given(recipe, eval_rows is not None, "eval_data")
+    if class_names and not spec.labels and recipe.task != "causal_lm":
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(spec, labels=class_names))
+    return recipe, train_rows, eval_rows
 
 
 def build_run_examples(recipe: Recipe, data: RunData, tokenizer: Any, processes: int) -> RunExamples:

@@ -72,10 +72,11 @@ def _is_number(value: Any) -> bool:
 # -- before the model loads: where to resume from ---------------------------------------------
 
 
-def record_made_from(recipe: Recipe) -> dict[str, Any]:
+def record_made_from(recipe: Recipe, passed_sha256: dict[str, str] | None = None) -> dict[str, Any]:
     """What a checkpoint records of the run that wrote it: the whole recipe (base model, adapter, data sources,
-    seed, optimizer, ...) and a SHA-256 of each data file, so that a changed file under the same name shows."""
-    files = {}
+    seed, optimizer, ...) and a SHA-256 of each data file, so that a changed file under the same name shows;
+    ``passed_sha256``: those of the rows passed from Python (``train_data``, ``eval_data``), which have no file."""
+    files = dict(passed_sha256 or {})
     for name, source in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if source is not None and parse_source(source, "train") is None:
             files[name] = _sha256(Path(source))
