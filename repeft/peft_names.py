@@ -7,6 +7,7 @@ look for some of these names on the model they are given.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -148,7 +149,8 @@ class PeftNamesMixin:
 
         As in PEFT, the model comes back in eval mode (dropout off) unless
         ``is_trainable=True``; ``config`` replaces the saved config (same method,
-        same shapes); ``subfolder`` is a folder inside ``path``. PEFT's
+        same shapes) and, as in PEFT, becomes the adapter's config (its
+        ``inference_mode`` set to ``not is_trainable``); ``subfolder`` is a folder inside ``path``. PEFT's
         ``autocast_adapter_dtype=True`` is repeft's default (adapters in
         float32; ``False``: in the base's dtype, as ``load_adapter`` says);
         ``low_cpu_mem_usage`` is what a load does anyway (the adapter
@@ -169,6 +171,13 @@ class PeftNamesMixin:
             wrapped.load_adapter(
                 path, adapter_name, trainable=is_trainable, config=config, autocast_adapter_dtype=autocast_adapter_dtype
             )
+        if config is not None:
+            # As in PEFT, the config passed becomes the adapter's (inference_mode set to match); it is given the
+            # values of the checked copy the adapter was built from, so it says what the adapter is.
+            checked = wrapped.configs[adapter_name]
+            for field in dataclasses.fields(checked):
+                setattr(config, field.name, getattr(checked, field.name))
+            wrapped.configs[adapter_name] = config
         return wrapped if is_trainable else wrapped.eval()
 
     def push_to_hub(

@@ -437,3 +437,11 @@ def test_load_adapter_reports_no_missing_keys_and_a_config_changed_after_it_was_
     with pytest.raises(ValueError, match="bias='all': repeft's LoRA trains no biases"):
         model.add_adapter("third", config)
     assert sorted(model.peft_config) == ["default", "other"]
+
+
+def test_from_pretrained_keeps_the_config_it_is_given_as_peft_does(tmp_path):
+    repeft.get_peft_model(tiny_model("llama"), repeft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    for lib in (peft, repeft):
+        config = lib.LoraConfig(r=4, target_modules=["q_proj"])
+        loaded = lib.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, config=config)
+        assert loaded.peft_config["default"] is config and config.inference_mode
