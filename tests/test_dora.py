@@ -167,11 +167,7 @@ def test_merge_matches_peft_and_unmerge_restores_the_base(family, tmp_path):
         for path, layer in model.adapter_layers():
             weight = base_state[f"{path.removeprefix('base_model.model.')}.weight"]
             torch.testing.assert_close(layer.base_layer.weight, weight, atol=1e-6, rtol=0)
-        merged = model.merge_and_unload().state_dict()
-        peft_merged = peft_model.merge_and_unload().state_dict()
-    assert merged.keys() == peft_merged.keys()
-    for key, value in peft_merged.items():
-        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=key)
+        assert_merged_like_peft(model, peft_model)
 
 
 def test_merged_export_folds_the_magnitude_in(tmp_path):
@@ -340,3 +336,11 @@ def test_the_conformance_checklist_with_dora_on_every_lora_family(family, tmp_pa
     plain = model.merge_and_unload()
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
     torch.testing.assert_close(logits(plain, batch), trained, atol=1e-4, rtol=0)
+
+
+def assert_merged_like_peft(ours, theirs) -> None:
+    """``merge_and_unload`` of a repeft and a PEFT model give the same state dict (keys and values)."""
+    merged, peft_merged = ours.merge_and_unload().state_dict(), theirs.merge_and_unload().state_dict()
+    assert merged.keys() == peft_merged.keys()
+    for key, value in peft_merged.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=key)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import repeft
 from repeft.lora_embedding import LoRAEmbedding
-from test_dora import as_repeft
+from test_dora import as_repeft, assert_merged_like_peft
 from test_lora_embedding import batch_with_padding, named_grads
 from tiny_models import logits, tiny_batch, tiny_model
 
@@ -98,10 +98,7 @@ def test_merge_matches_peft_and_unmerge_restores_the_base(family, tmp_path):
     torch.testing.assert_close(logits(ours, batch), expected, atol=1e-5, rtol=0)
     ours.unmerge()
     torch.testing.assert_close(embedding(ours).base_layer.weight, base_state["model.embed_tokens.weight"], atol=1e-6, rtol=0)
-    merged, peft_merged = ours.merge_and_unload().state_dict(), theirs.merge_and_unload().state_dict()
-    assert merged.keys() == peft_merged.keys()
-    for key, value in peft_merged.items():
-        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=key)
+    assert_merged_like_peft(ours, theirs)
 
 
 def test_merging_a_tied_embedding_leaves_the_head_on_the_base_weight(tmp_path):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import repeft
 from tiny_models import logits, tiny_batch, tiny_model
+from test_dora import assert_merged_like_peft
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,10 +159,7 @@ def test_merge_matches_peft_and_unmerge_restores_the_base(family, tmp_path):
         path = path.removeprefix("base_model.model.")
         torch.testing.assert_close(layer.base_layer.weight, base_state[f"{path}.weight"], atol=1e-6, rtol=0)
         torch.testing.assert_close(layer.base_layer.bias, base_state[f"{path}.bias"], atol=1e-6, rtol=0)
-    merged, peft_merged = model.merge_and_unload().state_dict(), peft_model.merge_and_unload().state_dict()
-    assert merged.keys() == peft_merged.keys()
-    for key, value in peft_merged.items():
-        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=key)
+    assert_merged_like_peft(model, peft_model)
 
 
 def test_merged_export_folds_the_bias_in(tmp_path):

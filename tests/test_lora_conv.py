@@ -12,7 +12,7 @@ from torch import nn
 
 import repeft
 from repeft.lora_conv import LoRAConv
-from test_dora import as_repeft
+from test_dora import as_repeft, assert_merged_like_peft
 from tiny_models import logits, tiny_batch, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -210,13 +210,10 @@ def test_merge_matches_peft_and_unmerge_restores_the_base(kind, use_dora, tmp_pa
         torch.testing.assert_close(conv.base_layer.weight, base_weight, atol=1e-6, rtol=0)
         torch.testing.assert_close(ours(x), expected, atol=1e-6, rtol=0)
         theirs.unmerge_adapter()
-        plain = ours.merge_and_unload()
-        assert type(plain.conv) is type(reference.conv)
+        plain = copy.deepcopy(ours).merge_and_unload()
+        assert type(plain.conv) is type(conv.base_layer)
         torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=0)
-        peft_merged = theirs.merge_and_unload().state_dict()
-    assert plain.state_dict().keys() == peft_merged.keys()
-    for key, value in peft_merged.items():
-        torch.testing.assert_close(plain.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+        assert_merged_like_peft(ours, theirs)
 
 
 def test_a_merge_that_overflows_a_float16_weight_is_refused_before_it_is_written():
