@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from .adapters import AdapterManagementMixin
@@ -154,8 +155,9 @@ class PeftNamesMixin:
         ``autocast_adapter_dtype=True`` is repeft's default (adapters in
         float32; ``False``: in the base's dtype, as ``load_adapter`` says);
         ``low_cpu_mem_usage`` is what a load does anyway (the adapter
-        is checked on the meta device before anything is allocated). Hub and
-        device options are refused by name: repeft reads local directories.
+        is checked on the meta device before anything is allocated);
+        ``torch_device``/``device_map`` must name the base model's device, where
+        the adapter goes. Hub options are refused by name: repeft reads local directories.
 
         >>> model = repeft.AdapterModel.from_pretrained(base, "out/adapter")  # doctest: +SKIP
         """
@@ -207,19 +209,20 @@ class PeftNamesMixin:
 
 def _check_base_device(model: nn.Module, torch_device: Any, device_map: Any) -> None:
     """PEFT's ``torch_device``/``device_map`` name where the adapter goes; repeft puts it beside the base weights."""
-    import torch
-
-    asked = {"torch_device": [] if torch_device is None else [torch_device]}
-    asked["device_map"] = [] if device_map is None else list(device_map.values()) if isinstance(device_map, dict) else [device_map]
     base = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for option, devices in asked.items():
-        for device in devices:
+    asked = [("torch_device", torch_device)] if torch_device is not None else []
+    if device_map is not None:
+        asked += [("device_map", d) for d in (device_map.values() if isinstance(device_map, dict) else [device_map])]
+    for option, device in asked:
+        try:
             device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-            if device.type != base.type or (device.index is not None and device.index != (base.index or 0)):
-                raise ValueError(
-                    f"from_pretrained({option}={torch_device if option == 'torch_device' else device_map!r}): repeft "
-                    f"loads the adapter onto the base model's device ({base}); move the base model there first"
-                )
+        except (RuntimeError, TypeError, ValueError):
+            device = None  # "auto", "balanced", ...: a placement plan, which repeft does not make
+        if device is None or device.type != base.type or (device.index or 0) != (base.index or 0):
+            raise ValueError(
+                f"from_pretrained({option}={(device_map if option == 'device_map' else torch_device)!r}): repeft "
+                f"loads the adapter onto the base model's device ({base}); move the base model there first"
+            )
 
 
 def _refuse_hub_options(caller: str, options: dict[str, Any]) -> None:

@@ -425,6 +425,8 @@ def test_from_pretrained_takes_peft_s_device_options_naming_the_base_s_device(tm
         assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     with pytest.raises(ValueError, match=r"torch_device='cuda'.*onto the base model's device \(cpu\)"):
         repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, torch_device="cuda")
+    with pytest.raises(ValueError, match=r"device_map='auto'.*onto the base model's device \(cpu\)"):
+        repeft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, device_map="auto")
 
 
 def test_load_adapter_reports_no_missing_keys_and_a_config_changed_after_it_was_built_is_checked(tmp_path):
