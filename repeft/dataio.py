@@ -28,12 +28,13 @@ if TYPE_CHECKING:
 Example = dict[str, torch.Tensor]
 
 
-def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
+def label_names(recipe: Recipe, train_rows: list[dict[str, Any]], source: str = "data.train") -> list[str]:
     """Names of the classes, index = class id: from ``data.labels``, the builtin dataset, or the data.
 
     From the data: integer ids (ints, whole floats, digit strings) give the
     classes ``0..max``, of which at least half must occur, so a stray large id
     cannot build a huge head; otherwise the labels are class names, sorted.
+    ``source`` names the rows in errors (``train_data`` for rows passed from Python).
     """
     if recipe.data.labels:
         return list(recipe.data.labels)
@@ -41,14 +42,14 @@ def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
     if declared is not None:
         return declared
     column = recipe.data.label_column
-    values = [_column(row, column, "data.train", number, "data.label_column") for number, row in enumerate(train_rows, 1)]
+    values = [_column(row, column, source, number, "data.label_column") for number, row in enumerate(train_rows, 1)]
     ids = [_as_id(v) for v in values]
     if values and all(i is not None for i in ids):
-        return _id_labels(ids, column)
+        return _id_labels(ids, column, source)
     for number, (value, index) in enumerate(zip(values, ids), 1):
         if index is None and not isinstance(value, str):
             raise RecipeError(
-                f"data.train: example {number} has {column} {value!r}; labels are integer ids (0, 1, ...) "
+                f"{source}: example {number} has {column} {value!r}; labels are integer ids (0, 1, ...) "
                 "or class names (strings)"
             )
     if all(isinstance(v, str) for v in values):
@@ -56,22 +57,22 @@ def label_names(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
     number, value = next((n, v) for n, v in enumerate(values, 1) if not isinstance(v, str))
     name = next(v for v in values if isinstance(v, str) and _as_id(v) is None)
     raise RecipeError(
-        f"data.train: example {number} has the {column} id {value!r} while others have class names "
+        f"{source}: example {number} has the {column} id {value!r} while others have class names "
         f"(e.g. {name!r}); use one kind for all"
     )
 
 
-def _id_labels(ids: list[int], column: str) -> list[str]:
+def _id_labels(ids: list[int], column: str, source: str) -> list[str]:
     """``["0", ..., str(max)]`` for integer labels; refuses negative ids, and ids most of whose range is unused."""
     if min(ids) < 0:
-        raise RecipeError(f"data.train: {column} {min(ids)} is negative; class ids run 0, 1, 2, ...")
+        raise RecipeError(f"{source}: {column} {min(ids)} is negative; class ids run 0, 1, 2, ...")
     present = set(ids)
     count = max(ids) + 1
     # A few classes missing from a small training set is normal; most of 0..max missing is a stray id
     # (100000 would build a 100,001-class head).
     if 2 * len(present) < count:
         raise RecipeError(
-            f"data.train: the {column} ids run up to {count - 1}, but only {len(present)} distinct ids occur "
+            f"{source}: the {column} ids run up to {count - 1}, but only {len(present)} distinct ids occur "
             f"(the largest: {sorted(present)[-3:]}); the head gets one output per id, so renumber the labels "
             f"0..{len(present) - 1} or name every class in data.labels"
         )

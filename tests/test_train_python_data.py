@@ -81,10 +81,10 @@ def test_a_list_of_dicts_trains_and_resumes_only_on_the_same_rows(tmp_path, caps
     resuming = recipe_from_dict(python_data_recipe(tmp_path, "checkpoint.resume=auto"))
 
     changed = [dict(row, text=row["text"] + " good") for row in rows]
-    refused = "cannot resume from .*step-00000002: it was made with another the contents of train_data"
+    refused = "cannot resume from .*step-00000002: it was made with other contents of train_data"
     with pytest.raises(RecipeError, match=refused):
         train(resuming, train_data=changed, eval_data=eval_rows)
-    with pytest.raises(RecipeError, match="another the contents of eval_data"):
+    with pytest.raises(RecipeError, match="made with other contents of eval_data"):
         train(resuming, train_data=rows, eval_data=eval_rows[:4])
 
     capsys.readouterr()
@@ -162,3 +162,10 @@ def test_the_rows_digest_sees_values_beyond_json():
 
     assert rows_sha256(rows(0.5, 1)) == rows_sha256(rows(0.5, 1))
     assert len({rows_sha256(rows(0.5, 1)), rows_sha256(rows(0.25, 1)), rows_sha256(rows(0.5, 2))}) == 3
+
+
+def test_a_bad_label_in_rows_from_python_names_them_as_passed(tmp_path):
+    recipe = recipe_from_dict(python_data_recipe(tmp_path, "data.text_column=sms"))
+    rows = [{"sms": "hi", "label": 0}, {"sms": "win", "label": [1]}]
+    with pytest.raises(RecipeError, match=r"^train_data: example 2 has label \[1\]; labels are integer ids"):
+        train(recipe, train_data=rows)

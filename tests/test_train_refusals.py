@@ -107,7 +107,7 @@ def test_resume_refuses_a_checkpoint_made_from_another_recipe_or_other_data(tmp_
         train(recipe_from_dict(apply_overrides(raw, ["checkpoint.resume=auto", "optim.lr=0.1"])))
     # The same data file name with other contents.
     shutil.copy(other, tmp_path / "train.jsonl")
-    with pytest.raises(RecipeError, match=r"made with another the contents of data.train \("):
+    with pytest.raises(RecipeError, match=r"made with other contents of data.train \("):
         train(recipe_from_dict(apply_overrides(raw, [f"checkpoint.resume={checkpoint}", f"output.dir={tmp_path / 'run3'}"])))
 
 

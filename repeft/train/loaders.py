@@ -66,7 +66,7 @@ def read_data(recipe: Recipe, train_data: Any = None, eval_data: Any = None) -> 
     else:
         names = PASSED_NAMES
         recipe, train_rows, eval_rows = _passed_data(recipe, train_data, eval_data)
-    labels = label_names(recipe, train_rows) if recipe.task != "causal_lm" else []
+    labels = label_names(recipe, train_rows, names[0]) if recipe.task != "causal_lm" else []
     check_rows(recipe, train_rows, names[0], labels)
     if eval_rows is not None:
         check_rows(recipe, eval_rows, names[1], labels)

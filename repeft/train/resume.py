@@ -133,14 +133,15 @@ def _check_made_from(checkpoint: Path, made_from: dict[str, Any]) -> bool:
         return False
     changed = _changed_fields(recorded["recipe"], made_from["recipe"])
     digests = recorded.get("data_sha256") if isinstance(recorded.get("data_sha256"), dict) else {}
-    changed += [
-        f"the contents of {name}"
-        for name, digest in digests.items()
-        if name not in changed and made_from["data_sha256"].get(name) != digest
+    contents = [
+        name for name, digest in digests.items() if name not in changed and made_from["data_sha256"].get(name) != digest
     ]
-    if changed:
+    differ = ([f"another {', '.join(changed)}"] if changed else []) + (
+        [f"other contents of {', '.join(contents)}"] if contents else []
+    )
+    if differ:
         raise RecipeError(
-            f"cannot resume from {checkpoint}: it was made with another {', '.join(changed)} "
+            f"cannot resume from {checkpoint}: it was made with {' and '.join(differ)} "
             f"(only {', '.join(RESUME_MAY_CHANGE)} may change); train afresh in a new output.dir"
         )
     return True
