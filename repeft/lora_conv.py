@@ -39,7 +39,7 @@ from torch import nn
 from . import dora
 from .lora import DTYPES, LoRAConfig, LoRALinear, init_factors
 from .lora_bias import add_lora_bias, lora_bias
-from .lora_embedding import sub_batch_forward
+from .lora_embedding import AddedLowRank
 from .targeting import TargetError
 
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -67,7 +67,7 @@ class LoRAConvFactors(nn.Module):
         return self.lora_A, self.lora_B
 
 
-class LoRAConv(LoRALinear):
+class LoRAConv(AddedLowRank, LoRALinear):
     """An ``nn.Conv1d``/``Conv2d``/``Conv3d`` plus named low-rank adapters (see the module docstring).
 
     ``in_features``/``out_features`` are the base layer's channels, as in PEFT.
@@ -78,17 +78,6 @@ class LoRAConv(LoRALinear):
 
     def new_factors(self, config: LoRAConfig) -> LoRAConvFactors:
         return LoRAConvFactors(self.base_layer, config)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active
-        if adapter is None or self.merged_adapter is not None:
-            return result
-        if dora.magnitude(adapter) is not None:
-            return self._dora_forward(adapter, x, result)
-        return (result + self.low_rank_out(adapter, x)).to(result.dtype)
 
     def low_rank_out(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``s * conv1x1(conv(dropout(x), A), B)`` in the adapter's dtype, as PEFT computes it."""
@@ -138,9 +127,6 @@ class LoRAConv(LoRALinear):
         else:
             base_result = result if base.bias is None else result - base.bias.view(self._channel_shape())
         return (result + (gain - 1) * base_result + gain * self._low_rank(adapter, x)).to(result.dtype)
-
-    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return sub_batch_forward(self, x, *args, **kwargs)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B A`` in fp32, laid out like the base weight (out x in x kernel)."""

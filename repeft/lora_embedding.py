@@ -59,7 +59,35 @@ class LoRAEmbeddingFactors(nn.Module):
         return self.lora_embedding_A, self.lora_embedding_B
 
 
-class LoRAEmbedding(LoRALinear):
+class AddedLowRank:
+    """``forward`` of LoRA layers whose low-rank term, ``low_rank_out(adapter, x)``, is computed apart from the
+    base layer's output and added to it (embeddings and convolutions: no fused kernel); each layer's
+    ``_dora_forward(adapter, x, result)`` is its DoRA."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        adapter = self.active
+        if adapter is None or self.merged_adapter is not None:
+            return result
+        if dora.magnitude(adapter) is not None:
+            return self._dora_forward(adapter, x, result)
+        # PEFT adds the adapter's output in its own dtype and casts the sum back to the base's.
+        return (result + self.low_rank_out(adapter, x)).to(result.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row with its own adapter (index -1: the base layer alone), PEFT's sub-batch loop."""
+        names, index = self._row_index(x)
+        result = self.base_layer(x, *args, **kwargs)
+        for i, name in enumerate(names):
+            rows = (index == i).nonzero().squeeze(1)
+            if rows.numel():
+                result[rows] += self.low_rank_out(self.adapters[name], x[rows]).to(result.dtype)
+        return result
+
+
+class LoRAEmbedding(AddedLowRank, LoRALinear):
     """An ``nn.Embedding`` plus named low-rank adapters (see the module docstring).
 
     Built as ``LoRAEmbedding(embedding)``: ``in_features`` is ``num_embeddings``, ``out_features`` ``embedding_dim``.
@@ -74,20 +102,10 @@ class LoRAEmbedding(LoRALinear):
             self.in_features, self.out_features, config.r, config.scaling, config.init_lora_weights, DTYPES[config.dtype]
         )
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active
-        if adapter is None or self.merged_adapter is not None:
-            return result
-        low_rank = self.low_rank_out(adapter, x)
-        if dora.magnitude(adapter) is not None:
-            # DoRA: g = m / ||W.T + s B A||_row, one entry per embedding dimension (PEFT's DoraEmbeddingLayer).
-            gain = self.dora_gain(adapter)
-            return (gain * result + gain * low_rank).to(result.dtype)
-        # PEFT adds the adapter's output in its own dtype and casts the sum back to the base's.
-        return (result + low_rank).to(result.dtype)
+    def _dora_forward(self, adapter: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA: g = m / ||W.T + s B A||_row, one entry per embedding dimension (PEFT's DoraEmbeddingLayer)."""
+        gain = self.dora_gain(adapter)
+        return (gain * result + gain * self.low_rank_out(adapter, x)).to(result.dtype)
 
     def dora_gain(self, adapter: nn.Module) -> torch.Tensor:
         """DoRA's ``m / ||W.T + s B A||_row`` (embedding_dim entries), the norm a constant as in PEFT."""
@@ -106,23 +124,6 @@ class LoRAEmbedding(LoRALinear):
         out = (after_A @ lora_B.T) * adapter.scaling
         embed_scale = _embed_scale(base)
         return out if embed_scale is None else out * embed_scale.to(out.dtype)
-
-    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return sub_batch_forward(self, x, *args, **kwargs)
-
-
-def sub_batch_forward(layer: LoRALinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Each row with its own adapter (index -1: the base layer alone), PEFT's sub-batch loop.
-
-    For layers whose low-rank term is ``layer.low_rank_out(adapter, x)`` (embeddings, convolutions).
-    """
-    names, index = layer._row_index(x)
-    result = layer.base_layer(x, *args, **kwargs)
-    for i, name in enumerate(names):
-        rows = (index == i).nonzero().squeeze(1)
-        if rows.numel():
-            result[rows] += layer.low_rank_out(layer.adapters[name], x[rows]).to(result.dtype)
-    return result
 
 
 def _embed_scale(base: nn.Module) -> torch.Tensor | None:
