@@ -23,23 +23,33 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"
 MAGNITUDE = "lora_magnitude_vector"
 
 
-def peft_dora(family: str, **overrides):
-    """A PEFT DoRA model of ``family`` with every adapter tensor moved off its init, and a copy of its base."""
+def with_random_biases(family: str) -> torch.nn.Module:
+    """A tiny model whose base biases are nonzero (transformers initialises them to zero): bias handling has work."""
     base = tiny_model(family)
     torch.manual_seed(2)
     with torch.no_grad():
         for name, p in base.named_parameters():
-            if name.endswith("bias"):  # transformers initialises biases to zero: give DoRA's bias handling work
+            if name.endswith("bias"):
                 p.normal_(std=0.3)
-    reference = copy.deepcopy(base)
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True, fan_in_fan_out=family == "gpt2")
-    model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides}))
+    return base
+
+
+def off_init(model):
+    """``model`` with every trainable (adapter) tensor moved off its init, the same way for every test."""
     torch.manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
-    return model, reference
+    return model
+
+
+def peft_dora(family: str, **overrides):
+    """A PEFT DoRA model of ``family`` with every adapter tensor moved off its init, and a copy of its base."""
+    base = with_random_biases(family)
+    reference = copy.deepcopy(base)
+    config = dict(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True, fan_in_fan_out=family == "gpt2")
+    return off_init(peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides}))), reference
 
 
 def as_repeft(peft_model, reference, tmp_path, **kwargs):
@@ -47,23 +57,27 @@ def as_repeft(peft_model, reference, tmp_path, **kwargs):
     return repeft.from_peft(reference, tmp_path / "peft", **kwargs)
 
 
-def peft_grads(model) -> dict[str, torch.Tensor]:
-    """Gradients under PEFT's saved names (``base_model.model.<module>.lora_A.weight``, ``...lora_magnitude_vector``)."""
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            name = name.replace(".default", "")
-            grads[name.removesuffix(".weight") if f"{MAGNITUDE}." in name else name] = p.grad
-    return grads
+# The end of PEFT's saved name for each of repeft's adapter tensors (the others keep theirs).
+PEFT_NAME_ENDS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"}
 
 
-def repeft_grads(model) -> dict[str, torch.Tensor]:
-    """Gradients under the same PEFT names."""
+def peft_named_grads(model) -> dict[str, torch.Tensor]:
+    """Adapter gradients under PEFT's saved names, for PEFT and repeft models alike.
+
+    ``base_model.model.<module>.lora_A.weight``, ``...lora_B.bias``, ``...lora_magnitude_vector`` (no
+    ``.weight`` in PEFT's files), ``...lora_embedding_A``.
+    """
     grads = {}
     for name, p in model.named_parameters():
-        if p.grad is not None:
+        if p.grad is None:
+            continue
+        if isinstance(model, repeft.AdapterModel):
             path, _, part = name.removeprefix("base_model.model.").replace(".adapters.default", "").rpartition(".")
-            grads[f"base_model.model.{path}.{part}" + (".weight" if part != MAGNITUDE else "")] = p.grad
+            name = f"base_model.model.{path}.{PEFT_NAME_ENDS.get(part, part)}"
+        else:
+            name = name.replace(".default", "")
+            name = name.removesuffix(".weight") if f"{MAGNITUDE}." in name else name
+        grads[name] = p.grad
     return grads
 
 
@@ -95,7 +109,7 @@ def test_same_logits_and_gradients_as_peft(family, tmp_path):
     torch.testing.assert_close(out.logits, peft_out.logits, atol=1e-5, rtol=0)
     peft_out.loss.backward()
     out.loss.backward()
-    expected, got = peft_grads(peft_model), repeft_grads(model)
+    expected, got = peft_named_grads(peft_model), peft_named_grads(model)
     assert set(got) == set(expected) and any(MAGNITUDE in k for k in got)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)

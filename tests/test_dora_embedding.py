@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import repeft
 from repeft.lora_embedding import LoRAEmbedding
-from test_dora import as_repeft, assert_merged_like_peft
-from test_lora_embedding import batch_with_padding, named_grads
+from test_dora import as_repeft, assert_merged_like_peft, off_init, peft_named_grads
+from test_lora_embedding import batch_with_padding
 from tiny_models import logits, tiny_batch, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -29,13 +29,7 @@ def peft_dora(family: str, **overrides):
     base = tiny_model(family)
     reference = copy.deepcopy(base)
     config = dict(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True, fan_in_fan_out=family == "gpt2")
-    model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides}))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model, reference
+    return off_init(peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides}))), reference
 
 
 def embedding(model: repeft.AdapterModel) -> LoRAEmbedding:
@@ -79,9 +73,7 @@ def test_same_weights_give_peft_logits_and_gradients(family, tmp_path):
     torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), atol=1e-6, rtol=0)
     for model in (theirs, ours):
         model(**batch).loss.backward()
-    grads, expected = named_grads(ours), named_grads(theirs)
-    grads = {k.removesuffix(".weight") if MAGNITUDE in k else k: v for k, v in grads.items()}
-    expected = {k.removesuffix(".weight") if MAGNITUDE in k else k: v for k, v in expected.items()}
+    grads, expected = peft_named_grads(ours), peft_named_grads(theirs)
     assert set(grads) == set(expected) and any(f"{TARGETS[family][0]}.{MAGNITUDE}" in k for k in grads)
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

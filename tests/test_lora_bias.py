@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import repeft
 from tiny_models import logits, tiny_batch, tiny_model
-from test_dora import assert_merged_like_peft
+from test_dora import assert_merged_like_peft, off_init, peft_named_grads, with_random_biases
+from test_mixed_batch import alone
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,17 +25,6 @@ BIASED = ["gpt2", "bert"]
 BIAS = "lora_B_bias"  # repeft's name for PEFT's lora_B.bias
 
 
-def with_random_biases(family: str) -> torch.nn.Module:
-    """A tiny model whose base biases are nonzero (transformers initialises them to zero)."""
-    base = tiny_model(family)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.3)
-    return base
-
-
 def peft_biased(family: str, **overrides):
     """A PEFT ``lora_bias`` model with every adapter tensor off its init, and an untouched copy of its base."""
     base = with_random_biases(family)
@@ -43,12 +33,7 @@ def peft_biased(family: str, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Llama's projections have no bias: PEFT warns that merging is impossible
         model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides}))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model, reference
+    return off_init(model), reference
 
 
 def as_repeft(peft_model, reference, tmp_path, **kwargs) -> repeft.AdapterModel:
@@ -56,19 +41,6 @@ def as_repeft(peft_model, reference, tmp_path, **kwargs) -> repeft.AdapterModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return repeft.from_peft(reference, tmp_path / "peft", **kwargs)
-
-
-def named_grads(model) -> dict[str, torch.Tensor]:
-    """Adapter gradients under PEFT's saved names (``...lora_B.bias``), for PEFT and repeft models alike."""
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if isinstance(model, repeft.AdapterModel):
-            path, _, part = name.removeprefix("base_model.model.").replace(".adapters.default", "").rpartition(".")
-            name = f"base_model.model.{path}." + {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", BIAS: "lora_B.bias"}[part]
-        grads[name.replace(".default", "")] = p.grad
-    return grads
 
 
 def adapter_layer(model: repeft.AdapterModel, family: str):
@@ -127,7 +99,7 @@ def test_same_logits_and_gradients_as_peft(family, tmp_path):
     torch.testing.assert_close(logits(model, batch), logits(peft_model, batch), atol=1e-6, rtol=0)
     for m in (peft_model, model):
         m(**batch).loss.backward()
-    expected, got = named_grads(peft_model), named_grads(model)
+    expected, got = peft_named_grads(peft_model), peft_named_grads(model)
     assert set(got) == set(expected) and any(k.endswith("lora_B.bias") for k in got)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -239,13 +211,7 @@ def test_mixed_batch_gives_each_row_its_adapter_and_bias():
     mixed = logits(model, batch, adapter_names=names)
     for row, name in enumerate(names):
         one = {k: v[row : row + 1] for k, v in batch.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                expected = logits(model, one)
-        else:
-            model.set_adapter(name)
-            expected = logits(model, one)
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[row : row + 1], alone(model, name, lambda: logits(model, one)), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import repeft
 from repeft.lora_embedding import LoRAEmbedding
-from test_dora import as_repeft
+from test_dora import as_repeft, peft_named_grads
+from test_mixed_batch import alone
 from tiny_models import logits, tiny_batch, tiny_model, train_steps
 
 peft = pytest.importorskip("peft")
@@ -39,19 +40,6 @@ def peft_lora(family: str, **overrides):
     return peft.get_peft_model(base, peft.LoraConfig(**{**config, **overrides})), reference
 
 
-def named_grads(model) -> dict[str, torch.Tensor]:
-    """Adapter gradients under PEFT's saved names, for PEFT and repeft models alike."""
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if isinstance(model, repeft.AdapterModel):
-            path, _, part = name.removeprefix("base_model.model.").replace(".adapters.default", "").rpartition(".")
-            name = f"base_model.model.{path}.{part}" + (".weight" if part in ("lora_A", "lora_B") else "")
-        grads[name.replace(".default", "")] = p.grad
-    return grads
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_same_weights_give_peft_logits_and_gradients(family, tmp_path):
     theirs, reference = peft_lora(family)
@@ -62,7 +50,7 @@ def test_same_weights_give_peft_logits_and_gradients(family, tmp_path):
     theirs.train(), ours.train()
     for model in (theirs, ours):
         model(**batch).loss.backward()
-    grads, expected = named_grads(ours), named_grads(theirs)
+    grads, expected = peft_named_grads(ours), peft_named_grads(theirs)
     embedding = {f"base_model.model.model.embed_tokens.lora_embedding_{part}" for part in "AB"}
     assert set(grads) == set(expected) and embedding < set(grads)
     for name, grad in expected.items():
@@ -199,13 +187,7 @@ def test_mixed_batch_rows_use_their_own_embedding_adapter():
     mixed = logits(model, batch, adapter_names=names)
     for row, name in enumerate(names):
         one = {"input_ids": batch["input_ids"][row : row + 1]}
-        if name == "__base__":
-            with model.disable_adapter():
-                expected = logits(model, one)
-        else:
-            model.set_adapter(name)
-            expected = logits(model, one)
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[row : row + 1], alone(model, name, lambda: logits(model, one)), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from test_mixed_batch import alone
 from tiny_models import logits, tiny_batch, tiny_model, train_steps
 
 import repeft
@@ -177,10 +178,5 @@ def test_shared_form_in_a_mixed_adapter_batch():
     names = ["shared", "__base__", "lora"]
     mixed = logits(model, {"input_ids": batch["input_ids"]}, adapter_names=names)
     for row, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                alone = logits(model, {"input_ids": batch["input_ids"]})
-        else:
-            model.set_adapter(name)
-            alone = logits(model, {"input_ids": batch["input_ids"]})
-        torch.testing.assert_close(mixed[row], alone[row], atol=1e-5, rtol=0)
+        whole = alone(model, name, lambda: logits(model, {"input_ids": batch["input_ids"]}))
+        torch.testing.assert_close(mixed[row], whole[row], atol=1e-5, rtol=0)
