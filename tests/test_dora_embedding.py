@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import repeft
 from repeft.lora_embedding import LoRAEmbedding
-from test_dora import as_repeft, assert_merged_like_peft, off_init, peft_named_grads
+from test_dora import as_repeft, assert_grads_like_peft, assert_merged_like_peft, off_init
 from test_lora_embedding import batch_with_padding
 from tiny_models import logits, tiny_batch, tiny_model
 
@@ -73,10 +73,7 @@ def test_same_weights_give_peft_logits_and_gradients(family, tmp_path):
     torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), atol=1e-6, rtol=0)
     for model in (theirs, ours):
         model(**batch).loss.backward()
-    grads, expected = peft_named_grads(ours), peft_named_grads(theirs)
-    assert set(grads) == set(expected) and any(f"{TARGETS[family][0]}.{MAGNITUDE}" in k for k in grads)
-    for name, grad in expected.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(f"{TARGETS[family][0]}.{MAGNITUDE}" in k for k in assert_grads_like_peft(ours, theirs))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import repeft
 from tiny_models import logits, tiny_batch, tiny_model
-from test_dora import assert_merged_like_peft, off_init, peft_named_grads, with_random_biases
+from test_dora import assert_grads_like_peft, assert_merged_like_peft, off_init, with_random_biases
 from test_mixed_batch import alone
 
 peft = pytest.importorskip("peft")
@@ -99,10 +99,7 @@ def test_same_logits_and_gradients_as_peft(family, tmp_path):
     torch.testing.assert_close(logits(model, batch), logits(peft_model, batch), atol=1e-6, rtol=0)
     for m in (peft_model, model):
         m(**batch).loss.backward()
-    expected, got = peft_named_grads(peft_model), peft_named_grads(model)
-    assert set(got) == set(expected) and any(k.endswith("lora_B.bias") for k in got)
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(k.endswith("lora_B.bias") for k in assert_grads_like_peft(model, peft_model))
 
 
 def test_dropout_leaves_the_bias_as_peft_does(tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import repeft
 from repeft.lora_embedding import LoRAEmbedding
-from test_dora import as_repeft, peft_named_grads
+from test_dora import as_repeft, assert_grads_like_peft
 from test_mixed_batch import alone
 from tiny_models import logits, tiny_batch, tiny_model, train_steps
 
@@ -50,11 +50,8 @@ def test_same_weights_give_peft_logits_and_gradients(family, tmp_path):
     theirs.train(), ours.train()
     for model in (theirs, ours):
         model(**batch).loss.backward()
-    grads, expected = peft_named_grads(ours), peft_named_grads(theirs)
-    embedding = {f"base_model.model.model.embed_tokens.lora_embedding_{part}" for part in "AB"}
-    assert set(grads) == set(expected) and embedding < set(grads)
-    for name, grad in expected.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
+    grads = assert_grads_like_peft(ours, theirs)
+    assert {f"base_model.model.model.embed_tokens.lora_embedding_{part}" for part in "AB"} < set(grads)
     if family == "gemma3_text":
         assert grads["base_model.model.model.embed_tokens.lora_embedding_A"][:, 0].abs().max() == 0  # padding_idx
 
