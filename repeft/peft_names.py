@@ -87,7 +87,8 @@ class PeftNamesMixin:
         names = [None] if adapter_names is None else list(adapter_names)
         if len(names) != 1:
             raise ValueError(f"repeft merges one adapter; merge_adapter(adapter_names={names}) needs one name")
-        if self.merged_adapter() is not None and self.merged_adapter() == (names[0] or self.active_adapter):
+        merged = self.merged_adapter()  # walks every layer: once
+        if merged is not None and merged == (names[0] or self.active_adapter):
             warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
             return
         self.merge(names[0])
